@@ -1,0 +1,365 @@
+"""`python -m tunekd.run STUDY.yaml`: run a KD study on Ray Tune and record it in MLflow.
+
+1. load and validate the study (and every trial config it can produce) before anything starts;
+2. connect to Ray: a local one on 127.0.0.1, or `--address` / RAY_ADDRESS;
+3. prepare once on the driver: task data (tokenized), the fine-tuned teacher, its metric;
+4. MLflow parent run; Tune runs the trials (ASHA or FIFO; grid, random or Optuna);
+5. a summary table and the `mlflow ui` command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+from tunekd.errors import ConfigError
+
+EXIT_CONFIG = 2
+
+
+def log(msg: str) -> None:
+    print(f"[tunekd] {msg}", flush=True)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m tunekd.run",
+        description="Run a knowledge-distillation study (a YAML study file) on Ray Tune; every trial is "
+                    "recorded as a nested MLflow run.")
+    p.add_argument("study", help="the study file, e.g. search_spaces/quickstart.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value (dotted key, YAML value), e.g. --set train.epochs=2 "
+                        "--set task.data_dir=../shared/data/sst2 --set search.distill.strategy.grid=[forward]; "
+                        "repeatable")
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                   help="attach to a running Ray cluster (default: $RAY_ADDRESS; unset: a local Ray on 127.0.0.1)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: the study's tracking.uri, sqlite:///mlflow.db)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate the study and every trial config it can produce, print the trials, and stop")
+    return p.parse_args(argv)
+
+
+# --- validation of every trial before anything runs --------------------------------------------
+
+
+def trial_points(study, limit: int = 10_000):
+    """Every combination of the grid/choice values and the bounds of the continuous dimensions."""
+    names = list(study.search)
+    values = [study.search[n].sample_points() for n in names]
+    for combo in itertools.islice(itertools.product(*values), limit):
+        yield dict(zip(names, combo))
+
+
+def preflight(study, teacher_config, family) -> int:
+    """Resolve every trial the study can produce; a bad combination is a ConfigError now, not later."""
+    from tunekd import plan
+
+    t_layers = family.num_layers(teacher_config)
+    t_width = family.hidden_size(teacher_config)
+    n = 0
+    for point in trial_points(study):
+        trial = study.trial(point)
+        try:
+            plan.resolve(trial, t_layers, family.match_embeddings_default)
+        except ConfigError as exc:
+            where = ", ".join(f"{k}={v!r}" for k, v in point.items())
+            raise ConfigError(f"{exc}" + (f" (trial {where})" if where else "")) from None
+        width = trial.student.hidden_size or t_width
+        if trial.student.init == "copy" and width != t_width:
+            raise ConfigError(f"student.init 'copy' needs the teacher's width: student.hidden_size {width} != "
+                              f"teacher {t_width}; use student.init 'random' for a narrower student")
+        n += 1
+    return n
+
+
+def param_space(study):
+    from ray import tune
+
+    space = {}
+    for name, dim in study.search.items():
+        v = dim.value
+        space[name] = {
+            "grid": lambda: tune.grid_search(list(v)),
+            "choice": lambda: tune.choice(list(v)),
+            "uniform": lambda: tune.uniform(*v),
+            "loguniform": lambda: tune.loguniform(*v),
+            "randint": lambda: tune.randint(v[0], v[1] + 1),  # [low, high] inclusive
+        }[dim.kind]()
+    return space
+
+
+def max_epochs(study) -> int:
+    dim = study.search.get("train.epochs")
+    return int(max(dim.sample_points())) if dim else study.train.epochs
+
+
+# --- Ray ---------------------------------------------------------------------------------------
+
+
+def connect_ray(address: str | None, num_cpus: int | None):
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    import ray
+
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=True, configure_logging=False)
+            log(f"ray: attached to the cluster at {address}")
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                     configure_logging=False, log_to_driver=True)
+            log(f"ray: started locally on 127.0.0.1 with {int(ray.cluster_resources().get('CPU', 0))} CPUs")
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise ConfigError(f"cannot reach the Ray cluster at {address!r}: {str(exc).splitlines()[0]}") from None
+    return ray
+
+
+def check_resources(ray, study) -> None:
+    res = ray.cluster_resources()
+    gpu = study.tune.resources.gpu
+    if gpu > 0 and res.get("GPU", 0) < gpu:
+        raise ConfigError(f"tune.resources.gpu is {gpu} but the Ray cluster has {res.get('GPU', 0):g} GPUs")
+    cpu = study.tune.resources.cpu
+    if res.get("CPU", 0) < cpu:
+        raise ConfigError(f"tune.resources.cpu is {cpu:g} but the Ray cluster has {res.get('CPU', 0):g} CPUs")
+
+
+def make_callback(tracker, study, t_layers, family, total: int):
+    from ray import tune
+
+    from tunekd import plan
+
+    class MlflowCallback(tune.Callback):
+        """Driver-side MLflow logging: the child run of each trial, its metrics and its final status."""
+
+        def __init__(self):
+            self.started: dict[str, str] = {}
+
+        def _label(self, trial):
+            cfg = trial.config
+            bits = [f"{k.split('.')[-1]}={v}" for k, v in cfg.items()]
+            return f"{trial.trial_id} ({', '.join(bits)})"
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            t_study = study.trial(trial.config)
+            p = plan.resolve(t_study, t_layers, family.match_embeddings_default)
+            tracker.start_trial(trial.trial_id, p.params(t_study))
+            self.started[trial.trial_id] = self._label(trial)
+            log(f"trial {len(self.started)}/{total} started: {self._label(trial)}")
+
+        on_trial_restore = on_trial_start
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            metrics = {k: v for k, v in result.items() if k.startswith(("eval/", "train/"))}
+            step = int(result.get("epoch", result.get("training_iteration", 0)))
+            tracker.log_trial_metrics(trial.trial_id, metrics, step)
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("eval/") or k == "train/loss")
+            log(f"  {trial.trial_id} epoch {step}: {shown}")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            epochs = study.trial(trial.config).train.epochs
+            last = int(trial.last_result.get("epoch", 0))
+            status = "completed" if last >= epochs else "early_stopped"
+            tracker.end_trial(trial.trial_id, status)
+            log(f"  {trial.trial_id} {status} after {last}/{epochs} epochs")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            err = trial.get_error()
+            text = str(err) if err is not None else "unknown error"
+            tracker.end_trial(trial.trial_id, "failed", error=text)
+            log(f"  {trial.trial_id} failed: {text.strip().splitlines()[-1] if text.strip() else text}")
+
+    return MlflowCallback()
+
+
+# --- the study ---------------------------------------------------------------------------------
+
+
+def prepare(study):
+    """Task data, tokenizer, family and teacher config: everything that can fail on bad input, cheaply."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from tunekd.models import family_for
+    from tunekd.tasks import get_task, load_task
+    from tunekd.teacher import resolve_model
+
+    spec = get_task(study.task.name)
+    base = resolve_model(study.teacher.model)
+    try:
+        config = AutoConfig.from_pretrained(base, trust_remote_code=study.teacher.trust_remote_code)
+    except OSError as exc:
+        raise ConfigError(f"teacher.model {study.teacher.model!r} cannot be loaded: {str(exc).splitlines()[0]}") from None
+    family = family_for(config)
+    if spec.kind not in family.task_kinds:
+        raise ConfigError(f"task {spec.name!r} ({spec.kind}) cannot be run by the {family.name} family "
+                          f"(it runs: {', '.join(family.task_kinds)})")
+    source = study.task.data_dir or ("the hub" if spec.hub else "the built-in generator")
+    log(f"task {spec.name}: loading from {source}")
+    raw = load_task(spec.name, study.task.data_dir, max_train_samples=study.task.max_train_samples,
+                    max_eval_samples=study.task.max_eval_samples, seed=study.seed,
+                    synthetic=study.task.synthetic.model_dump())
+    tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=study.teacher.trust_remote_code)
+    return spec, base, config, family, raw, tokenizer
+
+
+def summarize(tracker, metric: str) -> str:
+    import pandas as pd
+
+    rows = []
+    for trial_id, rec in tracker.trials.items():
+        row = {"trial": trial_id}
+        for key in ("distill.strategy", "student.init", "student.layers", "distill.lambda_hid", "train.lr", "seed"):
+            row[key.split(".")[-1]] = rec.params.get(key)
+        for k, v in sorted(rec.metrics.items()):
+            if k.startswith("eval/"):
+                row[k] = round(v, 2)
+        row["epochs"] = rec.last_step
+        row["status"] = rec.status
+        rows.append(row)
+    if not rows:
+        return "(no trials)"
+    df = pd.DataFrame(rows)
+    if f"eval/{metric}" in df:
+        df = df.sort_values(f"eval/{metric}", ascending=False)
+    return df.to_string(index=False)
+
+
+def quiet_libraries() -> None:
+    """Keep the output readable: no per-load weight reports or progress bars from transformers/datasets."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+
+
+def run(args) -> int:
+    from tunekd.study import grid_size, load_study
+
+    t_start = time.perf_counter()
+    study = load_study(args.study, args.overrides)
+    if args.tracking_uri:
+        study = study.model_copy(update={"tracking": study.tracking.model_copy(update={"uri": args.tracking_uri})})
+    log(f"study {study.name!r}: {len(study.search)} search dimensions, grid of {grid_size(study)} x "
+        f"{study.tune.num_samples} samples; scheduler {study.tune.scheduler}, searcher {study.tune.searcher}")
+
+    from tunekd.tracking import check_uri
+
+    check_uri(study.tracking.uri)
+    quiet_libraries()
+    spec, base, config, family, raw, tokenizer = prepare(study)
+    n_points = preflight(study, config, family)
+    log(f"validated {n_points} trial configurations against the teacher ({family.name}, "
+        f"{family.num_layers(config)} layers, width {family.hidden_size(config)})")
+    if args.dry_run:
+        for point in trial_points(study):
+            print("  " + ", ".join(f"{k}={v}" for k, v in point.items()))
+        return 0
+
+    ray = connect_ray(args.address, args.num_cpus)
+    try:
+        check_resources(ray, study)
+        return _run_study(study, args, spec, base, config, family, raw, tokenizer, t_start)
+    finally:
+        ray.shutdown()
+
+
+def _run_study(study, args, spec, base, config, family, raw, tokenizer, t_start) -> int:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from tunekd.data import encode_splits
+    from tunekd.study import grid_size
+    from tunekd.teacher import prepare_teacher
+    from tunekd.tracking import StudyTracker
+    from tunekd.trainable import make_shared, tune_trainable
+
+    encoded = encode_splits(raw, tokenizer, spec.text_fields, study.task.max_length)
+    log("data: " + ", ".join(f"{k} {len(v)} rows" for k, v in encoded.items()) + f" (max length {study.task.max_length})")
+    info = prepare_teacher(study, family, spec, encoded, base, tokenizer, log=log)
+    log("teacher: " + ", ".join(f"{k}={v:.2f}" for k, v in info.metrics.items()))
+    teacher_model = family.load(info.path, spec, trust_remote_code=study.teacher.trust_remote_code)
+    shared = make_shared(study, family.name, teacher_model, encoded)
+    t_layers = family.num_layers(teacher_model.config)
+    del teacher_model
+
+    tracker = StudyTracker(study.tracking.uri, study.experiment)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_name = f"{study.name}-{stamp}"
+    parent = tracker.start_parent(run_name, {
+        "study_file": str(Path(args.study).resolve()), "overrides": args.overrides, "teacher.path": info.path,
+        "teacher.cached": info.cached, "task.train_rows": len(encoded["train"]),
+    }, Path(args.study).read_text())
+    tracker.log_parent_metrics({f"teacher/{k}": v for k, v in info.metrics.items()})
+    log(f"mlflow: experiment {study.experiment!r}, parent run {parent}")
+
+    metric = f"eval/{spec.primary_metric}"
+    if study.tune.scheduler == "asha":
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_epochs(study),
+                                  grace_period=study.tune.asha.grace_period,
+                                  reduction_factor=study.tune.asha.reduction_factor)
+    else:
+        scheduler = FIFOScheduler()
+    search_alg = None
+    if study.tune.searcher == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(seed=study.seed)
+    total = grid_size(study) * study.tune.num_samples
+    storage = Path(study.tune.storage_path).expanduser().resolve()
+    trainable = tune.with_resources(tune.with_parameters(tune_trainable, shared=shared),
+                                    {"cpu": study.tune.resources.cpu, "gpu": study.tune.resources.gpu})
+    tuner = tune.Tuner(
+        trainable,
+        param_space=param_space(study),
+        tune_config=tune.TuneConfig(metric=metric, mode="max", scheduler=scheduler, search_alg=search_alg,
+                                    num_samples=study.tune.num_samples,
+                                    max_concurrent_trials=study.tune.max_concurrent_trials,
+                                    reuse_actors=study.tune.reuse_actors),
+        run_config=tune.RunConfig(
+            name=run_name, storage_path=str(storage), verbose=0,
+            callbacks=[make_callback(tracker, study, t_layers, family, total)],
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=study.tune.checkpoint_keep),
+            failure_config=tune.FailureConfig(max_failures=study.tune.max_failures)),
+    )
+    tracker.client.set_tag(parent, "tunekd.ray_path", str(storage / run_name))
+    status = "FAILED"
+    try:
+        tuner.fit()
+        status = "FINISHED"
+    finally:
+        tracker.end_parent(status)
+    counts = {s: sum(1 for r in tracker.trials.values() if r.status == s)
+              for s in ("completed", "early_stopped", "failed")}
+    print()
+    print(summarize(tracker, spec.primary_metric))
+    print()
+    log(f"teacher {metric}: {info.metrics.get(spec.primary_metric, float('nan')):.2f}; trials: "
+        + ", ".join(f"{v} {k}" for k, v in counts.items()) + f"; wall time {time.perf_counter() - t_start:.0f} s")
+    log(f"browse it: {tracker.ui_command()}")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except ConfigError as exc:
+        print(f"tunekd: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Building a student from a teacher: depth S, random or copy init, and width projections."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tunekd import mapping
+from tunekd.errors import ConfigError
+from tunekd.models import Family, stack_prefixes
+
+
+@dataclass
+class Student:
+    model: nn.Module
+    copied_layers: list[int] | None  # 0-based teacher module indices, or None for random init
+
+
+def build_student(teacher: nn.Module, family: Family, spec, cfg, *, seed: int) -> Student:
+    """`cfg` is a `study.StudentConfig`. The classification head always starts random."""
+    t_layers = family.num_layers(teacher.config)
+    mapping.validate_depths(t_layers, cfg.layers)
+    t_width = family.hidden_size(teacher.config)
+    config = family.student_config(
+        teacher.config, cfg.layers, hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads, intermediate_size=cfg.intermediate_size,
+    )
+    if cfg.init == "copy" and family.hidden_size(config) != t_width:
+        raise ConfigError(
+            f"student.init 'copy' needs the teacher's width: student hidden_size {family.hidden_size(config)} "
+            f"!= teacher {t_width}; use init 'random' for a narrower student"
+        )
+    torch.manual_seed(seed)
+    model = family.from_config(config, spec)
+    copied = None
+    if cfg.init == "copy":
+        copied = mapping.copy_layer_indices(cfg.copy_layers, t_layers, cfg.layers)
+        copy_weights(teacher, model, family, copied)
+    model.config.tunekd_copied_layers = copied
+    model.config.tunekd_init = cfg.init
+    return Student(model=model, copied_layers=copied)
+
+
+def copy_weights(teacher: nn.Module, student: nn.Module, family: Family, copied: list[int]) -> None:
+    """Student layer i of every stack ← teacher layer copied[i]; everything outside the stacks ←
+    the teacher's same parameter; the task head is left as initialised."""
+    t_state = teacher.state_dict()
+    s_state = student.state_dict()
+    prefixes = stack_prefixes(student, family)
+    heads = family.head_prefixes(student)
+    new_state = {}
+    for key in s_state:
+        if key.startswith(heads):
+            continue
+        source = key
+        for prefix in prefixes.values():
+            if key.startswith(prefix):
+                index, _, rest = key[len(prefix):].partition(".")
+                source = f"{prefix}{copied[int(index)]}.{rest}"
+                break
+        if source not in t_state:
+            raise ConfigError(f"copy init: the teacher has no parameter {source!r} for student {key!r}")
+        if t_state[source].shape != s_state[key].shape:
+            raise ConfigError(f"copy init: shape mismatch for {key!r}: {tuple(s_state[key].shape)} vs teacher "
+                              f"{tuple(t_state[source].shape)}")
+        new_state[key] = t_state[source]
+    student.load_state_dict(new_state, strict=False)
+
+
+def build_projections(layer_map, student_width: int, teacher_width: int, *, seed: int) -> nn.ModuleDict:
+    """One trainable linear map per matched student state when the widths differ (else empty)."""
+    projections = nn.ModuleDict()
+    if student_width == teacher_width:
+        return projections
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed + 1)
+    for s_idx in sorted({s for s, _ in layer_map}):
+        projections[str(s_idx)] = nn.Linear(student_width, teacher_width)
+    torch.random.set_rng_state(gen_state)
+    return projections

