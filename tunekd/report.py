@@ -1,0 +1,679 @@
+"""`python -m tunekd.report --experiment NAME`: the statistical report of a study recorded in MLflow.
+
+Reads the study's trial runs (the child runs of its parent runs), compares the completed ones and
+lists the early-stopped, failed and unfinished ones apart:
+
+- the strategy-robustness table: one row per strategy x init (x every other search dimension that
+  varies, e.g. student depth or lambda), one column per task metric, cells "mean ± sd (n)" over
+  seeds (sample sd, ddof=1);
+- paired differences of every strategy against a reference strategy, paired by seed within the same
+  init/depth/lambda/...: mean difference, 95% t confidence interval, and an equivalence verdict by
+  two one-sided t tests (TOST) with margin δ;
+- plots: metric vs λ and metric vs depth (when they vary) and a strategy bar chart;
+- `report.md`, `table.csv`, `paired.csv` and the PNGs in `--out`, also logged as artifacts
+  (folder `report/`) on the study's parent run.
+
+The statistics are scipy's (`scipy.stats.ttest_1samp`); tables are pandas; plots matplotlib (Agg).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tunekd.errors import ConfigError, unknown
+
+EXIT_CONFIG = 2
+
+PARENT_TAG = "mlflow.parentRunId"
+TRIAL_TAG = "tunekd.trial_id"
+STATUS_TAG = "tunekd.status"
+ERROR_TAG = "tunekd.error"
+ROLE_TAG = "tunekd.role"
+
+COMPLETED = "completed"
+STRATEGY, INIT, LAYERS, LAMBDA, SEED = "distill.strategy", "student.init", "student.layers", "distill.lambda_hid", "seed"
+# Per-run bookkeeping columns of `load_runs` (everything else without a "/" is a param).
+META = ("run_id", "parent_id", "trial_id", "status", "error", "start_time")
+# Params that follow from others (the resolved map depends on strategy and seed, the copied layers on
+# init and depth): they never define a group of their own.
+DERIVED = ("distill.layer_map", "student.copied_layers")
+SHORT = {STRATEGY: "strategy", INIT: "init", LAYERS: "layers", LAMBDA: "lambda_hid"}
+STRATEGY_ORDER = ("none", "forward", "reverse", "all_to_one", "random")
+INIT_ORDER = ("random", "copy")
+VERDICTS = ("equivalent", "different", "inconclusive")
+
+
+# --- reading the runs --------------------------------------------------------------------------
+
+
+def _search_all(client, experiment_id: str, filter_string: str = "") -> list:
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string, max_results=1000, page_token=token)
+        runs.extend(page)
+        token = getattr(page, "token", None)
+        if not token:
+            return runs
+
+
+def _numeric_or_str(col: pd.Series) -> pd.Series:
+    """A param column as numbers when every present value parses as one, else unchanged strings."""
+    present = col.dropna()
+    if present.empty:
+        return col
+    try:
+        return pd.to_numeric(col)
+    except (ValueError, TypeError):
+        return col
+
+
+def get_experiment(client, experiment: str):
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise unknown("experiment", experiment, [e.name for e in client.search_experiments()])
+    return exp
+
+
+def load_runs(client, experiment: str, parent: str | None = None) -> pd.DataFrame:
+    """One row per trial run (child run) of `experiment`, or only those of the parent run `parent`.
+
+    Columns: `run_id`, `parent_id`, `trial_id`, `status` (the `tunekd.status` tag: completed,
+    early_stopped, failed or running), `error` (the `tunekd.error` tag or None), `start_time` (ms);
+    every param under its dotted name (numeric columns become numbers, the rest stay strings); every
+    metric under its name (`eval/accuracy`, `train/loss`, ...) with its final value (last step).
+    Raises ConfigError for an unknown experiment or parent run.
+    """
+    exp = get_experiment(client, experiment)
+    if parent:
+        try:
+            prun = client.get_run(parent)
+        except Exception as exc:  # mlflow raises MlflowException / RestException
+            raise ConfigError(f"--parent {parent!r}: no such run ({str(exc).splitlines()[0]})") from None
+        if prun.info.experiment_id != exp.experiment_id:
+            raise ConfigError(f"--parent {parent!r} belongs to another experiment, not {experiment!r}")
+    filt = f"tags.`{PARENT_TAG}` = '{parent}'" if parent else ""
+    rows = []
+    for run in _search_all(client, exp.experiment_id, filt):
+        tags = run.data.tags
+        if PARENT_TAG not in tags or tags.get(ROLE_TAG) in ("study", "angles", "report"):
+            continue
+        row = {
+            "run_id": run.info.run_id,
+            "parent_id": tags.get(PARENT_TAG),
+            "trial_id": tags.get(TRIAL_TAG, run.info.run_name),
+            "status": tags.get(STATUS_TAG, "running"),
+            "error": tags.get(ERROR_TAG),
+            "start_time": run.info.start_time,
+        }
+        row.update(run.data.params)
+        row.update(run.data.metrics)
+        rows.append(row)
+    df = pd.DataFrame(rows, columns=None if rows else list(META))
+    for col in param_columns(df):
+        df[col] = _numeric_or_str(df[col])
+    return df.sort_values("start_time", kind="stable").reset_index(drop=True) if rows else df
+
+
+def param_columns(df: pd.DataFrame) -> list[str]:
+    return [c for c in df.columns if c not in META and "/" not in c and not c.startswith("__")]
+
+
+def metric_columns(df: pd.DataFrame, prefix: str = "eval/") -> list[str]:
+    return sorted(c for c in df.columns if c.startswith(prefix) and df[c].notna().any())
+
+
+# --- grouping ----------------------------------------------------------------------------------
+
+
+def completed(df: pd.DataFrame) -> pd.DataFrame:
+    return df[df["status"] == COMPLETED] if "status" in df else df
+
+
+def design_keys(df: pd.DataFrame) -> list[str]:
+    """The columns that define a configuration: strategy and init (when present), then every other
+    param that varies across the runs, except the seed and the derived params."""
+    keys = [k for k in (STRATEGY, INIT) if k in df]
+    for col in param_columns(df):
+        if col in keys or col == SEED or col in DERIVED:
+            continue
+        if df[col].nunique(dropna=False) > 1:
+            keys.append(col)
+    return keys
+
+
+def comparable(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Completed runs, one per configuration and seed (a configuration and seed run again by a later
+    invocation keeps its latest run), and the design keys."""
+    runs = completed(df)
+    keys = design_keys(runs)
+    by = keys + ([SEED] if SEED in runs else [])
+    if by and "start_time" in runs and len(runs):
+        runs = runs.sort_values("start_time", kind="stable").drop_duplicates(by, keep="last")
+    return runs, keys
+
+
+def _order(key: str, value) -> tuple:
+    if key == STRATEGY and value in STRATEGY_ORDER:
+        return (0, STRATEGY_ORDER.index(value), "")
+    if key == INIT and value in INIT_ORDER:
+        return (0, INIT_ORDER.index(value), "")
+    if isinstance(value, (int, float, np.integer, np.floating)) and not pd.isna(value):
+        return (1, float(value), "")
+    return (2, 0.0, str(value))
+
+
+def _sorted_groups(runs: pd.DataFrame, keys: list[str], first: list[str]):
+    """`groupby(keys)` in display order: the `first` keys sort before the rest."""
+    if not keys:
+        yield (), runs
+        return
+    groups = list(runs.groupby(keys, dropna=False, sort=False))
+    rank = first + [k for k in keys if k not in first]
+
+    def sort_key(item):
+        vals = item[0] if isinstance(item[0], tuple) else (item[0],)
+        named = dict(zip(keys, vals))
+        return tuple(_order(k, named[k]) for k in rank)
+
+    for vals, g in sorted(groups, key=sort_key):
+        yield (vals if isinstance(vals, tuple) else (vals,)), g
+
+
+def short(key: str) -> str:
+    return SHORT.get(key, key)
+
+
+def _fmt(x: float, digits: int = 2) -> str:
+    return "–" if x is None or pd.isna(x) else f"{x:.{digits}f}"
+
+
+def cell(mean: float, sd: float, n: int) -> str:
+    """`72.50 ± 0.41 (3)`; sd "–" when n < 2; "–" when there is no value."""
+    if n == 0:
+        return "–"
+    return f"{_fmt(mean)} ± {_fmt(sd) if n > 1 else '–'} ({n})"
+
+
+def strategy_table(df: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    """The strategy-robustness table over the completed runs of `df` (from `load_runs`).
+
+    One row per configuration: columns `strategy`, `init` and every other varying param (short names
+    `layers`, `lambda_hid`; other params keep their dotted names), then for each metric `m`: `m` (the
+    cell "mean ± sd (n)"), `m mean`, `m sd` (sample sd, ddof=1; NaN when n < 2) and `m n` (the number
+    of seeds with a value). Rows in display order: init, the other params, then strategy.
+    """
+    runs, keys = comparable(df)
+    rows = []
+    first = [INIT] + [k for k in keys if k not in (INIT, STRATEGY)] + [STRATEGY]
+    for vals, g in _sorted_groups(runs, keys, first):
+        row = {short(k): v for k, v in zip(keys, vals)}
+        for m in metrics:
+            x = g[m].dropna().astype(float) if m in g else pd.Series(dtype=float)
+            n = int(x.size)
+            mean = float(x.mean()) if n else math.nan
+            sd = float(x.std(ddof=1)) if n > 1 else math.nan
+            row[m] = cell(mean, sd, n)
+            row[f"{m} mean"], row[f"{m} sd"], row[f"{m} n"] = mean, sd, n
+        rows.append(row)
+    cols = [short(k) for k in keys] + [c for m in metrics for c in (m, f"{m} mean", f"{m} sd", f"{m} n")]
+    return pd.DataFrame(rows, columns=cols)
+
+
+# --- paired differences ------------------------------------------------------------------------
+
+
+def paired_test(d: np.ndarray, margin: float, alpha: float = 0.05) -> dict:
+    """Statistics of paired differences `d`: mean, sd, the (1−α) t interval, the TOST p-value for the
+    equivalence margin ±`margin` (the larger of the two one-sided p-values) and the verdict.
+
+    equivalent: both one-sided tests reject at level α (the 1−2α interval lies inside (−δ, δ));
+    different: not equivalent and the 1−α interval excludes 0; otherwise (and always with fewer
+    than 2 pairs) inconclusive. With all differences equal (sd 0) the interval is the point itself.
+    """
+    from scipy import stats
+
+    d = np.asarray(d, dtype=float)
+    n = int(d.size)
+    out = {"n": n, "mean_diff": float(d.mean()) if n else math.nan, "sd_diff": math.nan,
+           "ci_low": math.nan, "ci_high": math.nan, "ci90_low": math.nan, "ci90_high": math.nan,
+           "p_tost": math.nan, "verdict": "inconclusive"}
+    if n < 2:
+        return out
+    mean, sd = float(d.mean()), float(d.std(ddof=1))
+    out["sd_diff"] = sd
+    if sd == 0.0:  # degenerate: no spread, every interval is the point
+        out.update(ci_low=mean, ci_high=mean, ci90_low=mean, ci90_high=mean,
+                   p_tost=0.0 if abs(mean) < margin else 1.0)
+    else:
+        res = stats.ttest_1samp(d, 0.0)
+        ci = res.confidence_interval(1 - alpha)
+        ci_eq = res.confidence_interval(1 - 2 * alpha)
+        p_low = stats.ttest_1samp(d, -margin, alternative="greater").pvalue  # H0: diff <= -δ
+        p_high = stats.ttest_1samp(d, margin, alternative="less").pvalue  # H0: diff >= +δ
+        out.update(ci_low=float(ci.low), ci_high=float(ci.high), ci90_low=float(ci_eq.low),
+                   ci90_high=float(ci_eq.high), p_tost=float(max(p_low, p_high)))
+    if out["p_tost"] < alpha:
+        out["verdict"] = "equivalent"
+    elif out["ci_low"] > 0 or out["ci_high"] < 0:
+        out["verdict"] = "different"
+    return out
+
+
+def paired_differences(df: pd.DataFrame, metric: str, reference: str = "forward", margin: float = 1.0,
+                       alpha: float = 0.05) -> pd.DataFrame:
+    """Every strategy against `reference` on `metric`, over the completed runs of `df`.
+
+    A pair is a run of the strategy and a run of the reference with the same seed and the same value
+    of every other design key (init, depth, λ, ... whatever varies). One row per strategy and
+    configuration: `strategy`, `init`, the other varying keys (as in `strategy_table`), `n` (pairs),
+    `mean_diff` (strategy − reference), `sd_diff`, `ci_low`/`ci_high` (95% t interval for α=0.05),
+    `ci90_low`/`ci90_high` (the 1−2α interval of the TOST), `p_tost`, `verdict`, `mean`, `mean_ref`,
+    `metric`, `reference`, `margin`. Raises ConfigError when the reference has no completed run.
+    """
+    runs, keys = comparable(df)
+    if STRATEGY not in runs:
+        raise ConfigError("the runs have no param 'distill.strategy'")
+    if metric not in runs:
+        raise unknown("metric", metric, metric_columns(runs))
+    strategies = sorted(runs[STRATEGY].dropna().unique(), key=lambda s: _order(STRATEGY, s))
+    if reference not in strategies:
+        raise unknown("reference strategy (no completed trials)", reference, [str(s) for s in strategies])
+    others = [k for k in keys if k != STRATEGY]
+    pair_on = others + ([SEED] if SEED in runs else [])
+    if not pair_on:
+        raise ConfigError("cannot pair runs: they have no 'seed' param")
+    ref = runs[runs[STRATEGY] == reference][pair_on + [metric]].rename(columns={metric: "__ref"})
+    rows = []
+    sub = runs[runs[STRATEGY] != reference]
+    first = [INIT] + [k for k in others if k != INIT] + [STRATEGY]
+    for vals, g in _sorted_groups(sub, [STRATEGY] + others, first):
+        merged = g[pair_on + [metric]].merge(ref, on=pair_on, how="inner").dropna(subset=[metric, "__ref"])
+        d = (merged[metric].astype(float) - merged["__ref"].astype(float)).to_numpy()
+        row = {short(k): v for k, v in zip([STRATEGY] + others, vals)}
+        row.update(paired_test(d, margin, alpha))
+        row["mean"] = float(merged[metric].mean()) if len(merged) else math.nan
+        row["mean_ref"] = float(merged["__ref"].mean()) if len(merged) else math.nan
+        row.update(metric=metric, reference=reference, margin=margin)
+        rows.append(row)
+    cols = ([short(k) for k in [STRATEGY] + others]
+            + ["n", "mean_diff", "sd_diff", "ci_low", "ci_high", "ci90_low", "ci90_high", "p_tost", "verdict",
+               "mean", "mean_ref", "metric", "reference", "margin"])
+    return pd.DataFrame(rows, columns=cols)
+
+
+# --- plots -------------------------------------------------------------------------------------
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def slug(metric: str) -> str:
+    name = metric.split("/", 1)[1] if metric.startswith("eval/") else metric
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
+
+
+def _facets(table: pd.DataFrame, exclude: list[str]):
+    keys = [c for c in table.columns if c in _key_names(table) and c not in exclude]
+    if not keys:
+        return [("", table)]
+    out = []
+    for vals, g in table.groupby(keys, dropna=False, sort=False):
+        vals = vals if isinstance(vals, tuple) else (vals,)
+        out.append((", ".join(f"{k}={v}" for k, v in zip(keys, vals)), g))
+    return out
+
+
+def _key_names(table: pd.DataFrame) -> list[str]:
+    return [c for c in table.columns if " " not in c and "/" not in c]
+
+
+def _figure(n: int, width: float = 4.5, height: float = 3.6):
+    plt = _pyplot()
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return plt, fig, list(axes.flat[:n])
+
+
+def plot_versus(table: pd.DataFrame, x: str, metric: str, path: Path, teacher: float | None = None) -> Path:
+    """`metric` (mean ± sd over seeds) against the key column `x` of a `strategy_table`, one line per
+    strategy, one panel per value of the other keys (init, ...)."""
+    facets = _facets(table, ["strategy", x])
+    plt, fig, axes = _figure(len(facets))
+    for ax, (title, g) in zip(axes, facets):
+        for strategy, s in g.groupby("strategy", sort=False):
+            s = s.sort_values(x)
+            ax.errorbar(s[x].astype(float), s[f"{metric} mean"], yerr=s[f"{metric} sd"].fillna(0.0),
+                        marker="o", capsize=3, label=str(strategy))
+        if teacher is not None:
+            ax.axhline(teacher, color="grey", ls="--", lw=1, label="teacher")
+        ax.set_xlabel(x)
+        ax.set_ylabel(metric)
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_strategies(table: pd.DataFrame, metric: str, path: Path, teacher: float | None = None) -> Path:
+    """Bar chart of `metric` mean ± sd per strategy, bars grouped by init, one panel per value of
+    the other keys."""
+    facets = _facets(table, ["strategy", "init"])
+    plt, fig, axes = _figure(len(facets), width=5.5)
+    for ax, (title, g) in zip(axes, facets):
+        strategies = list(dict.fromkeys(g["strategy"]))
+        inits = list(dict.fromkeys(g["init"])) if "init" in g else [None]
+        width = 0.8 / len(inits)
+        for i, init in enumerate(inits):
+            part = g if init is None else g[g["init"] == init]
+            pos = {s: j for j, s in enumerate(strategies)}
+            xs = [pos[s] + (i - (len(inits) - 1) / 2) * width for s in part["strategy"]]
+            ax.bar(xs, part[f"{metric} mean"], width, yerr=part[f"{metric} sd"].fillna(0.0), capsize=3,
+                   label=f"init={init}" if init is not None else None)
+        ax.set_xticks(range(len(strategies)))
+        ax.set_xticklabels([str(s) for s in strategies], rotation=20, fontsize=8)
+        if teacher is not None:
+            ax.axhline(teacher, color="grey", ls="--", lw=1, label="teacher")
+        lo = np.nanmin(g[f"{metric} mean"] - g[f"{metric} sd"].fillna(0.0))
+        hi = np.nanmax(g[f"{metric} mean"] + g[f"{metric} sd"].fillna(0.0))
+        if teacher is not None:
+            lo, hi = min(lo, teacher), max(hi, teacher)
+        if np.isfinite(lo) and np.isfinite(hi):
+            pad = max(1.0, 0.1 * (hi - lo))
+            ax.set_ylim(lo - pad, hi + pad)
+        ax.set_ylabel(metric)
+        ax.set_title(title, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# --- Markdown ----------------------------------------------------------------------------------
+
+
+def _md_value(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, (float, np.floating)):
+        return f"{v:g}"
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def md_table(df: pd.DataFrame) -> str:
+    if df.empty:
+        return "(none)"
+    head = "| " + " | ".join(str(c) for c in df.columns) + " |"
+    sep = "|" + "|".join("---" for _ in df.columns) + "|"
+    body = ["| " + " | ".join(_md_value(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join([head, sep, *body])
+
+
+def _paired_md(paired: pd.DataFrame) -> pd.DataFrame:
+    keys = [c for c in paired.columns if c not in (
+        "n", "mean_diff", "sd_diff", "ci_low", "ci_high", "ci90_low", "ci90_high", "p_tost", "verdict",
+        "mean", "mean_ref", "metric", "reference", "margin")]
+    out = paired[keys].copy()
+    out["n"] = paired["n"]
+    out["mean diff"] = [f"{v:+.2f}" if not pd.isna(v) else "–" for v in paired["mean_diff"]]
+    out["95% CI"] = [f"[{lo:+.2f}, {hi:+.2f}]" if not pd.isna(lo) else "–"
+                     for lo, hi in zip(paired["ci_low"], paired["ci_high"])]
+    out["90% CI"] = [f"[{lo:+.2f}, {hi:+.2f}]" if not pd.isna(lo) else "–"
+                     for lo, hi in zip(paired["ci90_low"], paired["ci90_high"])]
+    out["p (TOST)"] = [f"{p:.3g}" if not pd.isna(p) else "–" for p in paired["p_tost"]]
+    out["verdict"] = paired["verdict"]
+    return out
+
+
+def _excluded_md(df: pd.DataFrame) -> pd.DataFrame:
+    rest = df[df["status"] != COMPLETED] if "status" in df else df.iloc[0:0]
+    cols = ["trial_id", "status"] + [k for k in (STRATEGY, INIT, LAYERS, LAMBDA, SEED) if k in rest]
+    out = rest[cols].rename(columns={k: short(k) for k in cols}).copy()
+    out["epochs"] = [_last_epoch(r) for _, r in rest.iterrows()]
+    out["error"] = [_error_line(e) for e in rest.get("error", pd.Series([None] * len(rest), index=rest.index))]
+    out["run_id"] = rest["run_id"].values
+    return out
+
+
+def _last_epoch(row) -> str:
+    return "–" if pd.isna(row.get("__last_step", math.nan)) else str(int(row["__last_step"]))
+
+
+def _error_line(err) -> str:
+    if err is None or (isinstance(err, float) and math.isnan(err)) or not str(err).strip():
+        return ""
+    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+    text = lines[-1] if lines else ""
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+# --- the CLI -----------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m tunekd.report",
+        description="Statistical report of a tunekd study recorded in MLflow: the strategy-robustness table "
+                    "(mean ± sd over seeds per strategy x init x ...), paired differences of every strategy "
+                    "against a reference strategy with 95%% t intervals and a TOST equivalence verdict, and "
+                    "plots. Writes report.md, table.csv, paired.csv and PNGs to --out, logs them on the study's "
+                    "parent run (artifact folder report/) and prints the Markdown.",
+        epilog="Verdicts (per strategy and configuration, pairs matched by seed): 'equivalent' when the 90%% "
+               "interval of the mean difference lies inside (-margin, +margin), i.e. both one-sided tests have "
+               "p < 0.05; 'different' when not equivalent and the 95%% interval excludes 0; else "
+               "'inconclusive' (always with fewer than 2 pairs). Only completed trials are compared; "
+               "early-stopped, failed and unfinished ones are listed apart. Exit status 2: unknown experiment, "
+               "no completed trials, or another input problem (one line on stderr).")
+    p.add_argument("--experiment", required=True, help="MLflow experiment name (= the study's experiment)")
+    p.add_argument("--tracking-uri", default="sqlite:///mlflow.db",
+                   help="MLflow tracking URI (default: %(default)s)")
+    p.add_argument("--out", default=None, help="output folder (default: report/<experiment>)")
+    p.add_argument("--reference", default="forward",
+                   help="strategy every other strategy is compared with (default: %(default)s)")
+    p.add_argument("--margin", type=float, default=1.0,
+                   help="equivalence margin δ in metric points, e.g. accuracy percent (default: %(default)s)")
+    p.add_argument("--alpha", type=float, default=0.05,
+                   help="significance level: (1-alpha) intervals, TOST at level alpha (default: %(default)s)")
+    p.add_argument("--parent", default=None, metavar="RUN_ID",
+                   help="only the trials of this parent run (one invocation of the study); default: every trial "
+                        "run of the experiment, a configuration and seed run twice keeping its latest run; the "
+                        "artifacts go to this parent run, else to the latest parent run")
+    p.add_argument("--metric", action="append", default=None, metavar="NAME",
+                   help="metric to report, e.g. accuracy or eval/f1; repeatable (default: every eval/ metric "
+                        "present)")
+    p.add_argument("--no-log", action="store_true", help="write the files only; log nothing to MLflow")
+    return p.parse_args(argv)
+
+
+def _client(uri: str):
+    from tunekd.tracking import check_uri
+
+    check_uri(uri)
+    if uri.startswith("sqlite:///") and not os.path.isfile(uri[len("sqlite:///"):]):
+        raise ConfigError(f"tracking URI {uri!r}: no MLflow database at {uri[len('sqlite:///'):]!r}")
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def latest_parent(client, experiment_id: str) -> str | None:
+    runs = client.search_runs([experiment_id], f"tags.`{ROLE_TAG}` = 'study'", max_results=1,
+                              order_by=["attributes.start_time DESC"])
+    return runs[0].info.run_id if runs else None
+
+
+def _resolve_metrics(requested, runs: pd.DataFrame) -> list[str]:
+    present = metric_columns(runs)
+    if not requested:
+        if not present:
+            raise ConfigError("the completed trials have no eval/ metric")
+        return present
+    out = []
+    for m in requested:
+        name = m if "/" in m else f"eval/{m}"
+        if name not in present:
+            raise unknown("metric", m, present)
+        out.append(name)
+    return out
+
+
+def build_report(df: pd.DataFrame, *, experiment: str, out: Path, metrics: list[str] | None = None,
+                 reference: str = "forward", margin: float = 1.0, alpha: float = 0.05,
+                 teacher: dict[str, float] | None = None, source: str = "") -> tuple[str, list[Path]]:
+    """Write report.md, table.csv, paired.csv and the PNGs for the runs `df` into `out`; return the
+    Markdown and the written files."""
+    if margin <= 0:
+        raise ConfigError(f"--margin must be > 0, got {margin}")
+    if not 0 < alpha < 0.5:
+        raise ConfigError(f"--alpha must be in (0, 0.5), got {alpha}")
+    counts = df["status"].value_counts().to_dict() if len(df) else {}
+    runs, keys = comparable(df)
+    if runs.empty:
+        detail = ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "no trial runs"
+        raise ConfigError(f"experiment {experiment!r} has no completed trials ({detail})")
+    metrics = _resolve_metrics(metrics, runs)
+    teacher = {k: v for k, v in (teacher or {}).items() if k in metrics}
+    out.mkdir(parents=True, exist_ok=True)
+    files: list[Path] = []
+
+    table = strategy_table(df, metrics)
+    table.to_csv(out / "table.csv", index=False)
+    files.append(out / "table.csv")
+    paired_parts = [paired_differences(df, m, reference, margin, alpha) for m in metrics] \
+        if STRATEGY in runs else []
+    paired = pd.concat(paired_parts, ignore_index=True) if paired_parts else pd.DataFrame()
+    paired.to_csv(out / "paired.csv", index=False)
+    files.append(out / "paired.csv")
+
+    plots: list[tuple[str, Path]] = []
+    if "strategy" in table:
+        for m in metrics:
+            plots.append((f"{m} by strategy", plot_strategies(table, m, out / f"strategies_{slug(m)}.png",
+                                                              teacher.get(m))))
+        if "lambda_hid" in table:
+            for m in metrics:
+                plots.append((f"{m} vs λ", plot_versus(table, "lambda_hid", m, out / f"lambda_{slug(m)}.png",
+                                                      teacher.get(m))))
+        if "layers" in table:
+            for m in metrics:
+                plots.append((f"{m} vs student depth", plot_versus(table, "layers", m, out / f"depth_{slug(m)}.png",
+                                                                  teacher.get(m))))
+    files.extend(p for _, p in plots)
+
+    n_done = int((df["status"] == COMPLETED).sum())
+    superseded = n_done - len(runs)
+    lines = [f"# Study report: {experiment}", ""]
+    if source:
+        lines += [source, ""]
+    lines.append("Trials: " + ", ".join(f"{counts.get(s, 0)} {s}" for s in
+                                       (COMPLETED, "early_stopped", "failed", "running")
+                                       if counts.get(s, 0) or s == COMPLETED)
+                 + (f" ({superseded} completed runs superseded by a later run of the same configuration and seed)"
+                    if superseded else ""))
+    varying = [short(k) for k in keys if k not in (STRATEGY, INIT)]
+    lines.append("Compared: completed trials; rows are strategy x init"
+                 + (" x " + " x ".join(varying) if varying else "") + "; seeds: "
+                 + (", ".join(str(s) for s in sorted(runs[SEED].dropna().unique())) if SEED in runs else "–") + ".")
+    if teacher:
+        lines.append("Teacher: " + ", ".join(f"{m} {v:.2f}" for m, v in teacher.items()) + ".")
+    lines += ["", "## Strategy robustness", "",
+              "Cells: mean ± sample sd (number of seeds) of the final value of each metric.", "",
+              md_table(table[[c for c in table.columns if not c.endswith((" mean", " sd", " n"))]]), ""]
+    lines += [f"## Paired differences against `{reference}`", "",
+              f"Strategy − {reference}, paired by seed within the same configuration. "
+              f"Equivalence margin δ = {margin:g} points: *equivalent* when the {100 * (1 - 2 * alpha):g}% interval "
+              f"lies inside (−δ, δ) (TOST, both one-sided p < {alpha:g}); *different* when not equivalent and the "
+              f"{100 * (1 - alpha):g}% interval excludes 0; otherwise *inconclusive* (always with fewer than 2 pairs).",
+              ""]
+    for m, part in zip(metrics, paired_parts):
+        lines += [f"### {m}", "", md_table(_paired_md(part)), ""]
+        if len(part):
+            tally = part["verdict"].value_counts()
+            lines += ["Verdicts: " + ", ".join(f"{tally.get(v, 0)} {v}" for v in VERDICTS), ""]
+    if plots:
+        lines += ["## Plots", ""] + [f"![{t}]({p.name})" for t, p in plots] + [""]
+    excluded = _excluded_md(df)
+    lines += ["## Trials not compared", "",
+              "Early-stopped, failed and unfinished trials (not in the tables above).", "", md_table(excluded), ""]
+    text = "\n".join(lines)
+    (out / "report.md").write_text(text)
+    files.insert(0, out / "report.md")
+    return text, files
+
+
+def _with_last_steps(client, df: pd.DataFrame) -> pd.DataFrame:
+    """Add `__last_step` (the last epoch reported) to the runs that were not completed."""
+    df = df.copy()
+    df["__last_step"] = math.nan
+    for i, row in df[df["status"] != COMPLETED].iterrows():
+        logged = [c for c in df.columns if "/" in c and not pd.isna(row[c])][:1]
+        steps = [m.step for key in logged for m in client.get_metric_history(row["run_id"], key)]
+        if steps:
+            df.at[i, "__last_step"] = max(steps)
+    return df
+
+
+def run(args) -> int:
+    client = _client(args.tracking_uri)
+    exp = get_experiment(client, args.experiment)
+    df = load_runs(client, args.experiment, args.parent)
+    parent = args.parent or latest_parent(client, exp.experiment_id)
+    teacher = {}
+    if parent:
+        teacher = {"eval/" + k[len("teacher/"):]: v for k, v in client.get_run(parent).data.metrics.items()
+                   if k.startswith("teacher/")}
+    if len(df):
+        df = _with_last_steps(client, df)
+    out = Path(args.out or Path("report") / re.sub(r"[^\w.-]+", "_", args.experiment))
+    parents = sorted(df["parent_id"].dropna().unique()) if len(df) else []
+    source = (f"MLflow {args.tracking_uri}, experiment {args.experiment!r}, "
+              + (f"parent run {args.parent}" if args.parent else f"{len(parents)} parent run(s)") + ".")
+    text, files = build_report(df, experiment=args.experiment, out=out, metrics=args.metric,
+                               reference=args.reference, margin=args.margin, alpha=args.alpha,
+                               teacher=teacher, source=source)
+    print(text)
+    if not args.no_log:
+        if parent:
+            for f in files:
+                client.log_artifact(parent, str(f), "report")
+            print(f"[tunekd] report: {len(files)} files in {out}, logged on parent run {parent} (artifacts report/)",
+                  file=sys.stderr)
+        else:
+            print(f"[tunekd] report: {len(files)} files in {out}; no parent run to log them on", file=sys.stderr)
+    else:
+        print(f"[tunekd] report: {len(files)} files in {out}", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except ConfigError as exc:
+        print(f"tunekd: error: {str(exc).splitlines()[0] if str(exc) else exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+if __name__ == "__main__":
+    sys.exit(main())
