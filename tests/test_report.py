@@ -1,0 +1,337 @@
+"""`tunekd.report` on synthetic MLflow experiments with known values, checked against independent numpy/scipy."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from tunekd import report
+from tunekd.errors import ConfigError
+
+SEEDS = (0, 1, 2)
+FORWARD = {"copy": [80.0, 81.0, 82.5], "random": [70.0, 72.0, 71.0]}
+# strategy − forward, per seed: chosen to be clearly equivalent, clearly different, or inconclusive (δ = 1)
+DIFFS = {
+    ("reverse", "copy"): [0.1, -0.1, 0.05],
+    ("reverse", "random"): [-3.0, -3.2, -2.9],
+    ("all_to_one", "copy"): [2.0, -1.5, 0.5],
+    ("all_to_one", "random"): [0.6, 0.9, 0.3],
+}
+EXPECTED_VERDICT = {
+    ("reverse", "copy"): "equivalent",
+    ("reverse", "random"): "different",
+    ("all_to_one", "copy"): "inconclusive",
+    ("all_to_one", "random"): "inconclusive",
+}
+MARGIN = 1.0
+
+
+def accuracy(strategy: str, init: str) -> list[float]:
+    base = np.array(FORWARD[init])
+    return list(base if strategy == "forward" else base + np.array(DIFFS[(strategy, init)]))
+
+
+class Store:
+    """A sqlite MLflow store written the way tunekd.tracking writes a study."""
+
+    def __init__(self, tmp_path):
+        from mlflow.tracking import MlflowClient
+
+        self.uri = f"sqlite:///{tmp_path}/mlflow.db"
+        self.artifacts = (tmp_path / "artifacts").as_uri()
+        self.client = MlflowClient(tracking_uri=self.uri)
+        self.clock = 1_700_000_000_000
+
+    def tick(self) -> int:
+        self.clock += 1000
+        return self.clock
+
+    def experiment(self, name: str) -> str:
+        return self.client.create_experiment(name, artifact_location=f"{self.artifacts}/{name}")
+
+    def parent(self, exp_id: str, teacher: float | None = None) -> str:
+        run = self.client.create_run(exp_id, run_name="study", tags={"tunekd.role": "study"},
+                                     start_time=self.tick())
+        if teacher is not None:
+            self.client.log_metric(run.info.run_id, "teacher/accuracy", teacher, step=0)
+        return run.info.run_id
+
+    def trial(self, exp_id: str, parent: str, *, strategy="forward", init="copy", seed=0, layers=3, lam=3.0,
+              status="completed", metrics: dict | None = None, error: str | None = None,
+              history: dict | None = None) -> str:
+        from mlflow.entities import Metric, Param
+
+        trial_id = f"t{self.clock}"
+        tags = {"mlflow.parentRunId": parent, "tunekd.trial_id": trial_id, "tunekd.status": status}
+        if error:
+            tags["tunekd.error"] = error
+        run = self.client.create_run(exp_id, run_name=trial_id, tags=tags, start_time=self.tick())
+        fwd = [[0, 0], [1, 4], [2, 8], [3, 12]]
+        layer_map = {"forward": fwd, "reverse": [[0, 0], [1, 12], [2, 8], [3, 4]],
+                     "all_to_one": [[i, 6] for i in range(layers + 1)]}.get(strategy, fwd)
+        params = {"distill.strategy": strategy, "student.init": init, "seed": str(seed),
+                  "student.layers": str(layers), "distill.lambda_hid": str(lam), "train.lr": "2e-05",
+                  "distill.layer_map": json.dumps(layer_map) + ("" if strategy != "random" else f"#{seed}"),
+                  "student.copied_layers": json.dumps([3, 7, 11][:layers] if init == "copy" else None),
+                  "task.name": "synthetic"}
+        items = [Metric(k, v, self.clock, step) for k, vals in (history or {}).items() for step, v in vals]
+        items += [Metric(k, v, self.clock, 10) for k, v in (metrics or {}).items()]
+        self.client.log_batch(run.info.run_id, metrics=items, params=[Param(k, v) for k, v in params.items()])
+        self.client.set_terminated(run.info.run_id, status="FAILED" if status == "failed" else "FINISHED")
+        return run.info.run_id
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mlflow")
+    s = Store(tmp)
+    # main study: 3 strategies x 2 inits x 3 seeds, plus an early-stopped and a failed trial
+    exp = s.experiment("kd")
+    s.kd_parent = s.parent(exp, teacher=90.5)
+    for strategy, init in itertools.product(("forward", "reverse", "all_to_one"), ("copy", "random")):
+        for seed, acc in zip(SEEDS, accuracy(strategy, init)):
+            # an earlier epoch with another value: the report must use the last step
+            s.trial(exp, s.kd_parent, strategy=strategy, init=init, seed=seed,
+                    metrics={"eval/accuracy": acc, "eval/f1": acc - 10.0, "train/loss": 0.5},
+                    history={"eval/accuracy": [(1, 11.0)]})
+    s.trial(exp, s.kd_parent, strategy="forward", init="copy", seed=3, status="early_stopped",
+            metrics={"eval/accuracy": 55.0, "eval/f1": 45.0}, history={"eval/accuracy": [(1, 50.0)]})
+    s.trial(exp, s.kd_parent, strategy="random", init="copy", seed=0, status="failed",
+            error="Traceback (most recent call last):\n  ...\nRuntimeError: CUDA out of memory | boom")
+    # λ and depth sweep: 2 strategies x λ {1, 3} x depth {3, 6} x 2 seeds
+    exp2 = s.experiment("kd-sweep")
+    p2 = s.parent(exp2)
+    for strategy, lam, layers, seed in itertools.product(("forward", "reverse"), (1.0, 3.0), (3, 6), (0, 1)):
+        acc = 60.0 + 2 * lam + layers + seed + (0.5 if strategy == "reverse" else 0.0)
+        s.trial(exp2, p2, strategy=strategy, lam=lam, layers=layers, seed=seed, metrics={"eval/accuracy": acc})
+    # two invocations of the same study: the later one re-runs forward/seed 0
+    exp3 = s.experiment("kd-twice")
+    first = s.parent(exp3)
+    for strategy, seed in itertools.product(("forward", "reverse"), (0, 1)):
+        s.trial(exp3, first, strategy=strategy, seed=seed, metrics={"eval/accuracy": 70.0 + seed})
+    s.second = s.parent(exp3)
+    s.trial(exp3, s.second, strategy="forward", seed=0, metrics={"eval/accuracy": 90.0})
+    # nothing completed
+    exp4 = s.experiment("kd-broken")
+    p4 = s.parent(exp4)
+    s.trial(exp4, p4, status="failed", error="ValueError: bad")
+    s.trial(exp4, p4, seed=1, status="early_stopped", metrics={"eval/accuracy": 50.0})
+    return s
+
+
+@pytest.fixture(scope="module")
+def runs(store):
+    return report.load_runs(store.client, "kd")
+
+
+# --- load_runs ---------------------------------------------------------------------------------
+
+
+def test_load_runs_rows_params_final_metrics(runs):
+    assert len(runs) == 3 * 2 * 3 + 2
+    assert runs["status"].value_counts().to_dict() == {"completed": 18, "early_stopped": 1, "failed": 1}
+    assert {"run_id", "parent_id", "trial_id", "distill.strategy", "student.init", "seed", "distill.layer_map",
+            "eval/accuracy", "eval/f1"} <= set(runs.columns)
+    assert runs["seed"].dtype.kind == "i" and runs["distill.lambda_hid"].dtype.kind == "f"
+    fwd_copy = runs[(runs["distill.strategy"] == "forward") & (runs["student.init"] == "copy")
+                    & (runs["status"] == "completed")].sort_values("seed")
+    assert fwd_copy["eval/accuracy"].tolist() == FORWARD["copy"]  # the last step, not epoch 1's 11.0
+    failed = runs[runs["status"] == "failed"].iloc[0]
+    assert "CUDA out of memory" in failed["error"] and pd.isna(failed["eval/accuracy"])
+
+
+def test_load_runs_unknown_experiment_and_parent(store):
+    with pytest.raises(ConfigError, match="unknown experiment 'kdd'.*did you mean 'kd'"):
+        report.load_runs(store.client, "kdd")
+    with pytest.raises(ConfigError, match="--parent"):
+        report.load_runs(store.client, "kd", parent="0" * 32)
+
+
+def test_load_runs_parent_filter_and_latest_rerun(store):
+    all_runs = report.load_runs(store.client, "kd-twice")
+    assert len(all_runs) == 5
+    only = report.load_runs(store.client, "kd-twice", parent=store.second)
+    assert len(only) == 1 and only["eval/accuracy"].tolist() == [90.0]
+    table = report.strategy_table(all_runs, ["eval/accuracy"])
+    fwd = table[table["strategy"] == "forward"].iloc[0]
+    # seed 0 run again by the later invocation: its latest run (90) replaces the first one (70)
+    assert fwd["eval/accuracy n"] == 2 and fwd["eval/accuracy mean"] == pytest.approx((90.0 + 71.0) / 2)
+
+
+# --- the strategy table ------------------------------------------------------------------------
+
+
+def test_strategy_table_means_sds(runs):
+    metrics = ["eval/accuracy", "eval/f1"]
+    table = report.strategy_table(runs, metrics)
+    assert list(table.columns[:2]) == ["strategy", "init"]
+    assert "seed" not in table and "distill.layer_map" not in table  # seed pooled, derived params ignored
+    assert len(table) == 6 and set(table["strategy"]) == {"forward", "reverse", "all_to_one"}
+    assert table["init"].tolist() == ["random"] * 3 + ["copy"] * 3
+    assert table["strategy"].tolist()[:3] == ["forward", "reverse", "all_to_one"]
+    for _, row in table.iterrows():
+        x = np.array(accuracy(row["strategy"], row["init"]))
+        mean, sd = x.sum() / len(x), np.sqrt(((x - x.mean()) ** 2).sum() / (len(x) - 1))
+        assert row["eval/accuracy n"] == 3  # the early-stopped seed 3 is not counted
+        assert row["eval/accuracy mean"] == pytest.approx(mean, abs=1e-12)
+        assert row["eval/accuracy sd"] == pytest.approx(sd, abs=1e-12)
+        assert row["eval/f1 mean"] == pytest.approx(mean - 10.0, abs=1e-12)
+        assert row["eval/accuracy"] == f"{mean:.2f} ± {sd:.2f} (3)"
+
+
+def test_cell_format():
+    assert report.cell(72.5, float("nan"), 1) == "72.50 ± – (1)"
+    assert report.cell(72.5, 0.414, 3) == "72.50 ± 0.41 (3)"
+    assert report.cell(float("nan"), float("nan"), 0) == "–"
+
+
+def test_strategy_table_single_seed_sd_dash(runs):
+    one = runs[(runs["seed"] == 0) | (runs["status"] != "completed")]
+    table = report.strategy_table(one, ["eval/accuracy"])
+    assert (table["eval/accuracy n"] == 1).all() and table["eval/accuracy sd"].isna().all()
+    assert all(c.endswith("± – (1)") for c in table["eval/accuracy"])
+
+
+def test_strategy_table_rows_follow_varying_params(store):
+    sweep = report.load_runs(store.client, "kd-sweep")
+    table = report.strategy_table(sweep, ["eval/accuracy"])
+    assert list(table.columns[:4]) == ["strategy", "init", "layers", "lambda_hid"]
+    assert len(table) == 2 * 2 * 2
+    row = table[(table["strategy"] == "reverse") & (table["layers"] == 6) & (table["lambda_hid"] == 1.0)].iloc[0]
+    assert row["eval/accuracy mean"] == pytest.approx(60 + 2 + 6 + 0.5 + 0.5)
+    assert row["eval/accuracy sd"] == pytest.approx(np.std([0, 1], ddof=1))
+
+
+# --- paired differences ------------------------------------------------------------------------
+
+
+def expected_pair(d: list[float], margin: float) -> dict:
+    d = np.asarray(d)
+    n = len(d)
+    mean = d.sum() / n
+    sd = np.sqrt(((d - mean) ** 2).sum() / (n - 1))
+    se = sd / np.sqrt(n)
+    t95, t90 = stats.t.ppf(0.975, n - 1), stats.t.ppf(0.95, n - 1)
+    p_low = 1 - stats.t.cdf((mean + margin) / se, n - 1)  # H0: diff <= -margin
+    p_high = stats.t.cdf((mean - margin) / se, n - 1)  # H0: diff >= +margin
+    return {"n": n, "mean_diff": mean, "ci_low": mean - t95 * se, "ci_high": mean + t95 * se,
+            "ci90_low": mean - t90 * se, "ci90_high": mean + t90 * se, "p_tost": max(p_low, p_high)}
+
+
+def test_paired_differences_against_hand_computation(runs):
+    paired = report.paired_differences(runs, "eval/accuracy", "forward", MARGIN)
+    assert list(paired.columns[:3]) == ["strategy", "init", "n"]
+    assert len(paired) == 4 and "forward" not in set(paired["strategy"])
+    for _, row in paired.iterrows():
+        key = (row["strategy"], row["init"])
+        exp = expected_pair(DIFFS[key], MARGIN)
+        for col, value in exp.items():
+            assert row[col] == pytest.approx(value, rel=1e-9, abs=1e-9), (key, col)
+        assert row["verdict"] == EXPECTED_VERDICT[key], key
+        # the verdict rule, independently: equivalent ⇔ 90% CI inside (−δ, δ)
+        inside = -MARGIN < exp["ci90_low"] and exp["ci90_high"] < MARGIN
+        assert (row["verdict"] == "equivalent") == inside
+        if row["verdict"] == "different":
+            assert exp["ci_low"] > 0 or exp["ci_high"] < 0
+
+
+def test_paired_differences_margin_changes_verdict(runs):
+    wide = report.paired_differences(runs, "eval/accuracy", "forward", margin=10.0)
+    assert set(wide["verdict"]) == {"equivalent"}
+
+
+def test_paired_differences_other_reference_and_sweep(runs, store):
+    paired = report.paired_differences(runs, "eval/accuracy", "reverse", MARGIN)
+    row = paired[(paired["strategy"] == "forward") & (paired["init"] == "random")].iloc[0]
+    assert row["mean_diff"] == pytest.approx(-np.mean(DIFFS[("reverse", "random")]))
+    sweep = report.load_runs(store.client, "kd-sweep")
+    p = report.paired_differences(sweep, "eval/accuracy", "forward", MARGIN)
+    assert len(p) == 4 and (p["n"] == 2).all()  # paired by seed within each (layers, λ)
+    assert {"layers", "lambda_hid"} <= set(p.columns)
+    # every difference is exactly 0.5: sd 0, a point interval inside the margin
+    assert np.allclose(p["mean_diff"], 0.5) and (p["ci_low"] == p["ci_high"]).all()
+    assert set(p["verdict"]) == {"equivalent"}
+
+
+def test_paired_differences_few_pairs_inconclusive(runs):
+    one = runs[runs["seed"] == 0]
+    paired = report.paired_differences(one, "eval/accuracy", "forward", MARGIN)
+    assert (paired["n"] == 1).all() and set(paired["verdict"]) == {"inconclusive"}
+    assert paired["ci_low"].isna().all()
+
+
+def test_paired_differences_unknown_reference(runs):
+    with pytest.raises(ConfigError, match="did you mean 'forward'"):
+        report.paired_differences(runs, "eval/accuracy", "foward", MARGIN)
+
+
+# --- the CLI -----------------------------------------------------------------------------------
+
+
+def test_cli_writes_files_and_logs_artifacts(store, tmp_path, capsys):
+    out = tmp_path / "rep"
+    rc = report.main(["--experiment", "kd", "--tracking-uri", store.uri, "--out", str(out)])
+    assert rc == 0
+    expected = {"report.md", "table.csv", "paired.csv", "strategies_accuracy.png", "strategies_f1.png"}
+    assert {p.name for p in out.iterdir()} == expected
+    for png in out.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    stdout = capsys.readouterr().out
+    md = (out / "report.md").read_text()
+    assert md in stdout
+    assert "18 completed, 1 early_stopped, 1 failed" in md
+    assert "81.17 ± 1.26 (3)" in md  # forward, copy
+    assert "| reverse | random |" in md and "different" in md and "equivalent" in md
+    # the trials not compared, with status and error
+    tail = md.split("## Trials not compared")[1]
+    assert "early_stopped" in tail and "failed" in tail and "CUDA out of memory \\| boom" in tail
+    assert "Teacher: eval/accuracy 90.50" in md
+    table = pd.read_csv(out / "table.csv")
+    assert len(table) == 6
+    paired = pd.read_csv(out / "paired.csv")
+    assert len(paired) == 8 and set(paired["metric"]) == {"eval/accuracy", "eval/f1"}
+    logged = {a.path for a in store.client.list_artifacts(store.kd_parent, "report")}
+    assert logged == {f"report/{name}" for name in expected}
+
+
+def test_cli_lambda_and_depth_plots(store, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    rc = report.main(["--experiment", "kd-sweep", "--tracking-uri", store.uri, "--out", str(out),
+                      "--metric", "accuracy", "--margin", "0.25", "--no-log"])
+    assert rc == 0
+    assert {p.name for p in out.iterdir()} == {"report.md", "table.csv", "paired.csv", "strategies_accuracy.png",
+                                                "lambda_accuracy.png", "depth_accuracy.png"}
+    paired = pd.read_csv(out / "paired.csv")
+    assert set(paired["verdict"]) == {"different"}  # 0.5 exactly, outside a 0.25 margin
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--experiment", "nope"], "unknown experiment 'nope'"),
+    (["--experiment", "kd-broken"], "no completed trials (1 early_stopped, 1 failed)"),
+    (["--experiment", "kd", "--reference", "revers"], "did you mean 'reverse'"),
+    (["--experiment", "kd", "--metric", "bleu"], "unknown metric 'bleu'"),
+])
+def test_cli_errors_exit_2_one_line(store, tmp_path, capsys, argv, message):
+    rc = report.main(argv + ["--tracking-uri", store.uri, "--out", str(tmp_path / "x"), "--no-log"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert message in err and len(err.strip().splitlines()) == 1 and err.startswith("tunekd: error:")
+
+
+def test_cli_missing_database(tmp_path, capsys):
+    rc = report.main(["--experiment", "kd", "--tracking-uri", f"sqlite:///{tmp_path}/none.db"])
+    assert rc == 2 and "no MLflow database" in capsys.readouterr().err
+    assert not (tmp_path / "none.db").exists()
+
+
+def test_help_text(capsys):
+    with pytest.raises(SystemExit):
+        report.main(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--experiment", "--tracking-uri", "--out", "--reference", "--margin", "--parent", "--metric"):
+        assert flag in text
