@@ -41,6 +41,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: the study's tracking.uri, sqlite:///mlflow.db)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PARENT_RUN_ID",
+                   help="continue an interrupted study (default: the experiment's latest parent run): finished "
+                        "trials are not run again, unfinished ones resume from their checkpoints, the same "
+                        "MLflow parent run is used")
     p.add_argument("--dry-run", action="store_true",
                    help="validate the study and every trial config it can produce, print the trials, and stop")
     return p.parse_args(argv)
@@ -95,6 +99,26 @@ def param_space(study):
     return space
 
 
+def tune_config(study, metric: str):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if study.tune.scheduler == "asha":
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_epochs(study),
+                                  grace_period=study.tune.asha.grace_period,
+                                  reduction_factor=study.tune.asha.reduction_factor)
+    else:
+        scheduler = FIFOScheduler()
+    search_alg = None
+    if study.tune.searcher == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(seed=study.seed)
+    return tune.TuneConfig(metric=metric, mode="max", scheduler=scheduler, search_alg=search_alg,
+                           num_samples=study.tune.num_samples, max_concurrent_trials=study.tune.max_concurrent_trials,
+                           reuse_actors=study.tune.reuse_actors)
+
+
 def max_epochs(study) -> int:
     dim = study.search.get("train.epochs")
     return int(max(dim.sample_points())) if dim else study.train.epochs
@@ -112,6 +136,7 @@ def connect_ray(address: str | None, num_cpus: int | None):
 
     try:
         if address:
+            check_address(address)
             ray.init(address=address, log_to_driver=True, configure_logging=False)
             log(f"ray: attached to the cluster at {address}")
         else:
@@ -121,6 +146,23 @@ def connect_ray(address: str | None, num_cpus: int | None):
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise ConfigError(f"cannot reach the Ray cluster at {address!r}: {str(exc).splitlines()[0]}") from None
     return ray
+
+
+def check_address(address: str) -> None:
+    """A TCP connect to host:port with a short timeout, so that a wrong address fails in seconds."""
+    import socket
+
+    if address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"Ray address {address!r} is not host:port (or ray://host:port, auto)")
+    try:
+        with socket.create_connection((host, int(port)), timeout=5):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"cannot reach the Ray cluster at {address!r}: {exc}") from None
 
 
 def check_resources(ray, study) -> None:
@@ -133,7 +175,19 @@ def check_resources(ray, study) -> None:
         raise ConfigError(f"tune.resources.cpu is {cpu:g} but the Ray cluster has {res.get('CPU', 0):g} CPUs")
 
 
-def make_callback(tracker, study, t_layers, family, total: int):
+class StudyContext:
+    """What the driver-side MLflow callback needs; kept out of the callback so that Tune can pickle the
+    callback into its experiment state and a resumed study gets a live context."""
+
+    tracker = None
+    study = None
+    teacher_layers = 0
+    family = None
+    total = 0
+    started: dict = {}
+
+
+def _trial_callback_class():
     from ray import tune
 
     from tunekd import plan
@@ -141,44 +195,49 @@ def make_callback(tracker, study, t_layers, family, total: int):
     class MlflowCallback(tune.Callback):
         """Driver-side MLflow logging: the child run of each trial, its metrics and its final status."""
 
-        def __init__(self):
-            self.started: dict[str, str] = {}
-
         def _label(self, trial):
-            cfg = trial.config
-            bits = [f"{k.split('.')[-1]}={v}" for k, v in cfg.items()]
+            bits = [f"{k.split('.')[-1]}={v}" for k, v in trial.config.items()]
             return f"{trial.trial_id} ({', '.join(bits)})"
 
         def on_trial_start(self, iteration, trials, trial, **info):
-            t_study = study.trial(trial.config)
-            p = plan.resolve(t_study, t_layers, family.match_embeddings_default)
-            tracker.start_trial(trial.trial_id, p.params(t_study))
-            self.started[trial.trial_id] = self._label(trial)
-            log(f"trial {len(self.started)}/{total} started: {self._label(trial)}")
+            ctx = StudyContext
+            t_study = ctx.study.trial(trial.config)
+            p = plan.resolve(t_study, ctx.teacher_layers, ctx.family.match_embeddings_default)
+            ctx.tracker.start_trial(trial.trial_id, p.params(t_study))
+            ctx.started[trial.trial_id] = True
+            log(f"trial {len(ctx.started)}/{ctx.total} started: {self._label(trial)}")
 
         on_trial_restore = on_trial_start
 
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            log(f"  {trial.trial_id} failed and will be retried from its last checkpoint")
+
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            metrics = {k: v for k, v in result.items() if k.startswith(("eval/", "train/"))}
+            metrics = {k: v for k, v in result.items() if k.startswith(("eval/", "train/", "perf/"))}
             step = int(result.get("epoch", result.get("training_iteration", 0)))
-            tracker.log_trial_metrics(trial.trial_id, metrics, step)
+            StudyContext.tracker.log_trial_metrics(trial.trial_id, metrics, step)
             shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("eval/") or k == "train/loss")
             log(f"  {trial.trial_id} epoch {step}: {shown}")
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            epochs = study.trial(trial.config).train.epochs
-            last = int(trial.last_result.get("epoch", 0))
-            status = "completed" if last >= epochs else "early_stopped"
-            tracker.end_trial(trial.trial_id, status)
+            status, last, epochs = finished_status(trial.config, trial.last_result)
+            StudyContext.tracker.end_trial(trial.trial_id, status)
             log(f"  {trial.trial_id} {status} after {last}/{epochs} epochs")
 
         def on_trial_error(self, iteration, trials, trial, **info):
             err = trial.get_error()
             text = str(err) if err is not None else "unknown error"
-            tracker.end_trial(trial.trial_id, "failed", error=text)
-            log(f"  {trial.trial_id} failed: {text.strip().splitlines()[-1] if text.strip() else text}")
+            StudyContext.tracker.end_trial(trial.trial_id, "failed", error=text)
+            lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+            log(f"  {trial.trial_id} failed: {lines[-1] if lines else text}")
 
-    return MlflowCallback()
+    return MlflowCallback
+
+
+def finished_status(config, last_result) -> tuple[str, int, int]:
+    epochs = StudyContext.study.trial(config).train.epochs
+    last = int((last_result or {}).get("epoch", 0))
+    return ("completed" if last >= epochs else "early_stopped"), last, epochs
 
 
 # --- the study ---------------------------------------------------------------------------------
@@ -278,7 +337,6 @@ def run(args) -> int:
 
 def _run_study(study, args, spec, base, config, family, raw, tokenizer, t_start) -> int:
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from tunekd.data import encode_splits
     from tunekd.study import grid_size
@@ -295,52 +353,61 @@ def _run_study(study, args, spec, base, config, family, raw, tokenizer, t_start)
     t_layers = family.num_layers(teacher_model.config)
     del teacher_model
 
-    tracker = StudyTracker(study.tracking.uri, study.experiment)
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_name = f"{study.name}-{stamp}"
-    parent = tracker.start_parent(run_name, {
-        "study_file": str(Path(args.study).resolve()), "overrides": args.overrides, "teacher.path": info.path,
-        "teacher.cached": info.cached, "task.train_rows": len(encoded["train"]),
-    }, Path(args.study).read_text())
-    tracker.log_parent_metrics({f"teacher/{k}": v for k, v in info.metrics.items()})
-    log(f"mlflow: experiment {study.experiment!r}, parent run {parent}")
-
     metric = f"eval/{spec.primary_metric}"
-    if study.tune.scheduler == "asha":
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_epochs(study),
-                                  grace_period=study.tune.asha.grace_period,
-                                  reduction_factor=study.tune.asha.reduction_factor)
-    else:
-        scheduler = FIFOScheduler()
-    search_alg = None
-    if study.tune.searcher == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
-
-        search_alg = OptunaSearch(seed=study.seed)
-    total = grid_size(study) * study.tune.num_samples
+    tracker = StudyTracker(study.tracking.uri, study.experiment)
     storage = Path(study.tune.storage_path).expanduser().resolve()
+    if args.resume:
+        parent, ray_path = tracker.resumable_parent(None if args.resume == "latest" else args.resume)
+        if not (Path(ray_path) / "tuner.pkl").is_file():
+            raise ConfigError(f"--resume: the study's Ray state {ray_path!r} is missing; cannot resume")
+        tracker.start_parent("", {}, "", resume_id=parent)
+        log(f"mlflow: resuming parent run {parent} ({len(tracker.trials)} trials recorded) from {ray_path}")
+    else:
+        run_name = f"{study.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        ray_path = str(storage / run_name)
+        parent = tracker.start_parent(run_name, {
+            "study_file": str(Path(args.study).resolve()), "overrides": args.overrides, "teacher.path": info.path,
+            "teacher.cached": info.cached, "task.train_rows": len(encoded["train"]),
+        }, Path(args.study).read_text(), tags={"tunekd.ray_path": ray_path})
+        tracker.log_parent_metrics({f"teacher/{k}": v for k, v in info.metrics.items()})
+        log(f"mlflow: experiment {study.experiment!r}, parent run {parent}")
+
+    StudyContext.tracker, StudyContext.study, StudyContext.family = tracker, study, family
+    StudyContext.teacher_layers = t_layers
+    StudyContext.total = grid_size(study) * study.tune.num_samples
+    StudyContext.started = {}
     trainable = tune.with_resources(tune.with_parameters(tune_trainable, shared=shared),
                                     {"cpu": study.tune.resources.cpu, "gpu": study.tune.resources.gpu})
-    tuner = tune.Tuner(
-        trainable,
-        param_space=param_space(study),
-        tune_config=tune.TuneConfig(metric=metric, mode="max", scheduler=scheduler, search_alg=search_alg,
-                                    num_samples=study.tune.num_samples,
-                                    max_concurrent_trials=study.tune.max_concurrent_trials,
-                                    reuse_actors=study.tune.reuse_actors),
-        run_config=tune.RunConfig(
-            name=run_name, storage_path=str(storage), verbose=0,
-            callbacks=[make_callback(tracker, study, t_layers, family, total)],
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=study.tune.checkpoint_keep),
-            failure_config=tune.FailureConfig(max_failures=study.tune.max_failures)),
-    )
-    tracker.client.set_tag(parent, "tunekd.ray_path", str(storage / run_name))
+    if args.resume:
+        tuner = tune.Tuner.restore(ray_path, trainable, resume_unfinished=True, resume_errored=False,
+                                   restart_errored=False)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space(study),
+            tune_config=tune_config(study, metric),
+            run_config=tune.RunConfig(
+                name=Path(ray_path).name, storage_path=str(storage), verbose=0,
+                callbacks=[_trial_callback_class()()],
+                checkpoint_config=tune.CheckpointConfig(
+                    num_to_keep=study.tune.checkpoint_keep, checkpoint_score_attribute=metric,
+                    checkpoint_score_order="max"),
+                failure_config=tune.FailureConfig(max_failures=study.tune.max_failures)),
+        )
     status = "FAILED"
     try:
-        tuner.fit()
+        results = tuner.fit()
         status = "FINISHED"
     finally:
         tracker.end_parent(status)
+    for result in results:  # trials that ended while no driver was listening (a killed driver)
+        trial_id = (result.metrics or {}).get("trial_id")
+        rec = tracker.trials.get(trial_id)
+        if rec is not None and rec.status == "running":
+            if result.error is not None:
+                tracker.end_trial(trial_id, "failed", error=str(result.error))
+            else:
+                tracker.end_trial(trial_id, finished_status(result.config, result.metrics)[0])
     counts = {s: sum(1 for r in tracker.trials.values() if r.status == s)
               for s in ("completed", "early_stopped", "failed")}
     print()
