@@ -363,6 +363,7 @@ def plot_versus(table: pd.DataFrame, x: str, metric: str, path: Path, teacher: f
                         marker="o", capsize=3, label=str(strategy))
         if teacher is not None:
             ax.axhline(teacher, color="grey", ls="--", lw=1, label="teacher")
+        ax.set_xticks(sorted(g[x].astype(float).unique()))
         ax.set_xlabel(x)
         ax.set_ylabel(metric)
         ax.set_title(title, fontsize=9)
