@@ -174,3 +174,31 @@ def _cluster_pids(temp_dir: Path) -> list[int]:
         found |= new
         grew = bool(new)
     return sorted(found)
+
+
+def test_trained_student_is_saved_as_an_mlflow_artifact(tmp_path, tiny_bert_dir):
+    import torch
+    import yaml
+    from mlflow.artifacts import download_artifacts
+    from transformers import AutoModelForSequenceClassification
+
+    study = tmp_path / "save.yaml"
+    study.write_text(yaml.safe_dump({
+        "name": "save", "task": {"name": "synthetic", "synthetic": {"train_size": 32, "eval_size": 16},
+                                 "max_length": 16},
+        "teacher": {"model": str(tiny_bert_dir)}, "student": {"layers": 2, "init": "copy"},
+        "train": {"epochs": 1, "batch_size": 16, "save_model": True}, "tune": {"resources": {"cpu": 1}},
+    }))
+    proc = run_cli([str(study), "--num-cpus", "1"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    client, _, children = child_runs(tmp_path / "mlflow.db", "save")
+    (run,) = children
+    local = download_artifacts(run_id=run.info.run_id, artifact_path="student",
+                               tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", dst_path=str(tmp_path / "dl"))
+    model = AutoModelForSequenceClassification.from_pretrained(local)
+    assert model.config.num_hidden_layers == 2 and model.config.tunekd_copied_layers == [1, 3]
+    assert (Path(local) / "tokenizer_config.json").is_file()
+    teacher = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir)
+    # trained: the copied layer moved away from the teacher's weights
+    assert not torch.equal(model.bert.encoder.layer[1].output.dense.weight,
+                           teacher.bert.encoder.layer[3].output.dense.weight)

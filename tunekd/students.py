@@ -80,3 +80,21 @@ def build_projections(layer_map, student_width: int, teacher_width: int, *, seed
         projections[str(s_idx)] = nn.Linear(student_width, teacher_width)
     torch.random.set_rng_state(gen_state)
     return projections
+
+
+def export_student(state: dict[str, torch.Tensor], teacher_config, family: Family, spec, cfg, out_dir,
+                   *, copied_layers=None, tokenizer_dir: str | None = None) -> None:
+    """Write a trained student (its state dict) as a `transformers` model folder, with the teacher's
+    tokenizer when given, so that `angles` and users can load it with `from_pretrained`."""
+    config = family.student_config(
+        teacher_config, cfg.layers, hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads, intermediate_size=cfg.intermediate_size)
+    model = family.from_config(config, spec)
+    model.load_state_dict(state)
+    model.config.tunekd_copied_layers = copied_layers
+    model.config.tunekd_init = cfg.init
+    model.save_pretrained(out_dir)
+    if tokenizer_dir:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)

@@ -100,6 +100,7 @@ class TrainConfig(_Section):
     warmup_ratio: float = Field(0.1, ge=0, le=1)
     max_grad_norm: float = Field(1.0, gt=0)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    save_model: bool = False  # log each trial's final student as an MLflow artifact `student/` (transformers format)
 
 
 class AshaConfig(_Section):
