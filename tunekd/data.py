@@ -1,7 +1,9 @@
 """Tokenized task data as plain arrays, and the batches the training loop draws from them.
 
 Data is tokenized once on the driver into `Encoded` (numpy arrays, padded to the split's longest
-row), which pickles cheaply into Ray's object store; a batch is trimmed to its own longest row.
+row), which pickles cheaply into Ray's object store; a batch is trimmed to its own longest row and
+carries the row numbers it holds (`index`), which is how cached teacher outputs are looked up.
+With `bucket=True` rows of similar length share a batch, so little of a batch is padding.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+# rows sorted together by length when bucketing: this many batches' worth of a shuffled epoch
+BUCKET_POOL = 64
 
 
 @dataclass
@@ -25,6 +30,8 @@ class Encoded:
         return int(self.lengths.shape[0])
 
     def batch(self, index: np.ndarray) -> dict[str, torch.Tensor]:
+        """Rows `index`, trimmed to their longest row, plus `index` itself (int64, the row numbers)."""
+        index = np.asarray(index, dtype=np.int64)
         width = int(self.lengths[index].max())
         out = {}
         for key, arr in self.arrays.items():
@@ -32,6 +39,7 @@ class Encoded:
             if rows.ndim == 2:
                 rows = rows[:, :width]
             out[key] = torch.from_numpy(np.ascontiguousarray(rows)).long()
+        out["index"] = torch.from_numpy(index.copy())
         return out
 
     def digest(self) -> str:
@@ -57,11 +65,63 @@ def encode_splits(dsd, tokenizer, text_fields, max_length: int) -> dict[str, Enc
     return {name: encode(ds, tokenizer, text_fields, max_length) for name, ds in dsd.items()}
 
 
-def batches(data: Encoded, batch_size: int, *, shuffle: bool, seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-    order = np.random.default_rng(seed).permutation(len(data)) if shuffle else np.arange(len(data))
-    for start in range(0, len(order), batch_size):
-        yield data.batch(order[start:start + batch_size])
+def batch_indices(lengths: np.ndarray, batch_size: int, *, shuffle: bool, seed: int = 0,
+                  bucket: bool = False, pool: int = BUCKET_POOL) -> list[np.ndarray]:
+    """The row numbers of each batch of one pass over the data; every row exactly once.
+
+    - no shuffle, no bucket: rows in order;  no shuffle, bucket: rows sorted by length (evaluation);
+    - shuffle, no bucket: a seeded permutation cut into batches;
+    - shuffle, bucket: a seeded permutation cut into pools of `pool` batches, each pool sorted by
+      length and cut into batches, then the order of all batches shuffled (same seed, same batches).
+    """
+    n = int(len(lengths))
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    lengths = np.asarray(lengths)
+    if not shuffle:
+        order = np.argsort(lengths, kind="stable") if bucket else np.arange(n)
+        return [order[s:s + batch_size] for s in range(0, n, batch_size)]
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    if not bucket:
+        return [order[s:s + batch_size] for s in range(0, n, batch_size)]
+    out: list[np.ndarray] = []
+    span = batch_size * max(1, pool)
+    for p in range(0, n, span):
+        chunk = order[p:p + span]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        out.extend(chunk[s:s + batch_size] for s in range(0, len(chunk), batch_size))
+    return [out[i] for i in rng.permutation(len(out))]
+
+
+def batches(data: Encoded, batch_size: int, *, shuffle: bool, seed: int = 0,
+            bucket: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    for index in batch_indices(data.lengths, batch_size, shuffle=shuffle, seed=seed, bucket=bucket):
+        yield data.batch(index)
 
 
 def num_batches(data: Encoded, batch_size: int) -> int:
     return -(-len(data) // batch_size)
+
+
+def padding_fraction(lengths: np.ndarray, index_batches: list[np.ndarray]) -> float:
+    """Share of the token slots of these batches (each trimmed to its longest row) that are padding."""
+    lengths = np.asarray(lengths)
+    slots = sum(len(b) * int(lengths[b].max()) for b in index_batches if len(b))
+    real = sum(int(lengths[b].sum()) for b in index_batches)
+    return 0.0 if slots == 0 else 1.0 - real / slots
+
+
+def padding_report(data: Encoded, batch_size: int, *, seed: int = 0) -> dict[str, float]:
+    """Padding fraction of one training epoch: every row padded to the split's width (`full_width`),
+    shuffled batches trimmed to their longest row (`random`, without bucketing) and length buckets
+    (`bucketed`)."""
+    lengths = data.lengths
+    width = max(int(v.shape[1]) for v in data.arrays.values() if v.ndim == 2)
+    full = 1.0 - float(lengths.sum()) / max(1, len(lengths) * width)
+    return {
+        "full_width": full,
+        "random": padding_fraction(lengths, batch_indices(lengths, batch_size, shuffle=True, seed=seed)),
+        "bucketed": padding_fraction(lengths, batch_indices(lengths, batch_size, shuffle=True, seed=seed,
+                                                            bucket=True)),
+    }
