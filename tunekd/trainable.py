@@ -1,8 +1,11 @@
 """The Ray Tune function trainable: one trial = one config, a thin wrapper around `distill.fit`.
 
-What every trial shares (tokenized data, the teacher's weights) arrives as one `Shared` object
-through `tune.with_parameters`, i.e. Ray's object store: it works on every node of a cluster
-and no trial re-tokenizes or re-fine-tunes. `run_trial` also runs without Ray (`report=None`).
+What every trial shares (tokenized data, the teacher's weights, where the teacher-output cache is)
+arrives as one `Shared` object through `tune.with_parameters`, i.e. Ray's object store: it works on
+every node of a cluster and no trial re-tokenizes or re-fine-tunes. A trial whose teacher outputs
+are all in the cache never builds the teacher; what a worker builds (the teacher's config, the
+teacher model, the opened cache) is kept for the next trial on that worker (`reuse_actors`).
+`run_trial` also runs without Ray (`report=None`).
 """
 
 from __future__ import annotations
@@ -10,7 +13,10 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+import time
+import uuid
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +24,20 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from tunekd import cache as tcache
 from tunekd import distill, plan
 from tunekd.data import Encoded
 from tunekd.models import FAMILIES
 from tunekd.students import build_projections, build_student
 from tunekd.study import Study
 from tunekd.tasks import get_task
+
+
+# a worker's builds for the study it is serving (keyed by `Shared.token`): config, teacher, tensors
+_WORKER: dict[str, dict[str, Any]] = {}
+
+# cache arrays up to this size travel through the object store when the driver asks for it
+SHIP_LIMIT_BYTES = 256 * 1024**2
 
 
 @dataclass
@@ -35,29 +49,83 @@ class Shared:
     teacher_config: dict[str, Any]
     teacher_state: dict[str, np.ndarray]
     encoded: dict[str, Encoded]
+    cache: tcache.CacheInfo | None = None  # the driver's teacher-cache decision (folder, mode, reason)
+    cache_arrays: tcache.TeacherCache | None = None  # the cache in memory, for nodes without its folder
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def _memo(self) -> dict[str, Any]:
+        if self.token not in _WORKER:
+            _WORKER.clear()  # one study at a time per worker
+            _WORKER[self.token] = {}
+        return _WORKER[self.token]
+
+    def config(self):
+        memo = self._memo()
+        if "config" not in memo:
+            from transformers import AutoConfig
+
+            cfg = dict(self.teacher_config)
+            memo["config"] = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        return memo["config"]
 
     def teacher(self, spec):
-        from transformers import AutoConfig
+        """The teacher model (eval mode, frozen), built once per worker. Its random init is skipped:
+        every parameter and persistent buffer is then loaded (strictly) from the shared state."""
+        memo = self._memo()
+        if "teacher" not in memo:
+            from transformers.initialization import no_init_weights
 
-        family = FAMILIES[self.family]
-        cfg = dict(self.teacher_config)
-        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-        model = family.from_config(config, spec)
-        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in self.teacher_state.items()})
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        return model
+            family = FAMILIES[self.family]
+            with no_init_weights():
+                model = family.from_config(self.config(), spec)
+            model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in self.teacher_state.items()})
+            model.eval()
+            for p in model.parameters():
+                p.requires_grad_(False)
+            memo["teacher"] = model
+        return memo["teacher"]
+
+    def weights(self) -> "TeacherWeights":
+        """The teacher's config and weights without building the model (enough to build a student)."""
+        return TeacherWeights(self.config(), self.teacher_state)
+
+    def open_cache(self) -> tcache.TeacherCache | None:
+        """The teacher-output cache: its folder when this machine has it, else the shipped arrays, else None
+        (the trial then runs the teacher online)."""
+        info = self.cache
+        if info is None or info.mode == "off":
+            return None
+        found = tcache.open_cached(info.folder) if info.folder else None
+        return found if found is not None else self.cache_arrays
+
+
+class TeacherWeights:
+    """Stands in for the teacher model where only `.config` and `.state_dict()` are read (students.py)."""
+
+    def __init__(self, config, state: dict[str, np.ndarray]):
+        self.config = config
+        self._state = state
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        with warnings.catch_warnings():  # read-only arrays from the object store: only read here
+            warnings.simplefilter("ignore", UserWarning)
+            return {k: torch.from_numpy(v) for k, v in self._state.items()}
 
 
 def _state_arrays(model) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
 
 
-def make_shared(study: Study, family_name: str, teacher_model, encoded: dict[str, Encoded]) -> Shared:
+def make_shared(study: Study, family_name: str, teacher_model, encoded: dict[str, Encoded],
+                cache: tcache.CacheInfo | None = None, *, ship_cache: bool = False) -> Shared:
+    """`ship_cache`: also put the cache's arrays in the object store (when under SHIP_LIMIT_BYTES), for a
+    cluster whose nodes do not share the storage path."""
+    arrays = None
+    if ship_cache and cache is not None and cache.mode != "off" and cache.nbytes <= SHIP_LIMIT_BYTES:
+        arrays = tcache.load_arrays(cache.folder)
     return Shared(study_json=study.model_dump_json(), family=family_name,
                   teacher_config=teacher_model.config.to_dict(), teacher_state=_state_arrays(teacher_model),
-                  encoded=encoded)
+                  encoded=encoded, cache=cache, cache_arrays=arrays)
 
 
 # --- checkpoints (safetensors + a weights-only torch file; nothing arbitrary is unpickled) -------
@@ -100,6 +168,7 @@ def load_checkpoint(folder: str | Path, distiller: distill.Distiller, state: dis
 
 def run_trial(overrides: dict[str, Any], shared: Shared, *, report=None, restore_dir: str | None = None) -> list[dict]:
     """Train one trial. `report(metrics, checkpoint_dir)` is called after every epoch."""
+    started = time.perf_counter()
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
@@ -108,20 +177,29 @@ def run_trial(overrides: dict[str, Any], shared: Shared, *, report=None, restore
     family = FAMILIES[shared.family]
     threads = os.environ.get("TUNEKD_THREADS")
     torch.set_num_threads(int(threads) if threads else max(1, int(study.tune.resources.cpu)))
-    teacher = shared.teacher(spec)
-    the_plan = plan.resolve(study, family.num_layers(teacher.config), family.match_embeddings_default)
-    student = build_student(teacher, family, spec, study.student, seed=study.seed)
-    projections = build_projections(the_plan.layer_map, family.hidden_size(student.model.config),
-                                    family.hidden_size(teacher.config), seed=study.seed)
-    distiller = distill.Distiller(family=family, student=student.model, teacher=teacher,
-                                  layer_map=the_plan.layer_map, distill=study.distill, projections=projections)
+    config = shared.config()
+    the_plan = plan.resolve(study, family.num_layers(config), family.match_embeddings_default)
     train = shared.encoded["train"]
+    cache = shared.open_cache()
+    if cache is not None and cache.rows != len(train):
+        cache = None  # not this data: run the teacher online
+    # the teacher model is built only when the cache lacks something this trial uses
+    teacher = shared.teacher(spec) if distill.teacher_needed(study.distill, the_plan.layer_map, cache) else None
+    student = build_student(teacher if teacher is not None else shared.weights(), family, spec, study.student,
+                            seed=study.seed)
+    projections = build_projections(the_plan.layer_map, family.hidden_size(student.model.config),
+                                    family.hidden_size(config), seed=study.seed)
+    distiller = distill.Distiller(family=family, student=student.model, teacher=teacher,
+                                  layer_map=the_plan.layer_map, distill=study.distill, projections=projections,
+                                  cache=cache)
     evals = {k: v for k, v in shared.encoded.items() if k != "train"}
     state = distill.make_state(distiller, study.train, -(-len(train) // study.train.batch_size), study.train.epochs)
     if restore_dir:
         load_checkpoint(restore_dir, distiller, state)
 
     def on_epoch(epoch, metrics, st):
+        metrics["perf/cache_hit"] = float(cache is not None)
+        metrics["perf/teacher_built"] = float(teacher is not None)
         if report is None:
             return
         with tempfile.TemporaryDirectory(prefix="tunekd-ckpt-") as folder:
@@ -129,7 +207,7 @@ def run_trial(overrides: dict[str, Any], shared: Shared, *, report=None, restore
             report(metrics, folder)
 
     return distill.fit(distiller, spec, train, evals, study.train, epochs=study.train.epochs, seed=study.seed,
-                       state=state, on_epoch=on_epoch)
+                       state=state, on_epoch=on_epoch, started=started)
 
 
 def tune_trainable(config: dict[str, Any], shared: Shared) -> None:

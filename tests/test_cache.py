@@ -1,0 +1,217 @@
+"""Teacher-output cache: equal to the online teacher to the stored precision, keyed and reused,
+written atomically, sized by a budget; the truncated teacher; the layer set from the trials' maps."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tunekd import cache as tc
+from tunekd.distill import truncated
+from tunekd.models import family_for
+from tunekd.study import Study
+from tunekd.tasks import get_task, load_task
+
+SPEC = get_task("synthetic")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One thread: tiny models gain nothing from more, and a busy shared machine makes them crawl."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+LAYERS = (0, 2, 4)
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_bert_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2).eval()
+    # larger states than the random init's, so fp16 rounding is visible at the tolerance we check
+    with torch.no_grad():
+        model.bert.embeddings.LayerNorm.weight.mul_(3.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def family(teacher):
+    return family_for(teacher.config)
+
+
+@pytest.fixture(scope="module")
+def encoded(tiny_bert_dir):
+    from transformers import AutoTokenizer
+
+    from tunekd.data import encode_splits
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    raw = load_task("synthetic", None, synthetic={"train_size": 64, "eval_size": 32})
+    return encode_splits(raw, tok, SPEC.text_fields, 32)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, family, teacher, encoded):
+    root = tmp_path_factory.mktemp("tcache")
+    info = tc.prepare(family, teacher, encoded["train"], root, layers=LAYERS, max_length=32, batch_size=16)
+    return root, info
+
+
+def _online(family, teacher, batch):
+    with torch.no_grad():
+        return family.forward(teacher, {k: v for k, v in batch.items() if k != "index"}, hidden=True)
+
+
+def test_cached_outputs_equal_online_outputs_to_fp16_precision(built, family, teacher, encoded):
+    root, info = built
+    assert info.mode == "full" and info.layers == LAYERS and not info.reused and info.teacher_rows == 64
+    cache = tc.TeacherCache.open(info.folder)
+    assert cache.manifest["dtype"] == "fp16" and cache.rows == 64
+    for rows in ([5, 3, 60, 1, 17], list(range(64))):
+        batch = encoded["train"].batch(np.array(rows))
+        out = _online(family, teacher, batch)
+        valid = batch["attention_mask"].bool()
+        assert (~valid).any()  # the batch has padding
+        got = cache.hidden("encoder", batch["index"], batch["attention_mask"], LAYERS)
+        for k in LAYERS:
+            want = out.hidden["encoder"][k]
+            assert got[k].shape == want.shape and got[k].dtype == torch.float32
+            torch.testing.assert_close(got[k][valid], want[valid], rtol=2**-10, atol=2**-14)
+            assert torch.equal(got[k][~valid], torch.zeros_like(got[k][~valid]))  # padding: zeros
+            # rounding to fp16 is all there is to it
+            torch.testing.assert_close(got[k][valid], want[valid].half().float(), rtol=2**-10, atol=1e-5)
+        torch.testing.assert_close(cache.logits(batch["index"]), out.logits, rtol=1e-5, atol=1e-6)
+    # it stores valid tokens only
+    tokens = int(encoded["train"].lengths.sum())
+    assert cache.manifest["stacks"] == {"encoder": tokens}
+    assert (root / info.key / "encoder.h2.bin").stat().st_size == tokens * 32 * 2
+
+
+def test_same_key_is_reused_and_nothing_half_written_remains(built, family, teacher, encoded):
+    root, info = built
+    again = tc.prepare(family, teacher, encoded["train"], root, layers=list(reversed(LAYERS)), max_length=32)
+    assert again.reused and again.key == info.key and again.teacher_rows == 0 and "reused" in again.reason
+    other = tc.prepare(family, teacher, encoded["train"], root, layers=(0, 4), max_length=32)
+    assert other.key != info.key and not other.reused
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no temporary folders left
+    # a folder without a (matching) manifest is not a cache: it is rebuilt
+    (root / other.key / "manifest.json").unlink()
+    rebuilt = tc.prepare(family, teacher, encoded["train"], root, layers=(0, 4), max_length=32)
+    assert rebuilt.key == other.key and not rebuilt.reused
+
+
+def test_key_depends_on_teacher_data_length_layers_dtype():
+    base = tc.cache_key("t", "d", 32, [0, 2], "fp16")
+    assert base == tc.cache_key("t", "d", 32, [2, 0], "fp16")
+    for k in (tc.cache_key("T", "d", 32, [0, 2], "fp16"), tc.cache_key("t", "D", 32, [0, 2], "fp16"),
+              tc.cache_key("t", "d", 64, [0, 2], "fp16"), tc.cache_key("t", "d", 32, [0], "fp16"),
+              tc.cache_key("t", "d", 32, [0, 2], "bf16")):
+        assert k != base
+
+
+def test_weights_digest_sees_values():
+    state = {"a": np.zeros(3, np.float32), "b": np.ones(2, np.float32)}
+    d = tc.weights_digest(state)
+    assert d == tc.weights_digest({k: torch.from_numpy(v) for k, v in state.items()})
+    state["b"] = state["b"] * 2
+    assert tc.weights_digest(state) != d
+
+
+def test_budget_chooses_full_logits_or_off():
+    est = {"logits": 1000, "full": 10 * tc.GB}
+    assert tc.choose_mode(est, 0, layers=[2], needs_logits=True)[0] == "off"
+    mode, reason = tc.choose_mode(est, 20, layers=[2], needs_logits=True)
+    assert mode == "full" and "[2]" in reason
+    mode, reason = tc.choose_mode(est, 2, layers=[2], needs_logits=True)
+    assert mode == "logits" and "10 GB" in reason and "highest mapped layer" in reason
+    assert tc.choose_mode({"logits": 3 * tc.GB, "full": 10 * tc.GB}, 2, layers=[2], needs_logits=True)[0] == "off"
+    assert tc.choose_mode(est, 2, layers=[], needs_logits=False)[0] == "off"
+    mode, reason = tc.choose_mode(est, 20, layers=[2], needs_logits=True, free_bytes=5 * tc.GB)
+    assert mode == "logits" and "free disk" in reason
+
+
+def test_small_budget_caches_logits_only(tmp_path, family, teacher, encoded):
+    info = tc.prepare(family, teacher, encoded["train"], tmp_path, layers=LAYERS, max_length=32, budget_gb=1e-5)
+    assert info.mode == "logits" and info.layers == ()
+    cache = tc.TeacherCache.open(info.folder)
+    assert not cache.covers([2]) and cache.covers([])
+    off = tc.prepare(family, teacher, encoded["train"], tmp_path / "off", layers=LAYERS, max_length=32, budget_gb=0)
+    assert off.mode == "off" and off.folder is None and not (tmp_path / "off").exists()
+
+
+def test_bf16_storage(tmp_path, family, teacher, encoded):
+    info = tc.prepare(family, teacher, encoded["train"], tmp_path, layers=(3,), max_length=32, dtype="bf16")
+    cache = tc.TeacherCache.open(info.folder)
+    assert cache.arrays["encoder.h3"].dtype == np.uint16
+    batch = encoded["train"].batch(np.arange(0, 64, 3))
+    want = _online(family, teacher, batch).hidden["encoder"][3]
+    valid = batch["attention_mask"].bool()
+    got = cache.hidden("encoder", batch["index"], batch["attention_mask"], [3])[3]
+    torch.testing.assert_close(got[valid], want[valid].bfloat16().float(), rtol=2**-7, atol=1e-5)
+
+
+def test_fp16_overflow_is_detected():
+    with pytest.raises(tc._Overflow):
+        tc._to_stored(torch.tensor([[1e5, 0.0]]), "fp16")
+    bits = tc._to_stored(torch.tensor([[1e5, -2.5]]), "bf16")
+    back = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).float()
+    torch.testing.assert_close(back, torch.tensor([[1e5, -2.5]]), rtol=2**-7, atol=0)
+
+
+def test_arrays_in_memory_read_the_same(built, encoded):
+    _, info = built
+    on_disk = tc.TeacherCache.open(info.folder)
+    in_memory = tc.load_arrays(info.folder)
+    assert not any(isinstance(v, np.memmap) for v in in_memory.arrays.values())
+    batch = encoded["train"].batch(np.array([9, 2, 33]))
+    a = on_disk.hidden("encoder", batch["index"], batch["attention_mask"], [2])[2]
+    b = in_memory.hidden("encoder", batch["index"], batch["attention_mask"], [2])[2]
+    assert torch.equal(a, b)
+    assert tc.open_cached(info.folder) is tc.open_cached(info.folder)
+    assert tc.open_cached(str(info.folder) + "-missing") is None
+
+
+def test_mismatched_batch_is_refused(built, encoded):
+    _, info = built
+    cache = tc.TeacherCache.open(info.folder)
+    batch = encoded["train"].batch(np.array([0, 1]))
+    mask = batch["attention_mask"].clone()
+    mask[0, 0] = 0
+    with pytest.raises(ValueError, match="valid encoder tokens"):
+        cache.hidden("encoder", batch["index"], mask, [0])
+
+
+def test_truncated_teacher_shares_weights_and_matches_lower_layers(family, teacher, encoded):
+    short = truncated(family, teacher, 2)
+    assert len(family.stacks(short)["encoder"]) == 2 and len(family.stacks(teacher)["encoder"]) == 4
+    assert short.bert.embeddings is teacher.bert.embeddings
+    assert short.bert.encoder.layer[1] is teacher.bert.encoder.layer[1]
+    batch = encoded["train"].batch(np.arange(8))
+    full = _online(family, teacher, batch).hidden["encoder"]
+    part = _online(family, short, batch).hidden["encoder"]
+    assert len(part) == 3
+    for k in range(3):
+        assert torch.equal(part[k], full[k])
+    assert len(_online(family, teacher, batch).hidden["encoder"]) == 5  # the original still has 4 layers
+
+
+def test_needed_layers_is_the_union_over_the_trials():
+    study = Study.model_validate({"name": "x", "task": {"name": "synthetic"}, "teacher": {"model": "minilm"},
+                                  "student": {"layers": 3}})
+    points = [{"distill.strategy": s} for s in ("none", "forward", "reverse", "all_to_one", "random")]
+    assert tc.needed_layers(study, 6, True, points) == {0, 2, 3, 4, 6}
+    assert tc.needed_layers(study, 6, True, [{"distill.strategy": "all_to_one"}]) == {3}
+    assert tc.needed_layers(study, 6, True, [{"distill.strategy": "forward", "distill.lambda_hid": 0}]) == set()
+    assert tc.layers_from_maps([[(0, 0), (1, 2)], [(1, 5)]]) == {0, 2, 5}
+
+
+def test_cache_info_params_are_flat():
+    info = tc.CacheInfo(mode="full", reason="r", folder="/x", key="k", layers=(0, 2))
+    params = info.params()
+    assert params["teacher.cache_mode"] == "full" and params["teacher.cache_layers"] == [0, 2]
+    json.dumps(params)
