@@ -182,6 +182,8 @@ class StudyContext:
     tracker = None
     study = None
     teacher_layers = 0
+    teacher_config = None
+    teacher_path = None
     family = None
     total = 0
     started: dict = {}
@@ -221,17 +223,50 @@ def _trial_callback_class():
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             status, last, epochs = finished_status(trial.config, trial.last_result)
+            if StudyContext.study.trial(trial.config).train.save_model and trial.checkpoint is not None:
+                save_trained_student(trial)
             StudyContext.tracker.end_trial(trial.trial_id, status)
             log(f"  {trial.trial_id} {status} after {last}/{epochs} epochs")
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            err = trial.get_error()
-            text = str(err) if err is not None else "unknown error"
+            text = trial_error_text(trial)
             StudyContext.tracker.end_trial(trial.trial_id, "failed", error=text)
             lines = [ln for ln in text.strip().splitlines() if ln.strip()]
             log(f"  {trial.trial_id} failed: {lines[-1] if lines else text}")
 
     return MlflowCallback
+
+
+def save_trained_student(trial) -> None:
+    """The trial's last checkpoint → a `transformers` folder → MLflow artifact `student/` of its child run."""
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    from tunekd import plan
+    from tunekd.students import export_student
+    from tunekd.tasks import get_task
+
+    ctx = StudyContext
+    t_study = ctx.study.trial(trial.config)
+    p = plan.resolve(t_study, ctx.teacher_layers, ctx.family.match_embeddings_default)
+    with trial.checkpoint.as_directory() as folder:
+        tensors = load_file(str(Path(folder) / "model.safetensors"))
+    state = {k[len("student."):]: v for k, v in tensors.items() if k.startswith("student.")}
+    with tempfile.TemporaryDirectory(prefix="tunekd-student-") as out:
+        export_student(state, ctx.teacher_config, ctx.family, get_task(t_study.task.name), t_study.student, out,
+                       copied_layers=p.copied_layers, tokenizer_dir=ctx.teacher_path)
+        rec = ctx.tracker.trials[trial.trial_id]
+        ctx.tracker.client.log_artifacts(rec.run_id, out, "student")
+
+
+def trial_error_text(trial) -> str:
+    """The trial's error trace: the local error file Tune has just written, else its copy in storage."""
+    path = trial.error_file
+    if path and os.path.isfile(path):
+        return Path(path).read_text()
+    err = trial.get_error()
+    return str(err) if err is not None else "unknown error"
 
 
 def finished_status(config, last_result) -> tuple[str, int, int]:
@@ -351,6 +386,7 @@ def _run_study(study, args, spec, base, config, family, raw, tokenizer, t_start)
     teacher_model = family.load(info.path, spec, trust_remote_code=study.teacher.trust_remote_code)
     shared = make_shared(study, family.name, teacher_model, encoded)
     t_layers = family.num_layers(teacher_model.config)
+    teacher_config = teacher_model.config
     del teacher_model
 
     metric = f"eval/{spec.primary_metric}"
@@ -374,6 +410,7 @@ def _run_study(study, args, spec, base, config, family, raw, tokenizer, t_start)
 
     StudyContext.tracker, StudyContext.study, StudyContext.family = tracker, study, family
     StudyContext.teacher_layers = t_layers
+    StudyContext.teacher_config, StudyContext.teacher_path = teacher_config, info.path
     StudyContext.total = grid_size(study) * study.tune.num_samples
     StudyContext.started = {}
     trainable = tune.with_resources(tune.with_parameters(tune_trainable, shared=shared),
@@ -429,4 +466,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as the importable module `tunekd.run`, not as `__main__`: Tune pickles the MLflow callback into
+    # its experiment state, and the callback must find the live StudyContext by reference on --resume.
+    from tunekd.run import main as _main
+
+    sys.exit(_main())

@@ -45,6 +45,10 @@ def check_uri(uri: str) -> None:
                           "(mlflow 3 refuses the file store)")
 
 
+def _params_key(params: dict[str, Any]) -> tuple:
+    return tuple(sorted((k, _param_value(v)[:6000]) for k, v in params.items()))
+
+
 @dataclass
 class TrialRecord:
     run_id: str
@@ -52,6 +56,7 @@ class TrialRecord:
     last_step: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     status: str = "running"
+    active: bool = True  # started in this driver session (False: loaded from MLflow on --resume)
 
 
 class StudyTracker:
@@ -118,14 +123,16 @@ class StudyTracker:
             steps = [m.step for key in run.data.metrics for m in self.client.get_metric_history(run.info.run_id, key)]
             self.trials[trial_id] = TrialRecord(
                 run_id=run.info.run_id, params=dict(run.data.params), last_step=max(steps, default=0),
-                metrics=dict(run.data.metrics), status=run.data.tags.get(STATUS_TAG, "running"))
+                metrics=dict(run.data.metrics), status=run.data.tags.get(STATUS_TAG, "running"), active=False)
 
     # children -----------------------------------------------------------------------------------
     def start_trial(self, trial_id: str, params: dict[str, Any]) -> TrialRecord:
         if trial_id in self.trials:  # a retried or resumed trial keeps its run
             rec = self.trials[trial_id]
+            rec.active = True
             self.client.update_run(rec.run_id, status="RUNNING")
             return rec
+        self._supersede_orphans(trial_id, params)
         run = self.client.create_run(
             self.experiment_id, run_name=trial_id,
             tags={PARENT_TAG: self.parent_id, TRIAL_TAG: trial_id, STATUS_TAG: "running"})
@@ -133,6 +140,19 @@ class StudyTracker:
         rec = TrialRecord(run_id=run.info.run_id, params=params)
         self.trials[trial_id] = rec
         return rec
+
+    def _supersede_orphans(self, trial_id: str, params: dict[str, Any]) -> None:
+        """A driver killed before Tune saved its state loses trials it had started; on --resume Tune starts
+        them again under new ids, from scratch. Their old runs are kept, tagged `superseded` and pointing to
+        the new trial, so that nothing is lost and no run holds two attempts' metrics."""
+        key = _params_key(params)
+        for old_id, rec in self.trials.items():
+            if not rec.active and rec.status == "running" and _params_key(rec.params) == key:
+                rec.status = "superseded"
+                self.client.set_tag(rec.run_id, STATUS_TAG, "superseded")
+                self.client.set_tag(rec.run_id, "tunekd.superseded_by", trial_id)
+                self.client.set_terminated(rec.run_id, status="KILLED")
+                return
 
     def log_trial_metrics(self, trial_id: str, metrics: dict[str, float], step: int) -> None:
         rec = self.trials[trial_id]
