@@ -202,3 +202,28 @@ def test_trained_student_is_saved_as_an_mlflow_artifact(tmp_path, tiny_bert_dir)
     # trained: the copied layer moved away from the teacher's weights
     assert not torch.equal(model.bert.encoder.layer[1].output.dense.weight,
                            teacher.bert.encoder.layer[3].output.dense.weight)
+
+
+def test_optuna_searcher_with_sampled_dimensions(tmp_path, tiny_bert_dir):
+    import yaml
+
+    study = tmp_path / "optuna.yaml"
+    study.write_text(yaml.safe_dump({
+        "name": "opt", "task": {"name": "synthetic", "synthetic": {"train_size": 32, "eval_size": 16},
+                                "max_length": 16},
+        "teacher": {"model": str(tiny_bert_dir)}, "student": {"layers": 2, "init": "random"},
+        "train": {"epochs": 1, "batch_size": 16},
+        "search": {"train.lr": {"loguniform": [1e-4, 1e-3]}, "distill.strategy": {"choice": ["forward", "reverse"]},
+                   "student.layers": {"randint": [1, 2]}},
+        "tune": {"searcher": "optuna", "num_samples": 3, "scheduler": "fifo", "resources": {"cpu": 1}},
+    }))
+    proc = run_cli([str(study), "--num-cpus", "1"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _, _, children = child_runs(tmp_path / "mlflow.db", "opt")
+    assert len(children) == 3
+    for run in children:
+        p = run.data.params
+        assert 1e-4 <= float(p["train.lr"]) <= 1e-3
+        assert p["distill.strategy"] in ("forward", "reverse")
+        assert p["student.layers"] in ("1", "2")
+        assert run.data.tags["tunekd.status"] == "completed"
