@@ -237,3 +237,41 @@ def test_trial_with_full_cache_never_builds_the_teacher(family, teacher, encoded
     assert results["cached"]["train/loss"] == pytest.approx(results["online"]["train/loss"], rel=2e-3)
     assert results["warm"]["train/loss"] == results["cached"]["train/loss"]
     assert 0 < results["warm"]["perf/startup_s"] < 5.0
+
+
+def test_single_init_initialises_every_weight_once(family, teacher):
+    """Constructor-level torch init is skipped; transformers' init still sets every parameter and buffer."""
+    from tunekd.trainable import single_init
+
+    cfg = StudentConfig(layers=2, init="random")
+    default = build_student(teacher, family, SPEC, cfg, seed=0).model
+    with single_init():
+        quick = build_student(teacher, family, SPEC, cfg, seed=0).model
+    assert torch.nn.init.normal_ is not None and torch.nn.Linear(2, 2).weight.abs().sum() > 0  # restored
+    ref = {n: q.detach() for n, q in default.named_parameters()}
+    std = teacher.config.initializer_range
+    for name, p in ((n, q.detach()) for n, q in quick.named_parameters()):
+        assert torch.isfinite(p).all(), name
+        if name.endswith("LayerNorm.weight"):
+            assert torch.equal(p, ref[name]), name
+        elif name.endswith("bias"):
+            assert torch.equal(p, torch.zeros_like(p)), name
+        elif p.numel() > 100:
+            assert abs(float(p.std()) - std) < 0.25 * std, name
+    for (name, b), (_, b_ref) in zip(quick.named_buffers(), default.named_buffers()):
+        assert torch.equal(b, b_ref), name
+
+
+def test_shared_teacher_is_the_teacher(family, teacher, encoded):
+    from tunekd.study import Study
+    from tunekd.trainable import make_shared
+
+    study = Study.model_validate({"name": "t", "task": {"name": "synthetic"}, "teacher": {"model": "minilm"}})
+    shared = make_shared(study, family.name, teacher, encoded)
+    rebuilt = shared.teacher(SPEC)
+    assert rebuilt is shared.teacher(SPEC)  # once per worker
+    batch = {k: v for k, v in encoded["train"].batch(np.arange(16)).items() if k != "index"}
+    with torch.no_grad():
+        a, b = family.forward(teacher, batch), family.forward(rebuilt, batch)
+    assert torch.equal(a.logits, b.logits)
+    assert all(torch.equal(x, y) for x, y in zip(a.hidden["encoder"], b.hidden["encoder"]))

@@ -282,14 +282,14 @@ def prepare(family, teacher, data: Encoded, root: str | Path, *, layers: Iterabl
 
 
 def for_study(study, family, teacher, encoded: dict[str, Encoded], points: Iterable[dict], *,
-              log: Callable[[str], None] | None = None) -> CacheInfo:
+              budget_gb: float | None = None, log: Callable[[str], None] | None = None) -> CacheInfo:
     """The driver's step: decide and build (or reuse) the cache of the training split for every trial at
     `points` (the driver's `trial_points(study)`), under `<tune.storage_path>/teacher_cache/`.
-    Reads `teacher.cache_budget_gb` (default 2.0; 0 = off). Returns the decision; its `reason` is the
-    line to print and log."""
+    The budget is `budget_gb`, else the study's `teacher.cache_budget_gb` (default 2.0; 0 = off).
+    Returns the decision; its `reason` is the line to print and log."""
     from tunekd.distill import device_for
 
-    budget = float(getattr(study.teacher, "cache_budget_gb", 2.0))
+    budget = float(getattr(study.teacher, "cache_budget_gb", 2.0) if budget_gb is None else budget_gb)
     points = list(points) or [{}]
     t_layers = family.num_layers(teacher.config)
     layers = needed_layers(study, t_layers, family.match_embeddings_default, points)

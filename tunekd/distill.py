@@ -235,6 +235,31 @@ def make_state(distiller: Distiller, train_cfg, steps_per_epoch: int, epochs: in
     return TrainState(optimizer=optimizer, scheduler=scheduler)
 
 
+def train_step(distiller: Distiller, state: TrainState, batch: dict[str, torch.Tensor], train_cfg, device,
+               scaler=None) -> dict[str, torch.Tensor]:
+    """One optimizer step on one batch (already on `device`): losses under autocast, backward, clipping."""
+    with autocast(device, train_cfg.precision):
+        parts = distiller.losses(batch)
+    loss = parts["loss"]
+    state.step += 1
+    if not torch.isfinite(loss):
+        raise NonFiniteLoss(f"non-finite loss at step {state.step}")
+    state.optimizer.zero_grad(set_to_none=True)
+    params = [p for p in distiller.parameters() if p.requires_grad]
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(state.optimizer)
+        nn.utils.clip_grad_norm_(params, train_cfg.max_grad_norm)
+        scaler.step(state.optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        nn.utils.clip_grad_norm_(params, train_cfg.max_grad_norm)
+        state.optimizer.step()
+    state.scheduler.step()
+    return parts
+
+
 def fit(
     distiller: Distiller,
     spec,
@@ -274,26 +299,7 @@ def fit(
         for index in order:
             if startup is None and started is not None:
                 startup = time.perf_counter() - started
-            batch = _to_device(train.batch(index), device)
-            with autocast(device, train_cfg.precision):
-                parts = distiller.losses(batch)
-            loss = parts["loss"]
-            state.step += 1
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"non-finite loss at step {state.step}")
-            state.optimizer.zero_grad(set_to_none=True)
-            params = [p for p in distiller.parameters() if p.requires_grad]
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(state.optimizer)
-                nn.utils.clip_grad_norm_(params, train_cfg.max_grad_norm)
-                scaler.step(state.optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                nn.utils.clip_grad_norm_(params, train_cfg.max_grad_norm)
-                state.optimizer.step()
-            state.scheduler.step()
+            parts = train_step(distiller, state, _to_device(train.batch(index), device), train_cfg, device, scaler)
             for k in sums:
                 sums[k] += float(parts[k].detach())
             n += 1

@@ -10,6 +10,7 @@ teacher model, the opened cache) is kept for the next trial on that worker (`reu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -69,14 +70,11 @@ class Shared:
         return memo["config"]
 
     def teacher(self, spec):
-        """The teacher model (eval mode, frozen), built once per worker. Its random init is skipped:
-        every parameter and persistent buffer is then loaded (strictly) from the shared state."""
+        """The teacher model (eval mode, frozen), built once per worker, then loaded from the shared state."""
         memo = self._memo()
         if "teacher" not in memo:
-            from transformers.initialization import no_init_weights
-
             family = FAMILIES[self.family]
-            with no_init_weights():
+            with single_init():
                 model = family.from_config(self.config(), spec)
             model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in self.teacher_state.items()})
             model.eval()
@@ -97,6 +95,35 @@ class Shared:
             return None
         found = tcache.open_cached(info.folder) if info.folder else None
         return found if found is not None else self.cache_arrays
+
+
+@contextlib.contextmanager
+def single_init():
+    """Build models initialising each weight once: the `torch.nn.init` calls in the layers' constructors
+    (e.g. `nn.Embedding.reset_parameters`) become no-ops, and `transformers`' own initialisation, which
+    runs after them in `post_init` and sets every parameter and buffer (its contract for loading models
+    created on the meta device), is kept. Same distributions, half the work (~0.2 s of 0.4 s for a
+    MiniLM-sized student); the draws differ from a default build with the same seed."""
+    import sys
+
+    from transformers import initialization as hf_init
+
+    saved = []
+    try:
+        for module_name in hf_init.TORCH_MODULES_TO_PATCH:
+            module = sys.modules.get(module_name)
+            for fn in hf_init.TORCH_INIT_FUNCTIONS if module is not None else ():
+                if hasattr(module, fn):
+                    saved.append((module, fn, getattr(module, fn)))
+                    setattr(module, fn, _no_init)
+        yield
+    finally:
+        for module, fn, orig in reversed(saved):
+            setattr(module, fn, orig)
+
+
+def _no_init(tensor, *args, **kwargs):
+    return tensor
 
 
 class TeacherWeights:
@@ -185,8 +212,9 @@ def run_trial(overrides: dict[str, Any], shared: Shared, *, report=None, restore
         cache = None  # not this data: run the teacher online
     # the teacher model is built only when the cache lacks something this trial uses
     teacher = shared.teacher(spec) if distill.teacher_needed(study.distill, the_plan.layer_map, cache) else None
-    student = build_student(teacher if teacher is not None else shared.weights(), family, spec, study.student,
-                            seed=study.seed)
+    with single_init():
+        student = build_student(teacher if teacher is not None else shared.weights(), family, spec, study.student,
+                                seed=study.seed)
     projections = build_projections(the_plan.layer_map, family.hidden_size(student.model.config),
                                     family.hidden_size(config), seed=study.seed)
     distiller = distill.Distiller(family=family, student=student.model, teacher=teacher,
