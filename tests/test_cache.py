@@ -215,3 +215,18 @@ def test_cache_info_params_are_flat():
     params = info.params()
     assert params["teacher.cache_mode"] == "full" and params["teacher.cache_layers"] == [0, 2]
     json.dumps(params)
+
+
+def test_for_study_builds_under_the_storage_path(tmp_path, family, teacher, encoded):
+    study = Study.model_validate({
+        "name": "x", "task": {"name": "synthetic", "max_length": 32}, "teacher": {"model": "minilm"},
+        "student": {"layers": 2}, "tune": {"storage_path": str(tmp_path / "ray")}})
+    points = [{"distill.strategy": s} for s in ("none", "forward", "all_to_one")]
+    lines = []
+    info = tc.for_study(study, family, teacher, encoded, points, log=lines.append)
+    assert info.mode == "full" and info.layers == (0, 2, 4)
+    assert info.folder.startswith(str(tmp_path / "ray" / "teacher_cache"))
+    assert any(line.startswith("teacher cache: full: ") for line in lines)
+    assert next(teacher.parameters()).device.type == "cpu"
+    off = tc.for_study(study, family, teacher, encoded, points, budget_gb=0)
+    assert off.mode == "off" and "0" in off.reason

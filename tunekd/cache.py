@@ -285,8 +285,9 @@ def for_study(study, family, teacher, encoded: dict[str, Encoded], points: Itera
               budget_gb: float | None = None, log: Callable[[str], None] | None = None) -> CacheInfo:
     """The driver's step: decide and build (or reuse) the cache of the training split for every trial at
     `points` (the driver's `trial_points(study)`), under `<tune.storage_path>/teacher_cache/`.
-    The budget is `budget_gb`, else the study's `teacher.cache_budget_gb` (default 2.0; 0 = off).
-    Returns the decision; its `reason` is the line to print and log."""
+    The budget is `budget_gb`, else the study's `teacher.cache_budget_gb` (default 2.0; 0 = off); the
+    stored dtype `teacher.cache_dtype` (fp16, the default, or bf16). Returns the decision; its `reason`
+    is the line to print and log."""
     from tunekd.distill import device_for
 
     budget = float(getattr(study.teacher, "cache_budget_gb", 2.0) if budget_gb is None else budget_gb)
@@ -299,7 +300,8 @@ def for_study(study, family, teacher, encoded: dict[str, Encoded], points: Itera
     teacher.to(device)
     try:
         info = prepare(family, teacher, encoded["train"], root, layers=layers, budget_gb=budget,
-                       max_length=study.task.max_length, needs_logits=needs_logits, device=device, log=log)
+                       max_length=study.task.max_length, needs_logits=needs_logits, device=device, log=log,
+                       dtype=getattr(study.teacher, "cache_dtype", "fp16"))
     finally:
         teacher.to("cpu")
     if log:
