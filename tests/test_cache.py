@@ -230,3 +230,15 @@ def test_for_study_builds_under_the_storage_path(tmp_path, family, teacher, enco
     assert next(teacher.parameters()).device.type == "cpu"
     off = tc.for_study(study, family, teacher, encoded, points, budget_gb=0)
     assert off.mode == "off" and "0" in off.reason
+
+
+def test_unpadded_batch_reads_the_same(built, family, teacher, encoded):
+    _, info = built
+    cache = tc.TeacherCache.open(info.folder)
+    lengths = encoded["train"].lengths
+    rows = np.flatnonzero(lengths == lengths.max())[:3]
+    batch = encoded["train"].batch(rows)
+    assert bool(batch["attention_mask"].bool().all())
+    got = cache.hidden("encoder", batch["index"], batch["attention_mask"], [4])[4]
+    want = _online(family, teacher, batch).hidden["encoder"][4]
+    torch.testing.assert_close(got, want.half().float(), rtol=2**-10, atol=1e-5)

@@ -377,12 +377,16 @@ class TeacherCache:
             raise ValueError(f"teacher cache: the batch has {int(valid.sum())} valid {stack} tokens, the cache "
                              f"{len(tokens)} for these rows (was it built from other data?)")
         b, length = mask.shape
+        dense = bool(valid.all())  # no padding: the packed rows are the batch already
         out = {}
         for k in layers:
             packed = np.asarray(self.arrays[f"{stack}.h{k}"][tokens])
             t = torch.from_numpy(packed.view(np.int16)).view(torch.bfloat16) if packed.dtype == np.uint16 \
                 else torch.from_numpy(packed)
             t = t.to(mask.device, non_blocking=True).float()
+            if dense:
+                out[k] = t.view(b, length, t.shape[-1])
+                continue
             full = t.new_zeros((b, length, t.shape[-1]))
             full[valid] = t
             out[k] = full
