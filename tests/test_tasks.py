@@ -42,7 +42,7 @@ def _check_columns(dsd, spec):
 
 
 def test_registry_and_specs():
-    assert set(TASKS) == {"sst2", "mnli", "qqp", "qnli", "synthetic"}
+    assert set(TASKS) == {"sst2", "mnli", "qqp", "qnli", "synthetic", "dart", "wmt16_en_ro", "hellaswag", "commonsenseqa"}
     mnli = get_task("mnli")
     assert mnli.label_names == ("entailment", "neutral", "contradiction")
     assert mnli.num_labels == 3
@@ -54,8 +54,10 @@ def test_registry_and_specs():
     assert get_task("sst2").text_fields == ("text_a",)
     assert get_task("qnli").label_names == ("entailment", "not_entailment")
     assert get_task("synthetic").hub is None
+    kinds = {"dart": "generation", "wmt16_en_ro": "generation", "hellaswag": "multiple_choice",
+             "commonsenseqa": "multiple_choice"}
     for spec in TASKS.values():
-        assert spec.kind == "classification"
+        assert spec.kind == kinds.get(spec.name, "classification")
 
 
 def test_unknown_task_suggests():

@@ -289,7 +289,15 @@ def for_study(study, family, teacher, encoded: dict[str, Encoded], points: Itera
     stored dtype `teacher.cache_dtype` (fp16, the default, or bf16). Returns the decision; its `reason`
     is the line to print and log."""
     from tunekd.distill import device_for
+    from tunekd.tasks import get_task
 
+    kind = get_task(study.task.name).kind
+    if kind != "classification":
+        info = CacheInfo(mode="off", reason=f"the teacher cache holds classification outputs only; task "
+                                            f"{study.task.name!r} is {kind}: the teacher runs online")
+        if log:
+            log(f"teacher cache: off: {info.reason}")
+        return info
     budget = float(getattr(study.teacher, "cache_budget_gb", 2.0) if budget_gb is None else budget_gb)
     points = list(points) or [{}]
     t_layers = family.num_layers(teacher.config)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,10 +22,19 @@ BUCKET_POOL = 64
 
 @dataclass
 class Encoded:
-    """One split: `arrays` holds [N, L] int arrays (input_ids, attention_mask, token_type_ids) and labels [N]."""
+    """One split: `arrays` holds [N, ...] int arrays (input_ids, attention_mask, token_type_ids, labels, ...).
+
+    An array with two or more axes is trimmed on its last axis to the batch's longest row, measured
+    by `lengths` unless `lengths_of[key]` gives that array its own length vector (e.g. a seq2seq
+    target, whose length axis is not the source's) or None (never trimmed, e.g. [N, C] per-choice
+    values). `extras` holds what is not batched (generation references, the tokenizer that decodes
+    generated ids); it is not part of `digest`.
+    """
 
     arrays: dict[str, np.ndarray]
     lengths: np.ndarray = field(repr=False)
+    lengths_of: dict[str, np.ndarray | None] = field(default_factory=dict, repr=False)
+    extras: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return int(self.lengths.shape[0])
@@ -32,12 +42,17 @@ class Encoded:
     def batch(self, index: np.ndarray) -> dict[str, torch.Tensor]:
         """Rows `index`, trimmed to their longest row, plus `index` itself (int64, the row numbers)."""
         index = np.asarray(index, dtype=np.int64)
-        width = int(self.lengths[index].max())
+        width = int(self.lengths[index].max()) if len(index) else 0
         out = {}
         for key, arr in self.arrays.items():
             rows = arr[index]
-            if rows.ndim == 2:
-                rows = rows[:, :width]
+            if rows.ndim >= 2:
+                if key in self.lengths_of:
+                    own = self.lengths_of[key]
+                    if own is not None:
+                        rows = rows[..., :int(own[index].max())]
+                else:
+                    rows = rows[..., :width]
             out[key] = torch.from_numpy(np.ascontiguousarray(rows)).long()
         out["index"] = torch.from_numpy(index.copy())
         return out
@@ -61,8 +76,18 @@ def encode(dataset, tokenizer, text_fields, max_length: int) -> Encoded:
     return Encoded(arrays=arrays, lengths=lengths)
 
 
-def encode_splits(dsd, tokenizer, text_fields, max_length: int) -> dict[str, Encoded]:
-    return {name: encode(ds, tokenizer, text_fields, max_length) for name, ds in dsd.items()}
+def encode_splits(dsd, tokenizer, task, max_length: int, *, family=None) -> dict[str, Encoded]:
+    """Tokenize every split. `task` is a `TaskSpec` (or, for classification, its `text_fields`).
+    Classification is encoded here; other task kinds by the model family (`family.encode`), which
+    knows its input layout: split `train` in the training layout, the others in the eval layout."""
+    kind = getattr(task, "kind", "classification")
+    if kind == "classification":
+        fields = getattr(task, "text_fields", task)
+        return {name: encode(ds, tokenizer, fields, max_length) for name, ds in dsd.items()}
+    if family is None:
+        raise ValueError(f"encoding a {kind!r} task needs the model family")
+    return {name: family.encode(ds, tokenizer, task, max_length, train=(name == "train"))
+            for name, ds in dsd.items()}
 
 
 def batch_indices(lengths: np.ndarray, batch_size: int, *, shuffle: bool, seed: int = 0,

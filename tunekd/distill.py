@@ -25,6 +25,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from tunekd import losses
 from tunekd.data import Encoded, batch_indices, num_batches, padding_fraction
+from tunekd.errors import ConfigError
 from tunekd.models import Family, stack_prefixes
 from tunekd.tasks.base import compute_metrics
 
@@ -151,7 +152,7 @@ class Distiller:
                 raise RuntimeError("the teacher cache lacks outputs this trial needs and no teacher model was given "
                                    f"(logits: {need_logits}, hidden states {wanted}: {need_hidden})")
             model = self.teacher
-            if not need_logits:  # hidden states only: run the layers up to the highest one matched
+            if not need_logits and self.family.truncatable:  # hidden states only: run the layers up to the highest one matched
                 if self._short is None:
                     self._short = truncated(self.family, self.teacher, max(wanted))
                 model = self._short
@@ -174,6 +175,9 @@ class Distiller:
         if self.uses_teacher:
             t_logits, t_hidden = self.teacher_outputs(batch, s_out, logits=d.alpha_kl > 0, hidden=self.uses_hidden)
             if d.alpha_kl > 0:
+                if t_logits.shape[-1] != s_out.logits.shape[-1]:
+                    raise ConfigError(f"teacher and student vocabularies differ ({t_logits.shape[-1]} vs "
+                                      f"{s_out.logits.shape[-1]} logits): KD needs one shared vocabulary")
                 kl = losses.kl_loss(s_out.logits, t_logits, d.temperature, s_out.logits_mask)
             if self.uses_hidden:
                 proj = {int(k): v for k, v in self.projections.items()} or None
@@ -199,8 +203,14 @@ def _to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor
 
 @torch.no_grad()
 def evaluate(family: Family, model: nn.Module, spec, splits: dict[str, Encoded], *, batch_size: int = 128,
-             precision: str = "fp32") -> dict[str, float]:
+             precision: str = "fp32", generation=None) -> dict[str, float]:
+    """The task's metrics: classification here (argmax of `family.predict`); other kinds (generation:
+    decode and BLEU; multiple choice: scores per choice) by `family.evaluate`. `generation` is the
+    study's `task.generation`."""
     model.eval()
+    if spec.kind != "classification":
+        return family.evaluate(model, spec, splits, batch_size=batch_size, precision=precision,
+                               generation=generation)
     device = next(model.parameters()).device
     preds, refs = {}, {}
     for name, data in splits.items():
@@ -273,6 +283,7 @@ def fit(
     on_epoch: Callable[[int, dict[str, float], TrainState], None] | None = None,
     progress: Callable[[str], None] | None = None,
     started: float | None = None,
+    generation=None,
 ) -> list[dict[str, float]]:
     """Train for `epochs` epochs (resuming after `state.epoch` when a state is given).
 
@@ -280,6 +291,7 @@ def fit(
     metrics hold `train/*`, `eval/*` and `perf/*`: seconds per step, the padding fraction, the rows
     the teacher model ran on and those read from the cache (cumulative), and, given `started`
     (a `time.perf_counter()` value), `perf/startup_s`: from `started` to the first training step.
+    `generation` (the study's `task.generation`) sets how generation tasks are evaluated.
     """
     device = device_for(train_cfg.precision)
     distiller.to(device)
@@ -308,7 +320,7 @@ def fit(
         metrics = {f"train/{k}": v / max(n, 1) for k, v in sums.items()}
         metrics.update({f"eval/{k}": v for k, v in evaluate(
             distiller.family, distiller.student, spec, evals,
-            batch_size=train_cfg.eval_batch_size, precision=train_cfg.precision).items()})
+            batch_size=train_cfg.eval_batch_size, precision=train_cfg.precision, generation=generation).items()})
         metrics["epoch"] = epoch
         metrics["time/epoch_s"] = time.perf_counter() - t0
         metrics["perf/step_s"] = train_s / max(n, 1)

@@ -379,7 +379,7 @@ def _run_study(study, args, spec, base, config, family, raw, tokenizer, t_start)
     from tunekd.tracking import StudyTracker
     from tunekd.trainable import make_shared, tune_trainable
 
-    encoded = encode_splits(raw, tokenizer, spec.text_fields, study.task.max_length)
+    encoded = encode_splits(raw, tokenizer, spec, study.task.max_length, family=family)
     log("data: " + ", ".join(f"{k} {len(v)} rows" for k, v in encoded.items()) + f" (max length {study.task.max_length})")
     info = prepare_teacher(study, family, spec, encoded, base, tokenizer, log=log)
     log("teacher: " + ", ".join(f"{k}={v:.2f}" for k, v in info.metrics.items()))

@@ -23,10 +23,15 @@ def build_student(teacher: nn.Module, family: Family, spec, cfg, *, seed: int) -
     t_layers = family.num_layers(teacher.config)
     mapping.validate_depths(t_layers, cfg.layers)
     t_width = family.hidden_size(teacher.config)
+    copied = mapping.copy_layer_indices(cfg.copy_layers, t_layers, cfg.layers) if cfg.init == "copy" else None
     config = family.student_config(
         teacher.config, cfg.layers, hidden_size=cfg.hidden_size,
-        num_attention_heads=cfg.num_attention_heads, intermediate_size=cfg.intermediate_size,
+        num_attention_heads=cfg.num_attention_heads, intermediate_size=cfg.intermediate_size, copied=copied,
     )
+    t_vocab, s_vocab = family.vocab_size(teacher.config), family.vocab_size(config)
+    if t_vocab != s_vocab:
+        raise ConfigError(f"teacher and student vocabularies differ ({t_vocab} vs {s_vocab} tokens): KD compares "
+                          "their token distributions, so they must share one tokenizer and vocabulary")
     if cfg.init == "copy" and family.hidden_size(config) != t_width:
         raise ConfigError(
             f"student.init 'copy' needs the teacher's width: student hidden_size {family.hidden_size(config)} "
@@ -34,9 +39,7 @@ def build_student(teacher: nn.Module, family: Family, spec, cfg, *, seed: int) -
         )
     torch.manual_seed(seed)
     model = family.from_config(config, spec)
-    copied = None
-    if cfg.init == "copy":
-        copied = mapping.copy_layer_indices(cfg.copy_layers, t_layers, cfg.layers)
+    if copied is not None:
         copy_weights(teacher, model, family, copied)
     model.config.tunekd_copied_layers = copied
     model.config.tunekd_init = cfg.init
@@ -60,6 +63,7 @@ def copy_weights(teacher: nn.Module, student: nn.Module, family: Family, copied:
                 index, _, rest = key[len(prefix):].partition(".")
                 source = f"{prefix}{copied[int(index)]}.{rest}"
                 break
+        source = family.copy_source(key, source, t_state)
         if source not in t_state:
             raise ConfigError(f"copy init: the teacher has no parameter {source!r} for student {key!r}")
         if t_state[source].shape != s_state[key].shape:
@@ -88,7 +92,8 @@ def export_student(state: dict[str, torch.Tensor], teacher_config, family: Famil
     tokenizer when given, so that `angles` and users can load it with `from_pretrained`."""
     config = family.student_config(
         teacher_config, cfg.layers, hidden_size=cfg.hidden_size,
-        num_attention_heads=cfg.num_attention_heads, intermediate_size=cfg.intermediate_size)
+        num_attention_heads=cfg.num_attention_heads, intermediate_size=cfg.intermediate_size,
+        copied=copied_layers)
     model = family.from_config(config, spec)
     model.load_state_dict(state)
     model.config.tunekd_copied_layers = copied_layers

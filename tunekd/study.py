@@ -30,6 +30,15 @@ class SyntheticSpec(_Section):
     max_words: int = Field(12, ge=4)
 
 
+class GenerationConfig(_Section):
+    """How generation tasks are evaluated: greedy (num_beams 1) or beam search, on the first
+    `eval_samples` rows of each eval split (null: all) so that ASHA's rungs stay cheap."""
+
+    num_beams: int = Field(1, ge=1)
+    max_new_tokens: int = Field(64, ge=1)
+    eval_samples: int | None = Field(None, ge=1)
+
+
 class TaskConfig(_Section):
     name: str
     data_dir: str | None = None
@@ -37,6 +46,7 @@ class TaskConfig(_Section):
     max_eval_samples: int | None = Field(None, ge=1)
     max_length: int = Field(128, ge=8)
     synthetic: SyntheticSpec = SyntheticSpec()
+    generation: GenerationConfig = GenerationConfig()
 
 
 class FinetuneConfig(_Section):

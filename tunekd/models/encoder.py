@@ -35,7 +35,7 @@ class EncoderFamily(Family):
         return int(config.num_hidden_layers)
 
     def student_config(self, teacher_config, layers, *, hidden_size=None, num_attention_heads=None,
-                       intermediate_size=None):
+                       intermediate_size=None, copied=None):
         config = copy.deepcopy(teacher_config)
         config.num_hidden_layers = layers
         if hidden_size is not None:

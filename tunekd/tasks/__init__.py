@@ -2,7 +2,8 @@
 
 Every loaded task is a ``datasets.DatasetDict`` with split ``train`` and each of
 ``spec.eval_splits``; every split has exactly the columns ``spec.text_fields + ("label",)``,
-``label`` being an int (a ``ClassLabel`` named by ``spec.label_names``).
+``label`` being an int (a ``ClassLabel`` named by ``spec.label_names``) for classification; see
+``generation.py`` and ``choice.py`` for the columns of the other task kinds.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ from typing import Any
 
 from tunekd.errors import ConfigError, unknown
 
-from .base import TaskSpec, compute_metrics
+from .base import TaskSpec, bleu, choice_metrics, compute_metrics
+from .choice import CHOICE_TASKS, load_hub_choice, load_local_choice
+from .generation import GENERATION_TASKS, LOCAL_LOADERS, load_hub_generation
 from .glue import GLUE_TASKS, load_hub, load_local
 from .synthetic import SYNTHETIC, generate_synthetic, load_synthetic, synthetic_label
 
-TASKS: dict[str, TaskSpec] = {**GLUE_TASKS, SYNTHETIC.name: SYNTHETIC}
+TASKS: dict[str, TaskSpec] = {**GLUE_TASKS, SYNTHETIC.name: SYNTHETIC, **GENERATION_TASKS, **CHOICE_TASKS}
 
 
 def get_task(name: str) -> TaskSpec:
@@ -63,7 +66,12 @@ def load_task(
     if spec.name == SYNTHETIC.name:
         dsd = load_synthetic(synthetic, seed)
     else:
-        if data_dir is None or str(data_dir) == "":
+        hub = data_dir is None or str(data_dir) == ""
+        if spec.kind == "generation":
+            dsd = load_hub_generation(spec) if hub else LOCAL_LOADERS[spec.name](data_dir)
+        elif spec.kind == "multiple_choice":
+            dsd = load_hub_choice(spec) if hub else load_local_choice(spec, data_dir)
+        elif hub:
             dsd = load_hub(spec)
         else:
             dsd = load_local(spec, data_dir)
@@ -76,6 +84,8 @@ def load_task(
 __all__ = [
     "TASKS",
     "TaskSpec",
+    "bleu",
+    "choice_metrics",
     "compute_metrics",
     "generate_synthetic",
     "get_task",

@@ -13,16 +13,22 @@ class TaskSpec:
     """A task: its label set, its canonical text columns, its eval splits and metrics.
 
     After loading, every split has exactly the columns ``text_fields + ("label",)``, with
-    ``label`` an int in ``range(num_labels)``.
+    ``label`` an int in ``range(num_labels)`` (classification and multiple choice: there
+    ``text_fields`` is ``("context", "choices")``, ``choices`` a list of ``num_labels`` strings and
+    ``label`` the index of the right one). Generation tasks have the columns ``("source", "target",
+    "references")``: one training row per (input, reference) pair; an eval row per input with all
+    its references.
     """
 
     name: str  # "sst2"
-    kind: str  # "classification" (later: "multiple_choice", "generation")
+    kind: str  # "classification", "multiple_choice" or "generation"
     label_names: tuple[str, ...]  # index = label id
     text_fields: tuple[str, ...]  # ("text_a",) or ("text_a", "text_b")
     eval_splits: tuple[str, ...]  # ("validation",) or ("validation_matched", "validation_mismatched")
     metrics: tuple[str, ...]  # primary metric first
     hub: tuple[str, str | None] | None  # arguments to datasets.load_dataset(path, name); None: no hub copy
+    # generation: applied to hypotheses and references alike before BLEU (e.g. Romanian diacritics)
+    normalize: Callable[[str], str] | None = None
 
     @property
     def num_labels(self) -> int:
@@ -100,3 +106,35 @@ def compute_metrics(
             raise ValueError(f"task {spec.name!r}, split {split!r}: no examples to score")
         out[metric] = fn(pred, ref)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# generation and multiple-choice metrics
+
+
+def bleu(spec: TaskSpec, hypotheses: list[str], references: list[list[str]]) -> float:
+    """Corpus BLEU (sacreBLEU defaults: 13a tokenisation, exp smoothing) of `hypotheses` against all
+    references of each row (rows may have different numbers of references), after `spec.normalize`."""
+    import sacrebleu
+
+    if len(hypotheses) != len(references):
+        raise ValueError(f"task {spec.name!r}: {len(hypotheses)} hypotheses but {len(references)} reference sets")
+    if not hypotheses:
+        raise ValueError(f"task {spec.name!r}: no examples to score")
+    norm = spec.normalize or (lambda t: t)
+    hyps = [norm(h) for h in hypotheses]
+    width = max(len(r) for r in references)
+    streams = [[norm(r[k]) if k < len(r) else None for r in references] for k in range(width)]
+    return float(sacrebleu.corpus_bleu(hyps, streams).score)
+
+
+def choice_metrics(loglik: np.ndarray, char_lengths: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """lm-evaluation-harness `acc` / `acc_norm`: the choice with the highest summed log-likelihood, and
+    the highest log-likelihood per character of the choice's text. [N, C] scores, [N] right answers."""
+    loglik = np.asarray(loglik, dtype=np.float64)
+    labels = np.asarray(labels)
+    if loglik.shape[0] == 0:
+        raise ValueError("no examples to score")
+    norm = loglik / np.maximum(np.asarray(char_lengths, dtype=np.float64), 1.0)
+    return {"accuracy": _accuracy(loglik.argmax(axis=1), labels),
+            "accuracy_norm": _accuracy(norm.argmax(axis=1), labels)}
