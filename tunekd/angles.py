@@ -29,9 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tunekd.errors import ConfigError
+from tunekd.errors import ConfigError, run_cli
 
-EXIT_CONFIG = 2
 HIST_BINS = 80
 
 
@@ -572,12 +571,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except ConfigError as exc:
-        print(f"tunekd: error: {str(exc).splitlines()[0] if str(exc) else exc}", file=sys.stderr)
-        return EXIT_CONFIG
+    return run_cli(run, parse_args(argv))
 
 
 if __name__ == "__main__":

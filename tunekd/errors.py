@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+import sys
+from collections.abc import Callable, Iterable
+
+EXIT_CONFIG = 2
 
 
 class ConfigError(ValueError):
@@ -18,3 +21,13 @@ def unknown(kind: str, name: object, known: Iterable[str]) -> ConfigError:
     if close:
         msg += f" (did you mean {close[0]!r}?)"
     return ConfigError(msg)
+
+
+def run_cli(run: Callable[..., int], *args) -> int:
+    """Run a command; bad input becomes one line on stderr and exit code 2."""
+    try:
+        return run(*args)
+    except ConfigError as exc:
+        text = str(exc)
+        print(f"tunekd: error: {text.splitlines()[0] if text else type(exc).__name__}", file=sys.stderr)
+        return EXIT_CONFIG

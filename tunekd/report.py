@@ -28,9 +28,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tunekd.errors import ConfigError, unknown
+from tunekd.errors import ConfigError, run_cli, unknown
 
-EXIT_CONFIG = 2
 
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "tunekd.trial_id"
@@ -668,12 +667,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except ConfigError as exc:
-        print(f"tunekd: error: {str(exc).splitlines()[0] if str(exc) else exc}", file=sys.stderr)
-        return EXIT_CONFIG
+    return run_cli(run, parse_args(argv))
 
 
 if __name__ == "__main__":

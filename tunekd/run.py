@@ -17,9 +17,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from tunekd.errors import ConfigError
+from tunekd.errors import ConfigError, run_cli
 
-EXIT_CONFIG = 2
 
 
 def log(msg: str) -> None:
@@ -457,12 +456,7 @@ def _run_study(study, args, spec, base, config, family, raw, tokenizer, t_start)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except ConfigError as exc:
-        print(f"tunekd: error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+    return run_cli(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import copy
 
-import torch
 import torch.nn.functional as F
-from torch import nn
 from transformers import AutoModelForSequenceClassification
 
 from tunekd.models.base import Family, Output
