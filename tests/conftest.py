@@ -46,3 +46,20 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
     BertForSequenceClassification(cfg).save_pretrained(folder)
     AutoTokenizer.from_pretrained(resolve_model("minilm")).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """`tiny_model("bart" | "t5" | "qwen3" | "bert" | "bert_mc")`: the folder of that tiny fixture
+    model (tunekd.fixtures: 4 layers, width 32, MiniLM's tokenizer), built once per session."""
+    from tunekd.fixtures import build
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in built:
+            built[name] = build(name, root / name)
+        return built[name]
+
+    return get

@@ -8,8 +8,8 @@ Every split has the columns ``source``, ``target`` and ``references``. Training 
 * ``dart/``: ``dart-v1.1.1-full-{train,dev}.json`` (the official JSON: a list of ``{"tripleset",
   "annotations": [{"text"}, ...]}``). When the folder has no train file (the shared data has only
   dev and test), the dev entries are split deterministically: a fixed permutation (seed 0,
-  independent of the study's seed) puts 80% in ``train`` and 20% in ``validation``, by entry, so no
-  input is in both.
+  independent of the study's seed) puts 80% in ``train`` and 20% in ``validation``, by input (entries
+  with the same triples are merged first, their references pooled), so no input is in both.
 * ``wmt16_en_ro/``: ``train.{en,ro}`` and ``newsdev2016.{en,ro}`` line files (one sentence a line,
   aligned). Without ``train.{en,ro}`` the newsdev2016 pairs are split 80/20 in the same way. The
   test set (newstest2016) is not used by studies.
@@ -115,15 +115,14 @@ def _read_dart(path: Path) -> tuple[list[str], list[list[str]]]:
         raise ConfigError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from e
     if not isinstance(data, list):
         raise ConfigError(f"{path}: expected a JSON list of DART entries")
-    sources, refs = [], []
+    merged: dict[str, list[str]] = {}  # entries with the same input are one input with all their references
     for i, rec in enumerate(data):
         src, rs = _dart_entry(rec, f"{path}, entry {i}")
         if rs:  # an entry without a reference cannot be trained on or scored
-            sources.append(src)
-            refs.append(rs)
-    if not sources:
+            merged.setdefault(src, []).extend(r for r in rs if r not in merged.get(src, ()))
+    if not merged:
         raise ConfigError(f"{path} has no entries with references")
-    return sources, refs
+    return list(merged), list(merged.values())
 
 
 def _take(items, idx):
