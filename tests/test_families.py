@@ -149,3 +149,22 @@ def test_vocabulary_mismatch_is_a_config_error(tiny_model):
 def test_a_task_kind_the_family_cannot_run_is_refused(tiny_model):
     assert "generation" not in FAMILIES["decoder"].task_kinds
     assert "multiple_choice" not in FAMILIES["seq2seq"].task_kinds
+
+
+def test_encoder_multiple_choice_head(tiny_model):
+    """BERT-like encoders run multiple choice through AutoModelForMultipleChoice: [B, C] logits, the
+    hidden states of the B*C (context, choice) pairs, accuracy of the argmax."""
+    family, model, spec, enc = _setup(tiny_model, "bert_mc", "commonsenseqa")
+    assert family.name == "encoder" and type(model).__name__ == "BertForMultipleChoice"
+    batch = enc["train"].batch(torch.arange(2).numpy())
+    assert batch["input_ids"].shape[:2] == (2, 5)
+    out = family.forward(model, batch, hidden=True)
+    assert out.logits.shape == (2, 5) and out.logits_mask is None
+    assert len(out.hidden["encoder"]) == 5 and out.hidden["encoder"][0].shape == (*out.masks["encoder"].shape, 32)
+    assert out.masks["encoder"].shape[0] == 10
+    acc = family.evaluate(model, spec, enc, batch_size=10)["accuracy"]
+    pred = out.logits.argmax(-1).numpy()
+    assert acc == pytest.approx(100.0 * (pred == enc["validation"].arrays["labels"]).mean())
+    student = build_student(model, family, spec, StudentConfig(layers=2, init="copy"), seed=0)
+    assert type(student.model).__name__ == "BertForMultipleChoice"
+    assert not torch.equal(student.model.classifier.weight, model.classifier.weight)  # the head starts random
