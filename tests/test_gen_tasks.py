@@ -215,3 +215,37 @@ def test_tiny_study_through_the_cli_logs_its_metric(tmp_path, data_dir, study, t
     assert pairs == ([[1, 2], [2, 4]] if study.startswith("qwen3") else [[0, 0], [1, 2], [2, 4]])
     if metric == "eval/bleu":
         assert run.data.params["task.generation.max_new_tokens"] == "12"
+
+
+def test_hub_layouts_map_to_the_task_columns(monkeypatch):
+    """The hub path (datasets.load_dataset) with small in-memory copies of each hub layout."""
+    import datasets
+
+    def fake(path, name=None):
+        if path == "GEM/dart":
+            train = [{"tripleset": [["A", "B", "C"]], "target": "A B C.", "references": []},
+                     {"tripleset": [["A", "B", "C"]], "target": "C is B of A.", "references": []},
+                     {"tripleset": [["X", "Y", "Z"]], "target": "X Y Z.", "references": []}]
+            valid = [{"tripleset": [["Q", "R", "S"]], "target": "Q R S.", "references": ["Q R S.", "S of Q."]}]
+        elif path == "wmt/wmt16":
+            assert name == "ro-en"
+            train = valid = [{"translation": {"en": "hello", "ro": "salut"}}]
+        elif path == "Rowan/hellaswag":
+            train = valid = [{"activity_label": "Roof", "ctx_a": "A man is on a roof.", "ctx_b": "he",
+                              "endings": ["a [title] b", "c", "d", "e"], "label": "2"}]
+        else:
+            train = valid = [{"question": "Q?", "choices": {"label": list("ABCDE"), "text": list("vwxyz")},
+                              "answerKey": "C"}]
+        return datasets.DatasetDict({"train": datasets.Dataset.from_list(train),
+                                     "validation": datasets.Dataset.from_list(valid)})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    dart = load_task("dart")
+    assert dart["train"]["source"] == ["A : B : C", "A : B : C", "X : Y : Z"]  # one row per reference
+    assert dart["train"]["target"] == ["A B C.", "C is B of A.", "X Y Z."]
+    assert dart["validation"][0] == {"source": "Q : R : S", "target": "Q R S.", "references": ["Q R S.", "S of Q."]}
+    assert load_task("wmt16_en_ro")["validation"][0] == {"source": "hello", "target": "salut", "references": ["salut"]}
+    hs = load_task("hellaswag")["validation"][0]
+    assert hs == {"context": "Roof: A man is on a roof. He", "choices": [" a. b", " c", " d", " e"], "label": 2}
+    cs = load_task("commonsenseqa")["train"][0]
+    assert cs["label"] == 2 and cs["context"] == "Question: Q?\nAnswer:"

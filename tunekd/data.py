@@ -9,6 +9,7 @@ With `bucket=True` rows of similar length share a batch, so little of a batch is
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +29,7 @@ class Encoded:
     by `lengths` unless `lengths_of[key]` gives that array its own length vector (e.g. a seq2seq
     target, whose length axis is not the source's) or None (never trimmed, e.g. [N, C] per-choice
     values). `extras` holds what is not batched (generation references, the tokenizer that decodes
-    generated ids); it is not part of `digest`.
+    generated ids); of it, only the references are part of `digest`.
     """
 
     arrays: dict[str, np.ndarray]
@@ -62,6 +63,8 @@ class Encoded:
         for key in sorted(self.arrays):
             h.update(key.encode())
             h.update(np.ascontiguousarray(self.arrays[key]).tobytes())
+        if "references" in self.extras:  # what generation outputs are scored against
+            h.update(json.dumps(self.extras["references"], ensure_ascii=False).encode())
         return h.hexdigest()
 
 

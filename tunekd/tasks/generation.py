@@ -191,17 +191,18 @@ def load_hub_generation(spec: TaskSpec):
             raise ConfigError(f"hub dataset {spec.hub[0]} has no split {split!r}; it has {', '.join(raw)}")
     parts = {}
     for split in ("train", "validation"):
-        sources, refs = [], []
-        for i, rec in enumerate(raw[split]):
-            if spec.name == "dart":
+        if spec.name == "dart":  # one row per (triples, reference) on the hub: pool the references by input
+            merged: dict[str, list[str]] = {}
+            for i, rec in enumerate(raw[split]):
                 src, rs = _dart_entry(rec, f"{spec.hub[0]} {split} row {i}")
-            else:
-                tr = rec["translation"]
-                src, rs = tr["en"], [tr["ro"]]
-            if rs:
-                sources.append(src)
-                refs.append(rs)
-        parts[split] = (sources, refs)
+                pool = merged.setdefault(src, [])
+                pool.extend(r for r in rs if r not in pool)
+            merged = {k: v for k, v in merged.items() if v}
+            parts[split] = (list(merged), list(merged.values()))
+        else:
+            pairs = [(rec["translation"]["en"].strip(), rec["translation"]["ro"].strip()) for rec in raw[split]]
+            pairs = [(s, t) for s, t in pairs if s and t]
+            parts[split] = ([s for s, _ in pairs], [[t] for _, t in pairs])
     return _dataset_dict(parts["train"], parts["validation"])
 
 
