@@ -168,3 +168,43 @@ def test_encoder_multiple_choice_head(tiny_model):
     student = build_student(model, family, spec, StudentConfig(layers=2, init="copy"), seed=0)
     assert type(student.model).__name__ == "BertForMultipleChoice"
     assert not torch.equal(student.model.classifier.weight, model.classifier.weight)  # the head starts random
+
+
+def test_lora_student_trains_only_its_adapters_and_exports_merged(tiny_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tunekd import distill
+    from tunekd.students import export_student
+    from tunekd.study import validate
+
+    family, teacher, spec, enc = _setup(tiny_model, "qwen3", "hellaswag")
+    study = validate({"name": "t", "task": {"name": "hellaswag"}, "teacher": {"model": "x"},
+                      "student": {"layers": 2, "init": "copy", "copy_layers": "spread", "lora": {"rank": 4}},
+                      "train": {"epochs": 1, "batch_size": 2, "lr": 1e-2}})
+    student = build_student(teacher, family, spec, study.student, seed=0)
+    model = student.model
+    assert type(model).__name__ == "Qwen3ForCausalLM" and len(family.stacks(model)["decoder"]) == 2
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    d = distill.Distiller(family=family, student=model, teacher=teacher, layer_map=[(1, 2), (2, 4)],
+                          distill=study.distill)
+    distill.fit(d, spec, enc["train"], {"validation": enc["validation"]}, study.train, epochs=1, seed=0)
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n  # the copied weights stay the teacher's
+    batch = {k: v for k, v in enc["train"].batch(torch.arange(2).numpy()).items() if k != "index"}
+    want = family.forward(model.eval(), batch, hidden=False).logits
+    export_student(model.state_dict(), teacher.config, family, spec, study.student, tmp_path / "s",
+                   copied_layers=student.copied_layers)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "s").eval()
+    assert not any("lora" in k for k in merged.state_dict())
+    assert torch.allclose(family.forward(merged, batch, hidden=False).logits, want, atol=1e-4)
+
+
+def test_lora_needs_a_copied_student(tiny_model):
+    family, teacher, spec, _ = _setup(tiny_model, "qwen3", "hellaswag")
+    with pytest.raises(ConfigError, match="student.lora"):
+        build_student(teacher, family, spec, StudentConfig(layers=2, init="random", lora={"rank": 4}), seed=0)
+    with pytest.raises(ConfigError, match="match no module"):
+        build_student(teacher, family, spec, StudentConfig(layers=2, lora={"target_modules": ["nope"]}), seed=0)

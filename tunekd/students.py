@@ -38,12 +38,53 @@ def build_student(teacher: nn.Module, family: Family, spec, cfg, *, seed: int) -
             f"!= teacher {t_width}; use init 'random' for a narrower student"
         )
     torch.manual_seed(seed)
+    if cfg.lora is not None and cfg.init != "copy":
+        raise ConfigError("student.lora adapts a copy-initialised student; with init 'random' its frozen "
+                          "weights would be random: use init 'copy' or lora null")
     model = family.from_config(config, spec)
     if copied is not None:
         copy_weights(teacher, model, family, copied)
     model.config.tunekd_copied_layers = copied
     model.config.tunekd_init = cfg.init
+    if cfg.lora is not None:
+        apply_lora(model, family, cfg.lora)
     return Student(model=model, copied_layers=copied)
+
+
+def apply_lora(model: nn.Module, family: Family, lora) -> nn.Module:
+    """Low-rank adapters (PEFT LoRA) injected in place into `model` (its class and layer stacks stay as
+    they are); only the adapters and the task head train. `lora` is a `study.LoraConfig`."""
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError as exc:  # pragma: no cover - it is a dependency
+        raise ConfigError("student.lora needs the package peft") from exc
+    targets = list(lora.target_modules or family.lora_targets)
+    if not targets:
+        raise ConfigError(f"student.lora: give target_modules for the {family.name} family")
+    names = {n.rpartition(".")[2] for n, _ in model.named_modules()}
+    if not set(targets) & names:
+        raise ConfigError(f"student.lora.target_modules {targets} match no module of this model")
+    heads = family.head_prefixes(model)
+    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=[t for t in targets if t in names])
+    inject_adapter_in_model(config, model)
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name or (bool(heads) and name.startswith(heads)))
+    return model
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold injected LoRA adapters into their base weights and put the plain layers back."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
 
 
 def copy_weights(teacher: nn.Module, student: nn.Module, family: Family, copied: list[int]) -> None:
@@ -95,7 +136,12 @@ def export_student(state: dict[str, torch.Tensor], teacher_config, family: Famil
         num_attention_heads=cfg.num_attention_heads, intermediate_size=cfg.intermediate_size,
         copied=copied_layers)
     model = family.from_config(config, spec)
-    model.load_state_dict(state)
+    if cfg.lora is not None:  # the trained adapters are folded into the weights
+        apply_lora(model, family, cfg.lora)
+        model.load_state_dict(state)
+        merge_lora(model)
+    else:
+        model.load_state_dict(state)
     model.config.tunekd_copied_layers = copied_layers
     model.config.tunekd_init = cfg.init
     model.save_pretrained(out_dir)

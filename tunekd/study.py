@@ -65,6 +65,16 @@ class TeacherConfig(_Section):
     trust_remote_code: bool = False
 
 
+class LoraConfig(_Section):
+    """Train low-rank adapters (PEFT LoRA) instead of the student's weights: for large copy-initialised
+    students (the paper's Qwen3 runs). `target_modules` null: the family's default projections."""
+
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | None = None
+
+
 class StudentConfig(_Section):
     layers: int = Field(3, ge=1)
     init: Literal["random", "copy"] = "copy"
@@ -72,6 +82,7 @@ class StudentConfig(_Section):
     hidden_size: int | None = Field(None, ge=8)
     num_attention_heads: int | None = Field(None, ge=1)
     intermediate_size: int | None = Field(None, ge=8)
+    lora: LoraConfig | None = None  # null: every student weight trains
 
     @field_validator("copy_layers")
     @classmethod
@@ -239,6 +250,8 @@ def _known_paths() -> list[str]:
                 walk(ann, f"{prefix}{fname}.")
             elif fname in ("finetune",):  # optional section
                 walk(FinetuneConfig, f"{prefix}{fname}.")
+            elif fname in ("lora",):  # optional section
+                walk(LoraConfig, f"{prefix}{fname}.")
             else:
                 paths.append(f"{prefix}{fname}")
 

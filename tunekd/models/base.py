@@ -36,6 +36,8 @@ class Family:
     # whether the first k hidden states of a stack can be had by running only its first k layers
     # (false for encoder-decoders: the decoder reads the encoder's last state)
     truncatable: bool = True
+    # module names LoRA adapts by default (student.lora.target_modules: null); () = must be given
+    lora_targets: tuple[str, ...] = ()
 
     def load(self, path: str, spec, *, trust_remote_code: bool = False) -> nn.Module:
         raise NotImplementedError

@@ -43,6 +43,7 @@ class DecoderFamily(Family):
     model_types = ("qwen3", "qwen2", "llama", "mistral")
     match_embeddings_default = False
     task_kinds = ("multiple_choice",)
+    lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
     def load(self, path, spec, *, trust_remote_code=False):
         return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code)

@@ -19,6 +19,7 @@ class EncoderFamily(Family):
     model_types = ("bert", "roberta", "electra", "xlm-roberta")
     match_embeddings_default = True
     task_kinds = ("classification", "multiple_choice")
+    lora_targets = ("query", "key", "value", "dense")
 
     def load(self, path, spec, *, trust_remote_code=False):
         if spec.kind == "multiple_choice":

@@ -37,6 +37,8 @@ class Seq2SeqFamily(Family):
     match_embeddings_default = True
     task_kinds = ("generation",)
     truncatable = False
+    lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2",  # BART
+                    "q", "k", "v", "o", "wi", "wo")  # T5
 
     def _keys(self, config):
         return _KEYS[config.model_type]
