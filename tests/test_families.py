@@ -181,9 +181,17 @@ def test_lora_student_trains_only_its_adapters_and_exports_merged(tiny_model, tm
     study = validate({"name": "t", "task": {"name": "hellaswag"}, "teacher": {"model": "x"},
                       "student": {"layers": 2, "init": "copy", "copy_layers": "spread", "lora": {"rank": 4}},
                       "train": {"epochs": 1, "batch_size": 2, "lr": 1e-2}})
-    student = build_student(teacher, family, spec, study.student, seed=0)
+    from tunekd.trainable import single_init
+
+    with single_init():  # as trials build students: the adapters are initialised all the same
+        student = build_student(teacher, family, spec, study.student, seed=0)
     model = student.model
     assert type(model).__name__ == "Qwen3ForCausalLM" and len(family.stacks(model)["decoder"]) == 2
+    plain = build_student(teacher, family, spec, study.student.model_copy(update={"lora": None}), seed=0).model
+    batch0 = {k: v for k, v in enc["train"].batch(torch.arange(2).numpy()).items() if k != "index"}
+    with torch.no_grad():  # B = 0: the adapted student starts as the copied one
+        assert torch.allclose(family.forward(model.eval(), batch0).logits, family.forward(plain.eval(), batch0).logits,
+                              atol=1e-5)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +69,16 @@ def apply_lora(model: nn.Module, family: Family, lora) -> nn.Module:
     config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=[t for t in targets if t in names])
     inject_adapter_in_model(config, model)
+    # PEFT's own init: A ~ U(±1/sqrt(fan_in)) (kaiming_uniform with a = sqrt(5)), B = 0, so the adapted
+    # student starts equal to the copied one. Redone with tensor methods because trials build students
+    # inside `trainable.single_init()`, where the `torch.nn.init` functions do nothing.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_A." in name:
+                bound = 1.0 / math.sqrt(p.shape[1])
+                p.uniform_(-bound, bound)
+            elif ".lora_B." in name:
+                p.zero_()
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name or (bool(heads) and name.startswith(heads)))
     return model
