@@ -145,7 +145,7 @@ def padding_report(data: Encoded, batch_size: int, *, seed: int = 0) -> dict[str
     shuffled batches trimmed to their longest row (`random`, without bucketing) and length buckets
     (`bucketed`)."""
     lengths = data.lengths
-    width = max(int(v.shape[1]) for v in data.arrays.values() if v.ndim == 2)
+    width = max(int(v.shape[-1]) for k, v in data.arrays.items() if v.ndim >= 2 and k not in data.lengths_of)
     full = 1.0 - float(lengths.sum()) / max(1, len(lengths) * width)
     return {
         "full_width": full,
