@@ -380,10 +380,18 @@ def _run_study(study, args, spec, base, config, family, raw, tokenizer, t_start)
 
     encoded = encode_splits(raw, tokenizer, spec, study.task.max_length, family=family)
     log("data: " + ", ".join(f"{k} {len(v)} rows" for k, v in encoded.items()) + f" (max length {study.task.max_length})")
+    from tunekd.data import padding_report
+
+    pad = padding_report(encoded["train"], study.train.batch_size, seed=study.seed)
+    log(f"data: padding fraction of a training epoch: {pad['random']:.1%} with shuffled batches, "
+        f"{pad['bucketed']:.1%} with length buckets ({'on' if study.train.bucket_by_length else 'off'})")
     info = prepare_teacher(study, family, spec, encoded, base, tokenizer, log=log)
     log("teacher: " + ", ".join(f"{k}={v:.2f}" for k, v in info.metrics.items()))
     teacher_model = family.load(info.path, spec, trust_remote_code=study.teacher.trust_remote_code)
-    shared = make_shared(study, family.name, teacher_model, encoded)
+    from tunekd import cache as tcache
+
+    cache_info = tcache.for_study(study, family, teacher_model, encoded, trial_points(study), log=log)
+    shared = make_shared(study, family.name, teacher_model, encoded, cache_info, ship_cache=bool(args.address))
     t_layers = family.num_layers(teacher_model.config)
     teacher_config = teacher_model.config
     del teacher_model
@@ -403,6 +411,8 @@ def _run_study(study, args, spec, base, config, family, raw, tokenizer, t_start)
         parent = tracker.start_parent(run_name, {
             "study_file": str(Path(args.study).resolve()), "overrides": args.overrides, "teacher.path": info.path,
             "teacher.cached": info.cached, "task.train_rows": len(encoded["train"]),
+            "teacher.cache_mode": cache_info.mode, "teacher.cache_reason": cache_info.reason,
+            "data.padding_random": round(pad["random"], 4), "data.padding_bucketed": round(pad["bucketed"], 4),
         }, Path(args.study).read_text(), tags={"tunekd.ray_path": ray_path})
         tracker.log_parent_metrics({f"teacher/{k}": v for k, v in info.metrics.items()})
         log(f"mlflow: experiment {study.experiment!r}, parent run {parent}")

@@ -62,6 +62,8 @@ class TeacherConfig(_Section):
     model: str
     finetune: FinetuneConfig | None = None
     cache_dir: str = ".tunekd_cache"
+    cache_budget_gb: float = Field(2.0, ge=0)  # teacher-output cache: full, logits-only or off (0) by size
+    cache_dtype: Literal["fp16", "bf16"] = "fp16"
     trust_remote_code: bool = False
 
 
@@ -121,6 +123,7 @@ class TrainConfig(_Section):
     warmup_ratio: float = Field(0.1, ge=0, le=1)
     max_grad_norm: float = Field(1.0, gt=0)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    bucket_by_length: bool = True  # batches from length-sorted buckets (less padding)
     save_model: bool = False  # log each trial's final student as an MLflow artifact `student/` (transformers format)
 
 
