@@ -18,20 +18,6 @@ from pathlib import Path
 import yaml
 
 
-def tiny_teacher(folder: Path) -> Path:
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from tunekd.teacher import resolve_model
-
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64, num_labels=2)
-    BertForSequenceClassification(cfg).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(resolve_model("minilm")).save_pretrained(folder)
-    return folder
-
-
 def peak_kib(pid: int) -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -48,7 +34,9 @@ def main() -> None:
     ap.add_argument("--cpus", type=int, default=2)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="tunekd-load-"))
-    teacher = tiny_teacher(work / "teacher")
+    from tunekd.fixtures import build
+
+    teacher = build("bert", work / "teacher")
     study = work / "load.yaml"
     study.write_text(yaml.safe_dump({
         "name": "load",

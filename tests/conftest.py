@@ -33,33 +33,20 @@ def minilm_path() -> str:
 
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory) -> Path:
-    """A tiny random-init 4-layer BERT (width 32) saved with MiniLM's tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+    """A tiny random-init 4-layer BERT (width 32) saved with MiniLM's tokenizer (`tunekd.fixtures`)."""
+    from tunekd.fixtures import build
 
-    from tunekd.teacher import resolve_model
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128, num_labels=2)
-    BertForSequenceClassification(cfg).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(resolve_model("minilm")).save_pretrained(folder)
-    return folder
+    return build("bert", tmp_path_factory.mktemp("tiny_bert"))
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory):
-    """`tiny_model("bart" | "t5" | "qwen3" | "bert" | "bert_mc")`: the folder of that tiny fixture
-    model (tunekd.fixtures: 4 layers, width 32, MiniLM's tokenizer), built once per session."""
-    from tunekd.fixtures import build
+def tiny_encoded(tiny_bert_dir):
+    """The synthetic task (64 train / 32 eval rows) tokenized for the tiny BERT, max length 32."""
+    from transformers import AutoTokenizer
 
-    root = tmp_path_factory.mktemp("tiny_models")
-    built: dict[str, Path] = {}
+    from tunekd.data import encode_splits
+    from tunekd.tasks import get_task, load_task
 
-    def get(name: str) -> Path:
-        if name not in built:
-            built[name] = build(name, root / name)
-        return built[name]
-
-    return get
+    tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    raw = load_task("synthetic", None, synthetic={"train_size": 64, "eval_size": 32})
+    return encode_splits(raw, tok, get_task("synthetic").text_fields, 32)

@@ -122,19 +122,9 @@ def test_coincident_state_is_undefined_and_summary():
 
 
 @pytest.fixture(scope="module")
-def tiny_teacher(tmp_path_factory):
+def tiny_teacher(tiny_bert_dir):
     """A tiny random 4-layer BERT (width 32) with MiniLM's tokenizer."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from tunekd.teacher import resolve_model
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny_teacher")
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128, num_labels=2)
-    BertForSequenceClassification(cfg).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(resolve_model("minilm")).save_pretrained(folder)
-    return folder
+    return tiny_bert_dir
 
 
 @pytest.fixture(scope="module")

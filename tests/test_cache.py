@@ -13,7 +13,7 @@ from tunekd import cache as tc
 from tunekd.distill import truncated
 from tunekd.models import family_for
 from tunekd.study import Study
-from tunekd.tasks import get_task, load_task
+from tunekd.tasks import get_task
 
 SPEC = get_task("synthetic")
 
@@ -45,14 +45,8 @@ def family(teacher):
 
 
 @pytest.fixture(scope="module")
-def encoded(tiny_bert_dir):
-    from transformers import AutoTokenizer
-
-    from tunekd.data import encode_splits
-
-    tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
-    raw = load_task("synthetic", None, synthetic={"train_size": 64, "eval_size": 32})
-    return encode_splits(raw, tok, SPEC.text_fields, 32)
+def encoded(tiny_encoded):
+    return tiny_encoded
 
 
 @pytest.fixture(scope="module")

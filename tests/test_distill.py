@@ -16,7 +16,7 @@ from tunekd import distill
 from tunekd.models import family_for
 from tunekd.students import build_student
 from tunekd.study import DistillConfig, StudentConfig, Study, TrainConfig
-from tunekd.tasks import get_task, load_task
+from tunekd.tasks import get_task
 
 SPEC = get_task("synthetic")
 
@@ -49,14 +49,8 @@ def family(teacher):
 
 
 @pytest.fixture(scope="module")
-def encoded(tiny_bert_dir):
-    from transformers import AutoTokenizer
-
-    from tunekd.data import encode_splits
-
-    tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
-    raw = load_task("synthetic", None, synthetic={"train_size": 64, "eval_size": 32})
-    return encode_splits(raw, tok, SPEC.text_fields, 32)
+def encoded(tiny_encoded):
+    return tiny_encoded
 
 
 @pytest.fixture(scope="module")
