@@ -32,11 +32,26 @@ def minilm_path() -> str:
 
 
 @pytest.fixture(scope="session")
-def tiny_bert_dir(tmp_path_factory) -> Path:
-    """A tiny random-init 4-layer BERT (width 32) saved with MiniLM's tokenizer (`tunekd.fixtures`)."""
+def tiny_model(tmp_path_factory):
+    """`tiny_model("bart" | "t5" | "qwen3" | "bert" | "bert_mc")`: the folder of that tiny fixture
+    model (tunekd.fixtures: 4 layers, width 32, MiniLM's tokenizer), built once per session."""
     from tunekd.fixtures import build
 
-    return build("bert", tmp_path_factory.mktemp("tiny_bert"))
+    root = tmp_path_factory.mktemp("tiny_models")
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in built:
+            built[name] = build(name, root / name)
+        return built[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tiny_model) -> Path:
+    """A tiny random-init 4-layer BERT sequence classifier (width 32) with MiniLM's tokenizer."""
+    return tiny_model("bert")
 
 
 @pytest.fixture(scope="session")
