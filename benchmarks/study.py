@@ -11,10 +11,11 @@ teacher fine-tune cache, `cache.for_study`, `trainable.tune_trainable`), without
 - `fifo`:   FIFO, teacher cache on (every trial runs all its epochs).
 
 The teacher is fine-tuned (or found in `.tunekd_cache` under the work folder) before any of them
-and is not timed. Reported: wall time of each run and the ratio cached/online; teacher forward
+and is not timed; each run has its own storage folder, so each cached run builds its cache (timed).
+With `--rounds N` the variants run N times in alternating order and the figures are medians. Reported: wall time of each run and the ratio cached/online; teacher forward
 passes per training example (the cache build plus every trial's `perf/teacher_rows`, divided by
 the training rows); trial start-up (`perf/startup_s`: entering `run_trial` to the first step) of
-warm workers (not the first trial of a worker process) and cold ones; ASHA vs FIFO trial-epochs
+warm workers (not the first trial of a worker process in that run) and the first ones; ASHA vs FIFO trial-epochs
 and best `eval/accuracy`; the padding fraction of an epoch with and without length buckets.
 Prints a table, then one line of JSON.
 """
@@ -47,6 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="study override, as for python -m tunekd.run")
     p.add_argument("--variants", default="online,cached,fifo", help="comma list of: online, cached, fifo")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the variants this many times, alternating their order; figures are medians")
     p.add_argument("--num-cpus", type=int, default=2)
     p.add_argument("--workdir", default=None, help="folder for Ray results, caches (default: a temp folder)")
     return p.parse_args(argv)
@@ -98,7 +101,7 @@ def run_variant(name: str, study, spec, family, encoded, teacher_info, workdir: 
 
     budget = 0.0 if name == "online" else float(getattr(study.teacher, "cache_budget_gb", 2.0) or 2.0)
     scheduler_name = "fifo" if name == "fifo" else "asha"
-    storage = workdir / "ray_results"
+    storage = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=workdir))  # its own cache: every cached run builds it
     study = study.model_copy(update={"tune": study.tune.model_copy(update={"storage_path": str(storage)})})
     t0 = time.perf_counter()
     teacher = family.load(teacher_info.path, spec)
@@ -178,36 +181,52 @@ def main(argv=None) -> int:
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
              configure_logging=False, log_to_driver=False)
     try:
-        results = {v: run_variant(v, study, spec, family, encoded, teacher_info, workdir) for v in variants}
+        runs: dict[str, list[dict]] = {v: [] for v in variants}
+        for r in range(args.rounds):  # alternate the order so a drifting machine load evens out
+            for v in (variants if r % 2 == 0 else list(reversed(variants))):
+                runs[v].append(run_variant(v, study, spec, family, encoded, teacher_info, workdir))
     finally:
         ray.shutdown()
 
+    def med(v, key):
+        vals = [x[key] for x in runs[v] if x[key] is not None]
+        return statistics.median(vals) if vals else None
+
     print(f"\n{study.name}: {len(list(trial_points(study)))} trials x {study.train.epochs} epochs, "
           f"{len(encoded['train'])} training rows, {args.num_cpus} CPUs, max {study.tune.max_concurrent_trials} "
-          "concurrent trials")
-    print(f"{'run':<8} {'wall s':>7} {'trial-ep':>8} {'teacher/ex':>10} {'warm start s':>12} {'cold start s':>12} "
-          f"{'best acc':>8} {'cache':>6}")
-    for v, r in results.items():
-        warm = f"{r['startup_warm_s']:.3f}" if r["startup_warm_s"] is not None else "-"
-        cold = f"{r['startup_cold_s']:.3f}" if r["startup_cold_s"] is not None else "-"
-        print(f"{v:<8} {r['wall_s']:>7.1f} {r['trial_epochs']:>8d} {r['teacher_passes_per_example']:>10.2f} "
-              f"{warm:>12} {cold:>12} {r['best_accuracy']:>8.2f} {r['cache_mode']:>6}")
+          f"concurrent trials, {args.rounds} round(s)")
+    print(f"{'run':<8} {'wall s':>7} {'trial-ep':>8} {'s/trial-ep':>10} {'teacher/ex':>10} {'warm start s':>12} "
+          f"{'first start s':>13} {'best acc':>8} {'cache':>6}")
+    for v, rs in runs.items():
+        for r in rs:
+            warm = f"{r['startup_warm_s']:.3f}" if r["startup_warm_s"] is not None else "-"
+            cold = f"{r['startup_cold_s']:.3f}" if r["startup_cold_s"] is not None else "-"
+            print(f"{v:<8} {r['wall_s']:>7.1f} {r['trial_epochs']:>8d} {r['wall_s'] / r['trial_epochs']:>10.2f} "
+                  f"{r['teacher_passes_per_example']:>10.2f} {warm:>12} {cold:>13} {r['best_accuracy']:>8.2f} "
+                  f"{r['cache_mode']:>6}")
+    for v, rs in runs.items():
+        for r in rs:
+            r["wall_per_trial_epoch_s"] = r["wall_s"] / r["trial_epochs"]
     summary = {"study": study.name, "overrides": args.overrides, "train_rows": len(encoded["train"]),
-               "padding": pad, "runs": results}
-    if "cached" in results and "online" in results:
-        summary["wall_ratio_cached"] = round(results["cached"]["wall_s"] / results["online"]["wall_s"], 3)
-    if "cached" in results:
-        summary["teacher_passes_per_example"] = round(results["cached"]["teacher_passes_per_example"], 3)
-        summary["trial_startup_s"] = results["cached"]["startup_warm_s"]
-    if "online" in results:
-        summary["teacher_passes_per_example_online"] = round(results["online"]["teacher_passes_per_example"], 3)
-    if "fifo" in results and ("cached" in results or "online" in results):
-        asha = results.get("cached") or results["online"]
-        summary["asha_epoch_ratio"] = round(asha["trial_epochs"] / results["fifo"]["trial_epochs"], 3)
-        summary["best_accuracy_asha"] = asha["best_accuracy"]
-        summary["best_accuracy_fifo"] = results["fifo"]["best_accuracy"]
+               "rounds": args.rounds, "padding": pad, "runs": runs}
+    if "cached" in runs and "online" in runs:
+        summary["wall_ratio_cached"] = round(med("cached", "wall_s") / med("online", "wall_s"), 3)
+        summary["wall_per_trial_epoch_ratio_cached"] = round(
+            med("cached", "wall_per_trial_epoch_s") / med("online", "wall_per_trial_epoch_s"), 3)
+    if "cached" in runs:
+        summary["teacher_passes_per_example"] = round(med("cached", "teacher_passes_per_example"), 3)
+        summary["trial_startup_s"] = med("cached", "startup_warm_s")
+    if "online" in runs:
+        summary["teacher_passes_per_example_online"] = round(med("online", "teacher_passes_per_example"), 3)
+        summary["trial_startup_online_s"] = med("online", "startup_warm_s")
+    if "fifo" in runs and ("cached" in runs or "online" in runs):
+        asha = "cached" if "cached" in runs else "online"
+        summary["asha_epoch_ratio"] = round(med(asha, "trial_epochs") / med("fifo", "trial_epochs"), 3)
+        summary["best_accuracy_asha"] = med(asha, "best_accuracy")
+        summary["best_accuracy_fifo"] = med("fifo", "best_accuracy")
     if "wall_ratio_cached" in summary:
-        print(f"wall time cached/online: {summary['wall_ratio_cached']:.2f}")
+        print(f"wall time cached/online: {summary['wall_ratio_cached']:.2f} (per trial-epoch "
+              f"{summary['wall_per_trial_epoch_ratio_cached']:.2f})")
     if "asha_epoch_ratio" in summary:
         print(f"trial-epochs ASHA/FIFO: {summary['asha_epoch_ratio']:.2f}; best accuracy ASHA "
               f"{summary['best_accuracy_asha']:.2f}, FIFO {summary['best_accuracy_fifo']:.2f}")
