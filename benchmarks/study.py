@@ -6,6 +6,7 @@
 Runs the study's trials in-process with Ray Tune and the project's own pieces (task loading,
 teacher fine-tune cache, `cache.for_study`, `trainable.tune_trainable`), without MLflow, three times:
 
+- `baseline`: ASHA, teacher cache off and no length buckets (as before either existed);
 - `online`: ASHA, teacher cache off (every trial runs the teacher in every step);
 - `cached`: ASHA, teacher cache on (built once before the trials, included in the wall time);
 - `fifo`:   FIFO, teacher cache on (every trial runs all its epochs).
@@ -47,7 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--study", default=str(REPO / "search_spaces" / "quickstart.yaml"))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="study override, as for python -m tunekd.run")
-    p.add_argument("--variants", default="online,cached,fifo", help="comma list of: online, cached, fifo")
+    p.add_argument("--variants", default="baseline,online,cached,fifo",
+                   help="comma list of: baseline, online, cached, fifo")
     p.add_argument("--rounds", type=int, default=1,
                    help="run the variants this many times, alternating their order; figures are medians")
     p.add_argument("--num-cpus", type=int, default=2)
@@ -99,7 +101,9 @@ def run_variant(name: str, study, spec, family, encoded, teacher_info, workdir: 
     from tunekd import cache as tcache
     from tunekd.trainable import make_shared, tune_trainable
 
-    budget = 0.0 if name == "online" else float(getattr(study.teacher, "cache_budget_gb", 2.0) or 2.0)
+    budget = 0.0 if name in ("online", "baseline") else float(study.teacher.cache_budget_gb or 2.0)
+    if name == "baseline":  # as before the teacher cache and length buckets existed
+        study = study.model_copy(update={"train": study.train.model_copy(update={"bucket_by_length": False})})
     scheduler_name = "fifo" if name == "fifo" else "asha"
     storage = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=workdir))  # its own cache: every cached run builds it
     study = study.model_copy(update={"tune": study.tune.model_copy(update={"storage_path": str(storage)})})
@@ -213,6 +217,10 @@ def main(argv=None) -> int:
         summary["wall_ratio_cached"] = round(med("cached", "wall_s") / med("online", "wall_s"), 3)
         summary["wall_per_trial_epoch_ratio_cached"] = round(
             med("cached", "wall_per_trial_epoch_s") / med("online", "wall_per_trial_epoch_s"), 3)
+    if "cached" in runs and "baseline" in runs:
+        summary["wall_ratio_vs_baseline"] = round(med("cached", "wall_s") / med("baseline", "wall_s"), 3)
+        summary["wall_per_trial_epoch_ratio_vs_baseline"] = round(
+            med("cached", "wall_per_trial_epoch_s") / med("baseline", "wall_per_trial_epoch_s"), 3)
     if "cached" in runs:
         summary["teacher_passes_per_example"] = round(med("cached", "teacher_passes_per_example"), 3)
         summary["trial_startup_s"] = med("cached", "startup_warm_s")
@@ -227,6 +235,9 @@ def main(argv=None) -> int:
     if "wall_ratio_cached" in summary:
         print(f"wall time cached/online: {summary['wall_ratio_cached']:.2f} (per trial-epoch "
               f"{summary['wall_per_trial_epoch_ratio_cached']:.2f})")
+    if "wall_ratio_vs_baseline" in summary:
+        print(f"wall time cached (with length buckets) / baseline (neither): {summary['wall_ratio_vs_baseline']:.2f} "
+              f"(per trial-epoch {summary['wall_per_trial_epoch_ratio_vs_baseline']:.2f})")
     if "asha_epoch_ratio" in summary:
         print(f"trial-epochs ASHA/FIFO: {summary['asha_epoch_ratio']:.2f}; best accuracy ASHA "
               f"{summary['best_accuracy_asha']:.2f}, FIFO {summary['best_accuracy_fifo']:.2f}")
