@@ -64,4 +64,4 @@ def tiny_encoded(tiny_bert_dir):
 
     tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
     raw = load_task("synthetic", None, synthetic={"train_size": 64, "eval_size": 32})
-    return encode_splits(raw, tok, get_task("synthetic").text_fields, 32)
+    return encode_splits(raw, tok, get_task("synthetic"), 32)

@@ -195,13 +195,34 @@ def test_truncated_teacher_shares_weights_and_matches_lower_layers(family, teach
 
 
 def test_needed_layers_is_the_union_over_the_trials():
+    from tunekd.plan import Trials
+
     study = Study.model_validate({"name": "x", "task": {"name": "synthetic"}, "teacher": {"model": "minilm"},
                                   "student": {"layers": 3}})
+    trials = Trials(study, 6, True)
     points = [{"distill.strategy": s} for s in ("none", "forward", "reverse", "all_to_one", "random")]
-    assert tc.needed_layers(study, 6, True, points) == {0, 2, 3, 4, 6}
-    assert tc.needed_layers(study, 6, True, [{"distill.strategy": "all_to_one"}]) == {3}
-    assert tc.needed_layers(study, 6, True, [{"distill.strategy": "forward", "distill.lambda_hid": 0}]) == set()
+    assert tc.needed_layers(trials, points) == {0, 2, 3, 4, 6}
+    assert tc.needed_layers(trials, [{"distill.strategy": "all_to_one"}]) == {3}
+    assert tc.needed_layers(trials, [{"distill.strategy": "forward", "distill.lambda_hid": 0}]) == set()
     assert tc.layers_from_maps([[(0, 0), (1, 2)], [(1, 5)]]) == {0, 2, 5}
+
+
+def test_needed_layers_of_a_randint_depth_cover_every_depth():
+    """student.layers randint [1, 4] of a 6-layer teacher: forward maps student layer i to teacher layer
+    i * 6 / S rounded half up, for every S in 1..4, not only the end depths 1 and 4 (whose union lacks
+    teacher layer 4, used by S = 3 only)."""
+    from tunekd.plan import Trials, trial_points
+
+    study = Study.model_validate({"name": "x", "task": {"name": "synthetic"}, "teacher": {"model": "minilm"},
+                                  "search": {"student.layers": {"randint": [1, 4]}},
+                                  "tune": {"searcher": "random"}})
+    points = list(trial_points(study))
+    assert points == [{"student.layers": s} for s in (1, 2, 3, 4)]
+    by_hand = {0} | {int(i * 6 / s + 0.5) for s in (1, 2, 3, 4) for i in range(1, s + 1)}
+    assert by_hand == {0, 2, 3, 4, 5, 6}
+    assert tc.needed_layers(Trials(study, 6, True), points) == by_hand
+    ends = tc.needed_layers(Trials(study, 6, True), [{"student.layers": 1}, {"student.layers": 4}])
+    assert by_hand - ends == {4}
 
 
 def test_cache_info_params_are_flat():

@@ -233,6 +233,21 @@ def test_trial_with_full_cache_never_builds_the_teacher(family, teacher, encoded
     assert 0 < results["warm"]["perf/startup_s"] < 5.0
 
 
+def test_trial_the_full_cache_does_not_cover_is_an_error(family, teacher, encoded, full_cache):
+    """The study built a full cache of layers (0, 2, 4); a trial mapping teacher layer 3 would silently
+    run the teacher online: an error instead."""
+    from tunekd.trainable import make_shared, run_trial
+
+    info, _ = full_cache
+    study = Study.model_validate({
+        "name": "t", "task": {"name": "synthetic", "max_length": 32}, "teacher": {"model": "minilm"},
+        "student": {"layers": 2, "init": "copy"}, "distill": {**DCFG.model_dump(), "strategy": [(1, 3)]},
+        "train": {"epochs": 1, "batch_size": 32, "lr": 1e-3}})
+    shared = make_shared(study, family.name, teacher, encoded, cache=info)
+    with pytest.raises(RuntimeError, match=r"holds layers \[0, 2, 4\] but this trial maps teacher layers \[3\]"):
+        run_trial({}, shared)
+
+
 def test_single_init_initialises_every_weight_once(family, teacher):
     """Constructor-level torch init is skipped; transformers' init still sets every parameter and buffer."""
     from tunekd.trainable import single_init

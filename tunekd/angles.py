@@ -21,7 +21,6 @@ import os
 import re
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,23 +217,14 @@ def _load_model(path: str, spec, what: str):
         raise ConfigError(f"{what} {path!r} cannot be loaded: {str(exc).splitlines()[0]}") from None
 
 
-def _client(uri: str):
-    from tunekd.tracking import check_uri
-
-    check_uri(uri)
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
-
-
 def download_student(run_id: str, tracking_uri: str, dst: str) -> tuple[str, dict]:
     """The run's artifact folder `student/` (a transformers model) downloaded into `dst`; and the
     run's params. ConfigError when the run or the artifact does not exist."""
-    import mlflow.artifacts
+    from tunekd import tracking
 
     if tracking_uri.startswith("sqlite:///") and not os.path.isfile(tracking_uri[len("sqlite:///"):]):
         raise ConfigError(f"--student run:{run_id}: no MLflow database at {tracking_uri[len('sqlite:///'):]!r}")
-    client = _client(tracking_uri)
+    client = tracking.client(tracking_uri)
     try:
         run = client.get_run(run_id)
     except Exception as exc:  # MlflowException
@@ -244,8 +234,7 @@ def download_student(run_id: str, tracking_uri: str, dst: str) -> tuple[str, dic
     if "student" not in names:
         raise ConfigError(f"--student run:{run_id}: the run has no artifact folder 'student/' "
                           f"(artifacts: {', '.join(sorted(names)) or 'none'})")
-    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="student", dst_path=dst,
-                                               tracking_uri=tracking_uri)
+    path = tracking.download_artifacts(tracking_uri, run_id, "student", dst)
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ConfigError(f"--student run:{run_id}: artifact 'student/' has no config.json (not a transformers model)")
     params = dict(run.data.params)
@@ -466,16 +455,11 @@ def summary_text(stats) -> str:
 
 
 def log_to_mlflow(args, loaded: Loaded, stats, files: list[Path]) -> str:
-    from mlflow.entities import Metric, Param
+    from tunekd import tracking
 
-    client = _client(args.tracking_uri)
-    exp = client.get_experiment_by_name(args.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(args.experiment)
     tags = {"tunekd.role": "angles"}
     if args.student.startswith("run:"):
         tags["tunekd.source_run"] = args.student[len("run:"):]
-    run = client.create_run(exp_id, run_name=f"angles-{loaded.student_label}", tags=tags)
-    rid = run.info.run_id
     params = {"teacher": loaded.teacher_path, "task": args.task, "samples": args.samples,
               "max_length": args.max_length, **{f"student.{k}" if k != "student" else k: v
                                                 for k, v in loaded.student_info.items()}}
@@ -485,13 +469,10 @@ def log_to_mlflow(args, loaded: Loaded, stats, files: list[Path]) -> str:
     for (stack, i), s in stats.items():
         metrics[f"angles/mean_cos/{_name(stack, i, many)}"] = s.mean_cos
         metrics[f"angles/frac_acute/{_name(stack, i, many)}"] = s.frac_acute
-    now = int(time.time() * 1000)
-    client.log_batch(rid, params=[Param(k, str(v)[:6000]) for k, v in params.items()],
-                     metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if math.isfinite(v)])
-    for f in files:
-        client.log_artifact(rid, str(f))
-    client.set_terminated(rid)
-    return rid
+    return tracking.log_single_run(args.tracking_uri, args.experiment, f"angles-{loaded.student_label}", tags=tags,
+                                   params={k: str(v)[:6000] for k, v in params.items()},
+                                   metrics={k: float(v) for k, v in metrics.items() if math.isfinite(v)},
+                                   files=[str(f) for f in files])
 
 
 # --- the CLI -----------------------------------------------------------------------------------

@@ -55,17 +55,16 @@ def layers_from_maps(layer_maps: Iterable[Iterable[tuple[int, int]]]) -> set[int
     return {int(t) for m in layer_maps for _, t in m}
 
 
-def needed_layers(study, teacher_layers: int, match_embeddings_default: bool, points: Iterable[dict]) -> set[int]:
-    """Union of the teacher indices that the trials at `points` (dicts of search overrides, e.g. the
-    driver's `trial_points(study)`) match with a hidden loss (λ > 0 and a non-empty map)."""
-    from tunekd import plan
-
+def needed_layers(trials, points: Iterable[dict]) -> set[int]:
+    """Union of the teacher indices that the trials at `points` (dicts of search overrides, e.g.
+    `plan.trial_points(study)`) match with a hidden loss (λ > 0 and a non-empty map); `trials` is the
+    study's `plan.Trials` (the memoised resolution of a trial config)."""
     out: set[int] = set()
     for point in points:
-        trial = study.trial(point)
-        if trial.distill.lambda_hid <= 0:
+        trial = trials(point)
+        if trial.study.distill.lambda_hid <= 0:
             continue
-        out |= layers_from_maps([plan.resolve(trial, teacher_layers, match_embeddings_default).layer_map])
+        out |= layers_from_maps([trial.plan.layer_map])
     return out
 
 
@@ -282,13 +281,14 @@ def prepare(family, teacher, data: Encoded, root: str | Path, *, layers: Iterabl
 
 
 def for_study(study, family, teacher, encoded: dict[str, Encoded], points: Iterable[dict], *,
-              budget_gb: float | None = None, log: Callable[[str], None] | None = None) -> CacheInfo:
+              trials=None, budget_gb: float | None = None, log: Callable[[str], None] | None = None) -> CacheInfo:
     """The driver's step: decide and build (or reuse) the cache of the training split for every trial at
-    `points` (the driver's `trial_points(study)`), under `<tune.storage_path>/teacher_cache/`.
-    The budget is `budget_gb`, else the study's `teacher.cache_budget_gb` (default 2.0; 0 = off); the
-    stored dtype `teacher.cache_dtype` (fp16, the default, or bf16). Returns the decision; its `reason`
-    is the line to print and log."""
-    from tunekd.distill import device_for
+    `points` (`plan.trial_points(study)`: every value of a grid/choice/randint dimension), under
+    `<tune.storage_path>/teacher_cache/`. `trials` is the study's `plan.Trials` (built here when not
+    given). The budget is `budget_gb`, else the study's `teacher.cache_budget_gb` (0 = off); the stored
+    dtype `teacher.cache_dtype`. Returns the decision; its `reason` is the line to print and log."""
+    from tunekd.device import device_for
+    from tunekd.plan import Trials
     from tunekd.tasks import get_task
 
     kind = get_task(study.task.name).kind
@@ -298,18 +298,19 @@ def for_study(study, family, teacher, encoded: dict[str, Encoded], points: Itera
         if log:
             log(f"teacher cache: off: {info.reason}")
         return info
-    budget = float(getattr(study.teacher, "cache_budget_gb", 2.0) if budget_gb is None else budget_gb)
+    budget = study.teacher.cache_budget_gb if budget_gb is None else budget_gb
     points = list(points) or [{}]
-    t_layers = family.num_layers(teacher.config)
-    layers = needed_layers(study, t_layers, family.match_embeddings_default, points)
-    needs_logits = any(study.trial(p).distill.alpha_kl > 0 for p in points)
+    if trials is None:
+        trials = Trials(study, family.num_layers(teacher.config), family.match_embeddings_default)
+    layers = needed_layers(trials, points)
+    needs_logits = any(trials(p).study.distill.alpha_kl > 0 for p in points)
     root = Path(study.tune.storage_path).expanduser().resolve() / "teacher_cache"
     device = device_for()
     teacher.to(device)
     try:
         info = prepare(family, teacher, encoded["train"], root, layers=layers, budget_gb=budget,
                        max_length=study.task.max_length, needs_logits=needs_logits, device=device, log=log,
-                       dtype=getattr(study.teacher, "cache_dtype", "fp16"))
+                       dtype=study.teacher.cache_dtype)
     finally:
         teacher.to("cpu")
     if log:

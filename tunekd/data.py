@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from tunekd.tasks.base import TaskSpec
+
 # rows sorted together by length when bucketing: this many batches' worth of a shuffled epoch
 BUCKET_POOL = 64
 
@@ -79,16 +81,14 @@ def encode(dataset, tokenizer, text_fields, max_length: int) -> Encoded:
     return Encoded(arrays=arrays, lengths=lengths)
 
 
-def encode_splits(dsd, tokenizer, task, max_length: int, *, family=None) -> dict[str, Encoded]:
-    """Tokenize every split. `task` is a `TaskSpec` (or, for classification, its `text_fields`).
-    Classification is encoded here; other task kinds by the model family (`family.encode`), which
-    knows its input layout: split `train` in the training layout, the others in the eval layout."""
-    kind = getattr(task, "kind", "classification")
-    if kind == "classification":
-        fields = getattr(task, "text_fields", task)
-        return {name: encode(ds, tokenizer, fields, max_length) for name, ds in dsd.items()}
+def encode_splits(dsd, tokenizer, task: TaskSpec, max_length: int, *, family=None) -> dict[str, Encoded]:
+    """Tokenize every split of `task`. Classification is encoded here; other task kinds by the model
+    family (`family.encode`), which knows its input layout: split `train` in the training layout, the
+    others in the eval layout."""
+    if task.kind == "classification":
+        return {name: encode(ds, tokenizer, task.text_fields, max_length) for name, ds in dsd.items()}
     if family is None:
-        raise ValueError(f"encoding a {kind!r} task needs the model family")
+        raise ValueError(f"encoding a {task.kind!r} task needs the model family")
     return {name: family.encode(ds, tokenizer, task, max_length, train=(name == "train"))
             for name, ds in dsd.items()}
 

@@ -11,7 +11,6 @@ are needed, else only its layers up to the highest one the layer map uses (`trun
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import time
@@ -24,29 +23,17 @@ from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
 from tunekd import losses
+from tunekd.cache import TeacherCache
 from tunekd.data import Encoded, batch_indices, num_batches, padding_fraction
+from tunekd.device import autocast, device_for  # noqa: F401  (re-exported: distill.device_for)
 from tunekd.errors import ConfigError
 from tunekd.models import Family, stack_prefixes
+from tunekd.study import DistillConfig, GenerationConfig, TrainConfig
 from tunekd.tasks.base import compute_metrics
 
 
 class NonFiniteLoss(RuntimeError):
     pass
-
-
-def device_for(precision: str = "fp32") -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if precision == "fp16":
-        raise RuntimeError("train.precision 'fp16' needs a GPU; use 'bf16' or 'fp32' on the CPU")
-    return torch.device("cpu")
-
-
-def autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def truncated(family: Family, model: nn.Module, keep: int) -> nn.Module:
@@ -71,7 +58,7 @@ def truncated(family: Family, model: nn.Module, keep: int) -> nn.Module:
     return root
 
 
-def teacher_needed(d, layer_map, cache) -> bool:
+def teacher_needed(d: DistillConfig | None, layer_map: list[tuple[int, int]], cache: TeacherCache | None) -> bool:
     """Whether a trial with distill config `d` and `layer_map` must run a teacher model, given `cache`
     (a `cache.TeacherCache` or None): when it uses logits or hidden states the cache does not hold."""
     if d is None:
@@ -91,9 +78,9 @@ class Distiller:
     student: nn.Module
     teacher: nn.Module | None = None
     layer_map: list[tuple[int, int]] = field(default_factory=list)
-    distill: object | None = None  # study.DistillConfig; None = plain fine-tuning (CE only)
+    distill: DistillConfig | None = None  # None = plain fine-tuning (CE only)
     projections: nn.ModuleDict = field(default_factory=nn.ModuleDict)
-    cache: object | None = None  # cache.TeacherCache of the training rows
+    cache: TeacherCache | None = None  # the teacher's outputs for the training rows
     teacher_rows: int = 0  # rows the teacher model ran on (counted for perf/teacher_rows)
     cached_rows: int = 0  # rows whose teacher outputs came from the cache
     _short: nn.Module | None = field(default=None, repr=False)
@@ -203,7 +190,7 @@ def _to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor
 
 @torch.no_grad()
 def evaluate(family: Family, model: nn.Module, spec, splits: dict[str, Encoded], *, batch_size: int = 128,
-             precision: str = "fp32", generation=None) -> dict[str, float]:
+             precision: str = "fp32", generation: GenerationConfig | None = None) -> dict[str, float]:
     """The task's metrics: classification here (argmax of `family.predict`); other kinds (generation:
     decode and BLEU; multiple choice: scores per choice) by `family.evaluate`. `generation` is the
     study's `task.generation`."""
@@ -236,7 +223,7 @@ class TrainState:
     step: int = 0
 
 
-def make_state(distiller: Distiller, train_cfg, steps_per_epoch: int, epochs: int) -> TrainState:
+def make_state(distiller: Distiller, train_cfg: TrainConfig, steps_per_epoch: int, epochs: int) -> TrainState:
     params = [p for p in distiller.parameters() if p.requires_grad]
     # the fused kernel: ~9x faster than the default on the CPU at MiniLM size (embeddings dominate)
     optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay, fused=True)
@@ -245,7 +232,7 @@ def make_state(distiller: Distiller, train_cfg, steps_per_epoch: int, epochs: in
     return TrainState(optimizer=optimizer, scheduler=scheduler)
 
 
-def train_step(distiller: Distiller, state: TrainState, batch: dict[str, torch.Tensor], train_cfg, device,
+def train_step(distiller: Distiller, state: TrainState, batch: dict[str, torch.Tensor], train_cfg: TrainConfig, device,
                scaler=None) -> dict[str, torch.Tensor]:
     """One optimizer step on one batch (already on `device`): losses under autocast, backward, clipping."""
     with autocast(device, train_cfg.precision):
@@ -275,7 +262,7 @@ def fit(
     spec,
     train: Encoded,
     evals: dict[str, Encoded],
-    train_cfg,
+    train_cfg: TrainConfig,
     *,
     epochs: int,
     seed: int,
@@ -283,7 +270,7 @@ def fit(
     on_epoch: Callable[[int, dict[str, float], TrainState], None] | None = None,
     progress: Callable[[str], None] | None = None,
     started: float | None = None,
-    generation=None,
+    generation: GenerationConfig | None = None,
 ) -> list[dict[str, float]]:
     """Train for `epochs` epochs (resuming after `state.epoch` when a state is given).
 
@@ -295,7 +282,7 @@ def fit(
     """
     device = device_for(train_cfg.precision)
     distiller.to(device)
-    bucket = bool(getattr(train_cfg, "bucket_by_length", True))
+    bucket = train_cfg.bucket_by_length
     steps = num_batches(train, train_cfg.batch_size)
     state = state or make_state(distiller, train_cfg, steps, epochs)
     scaler = torch.amp.GradScaler("cuda") if train_cfg.precision == "fp16" else None

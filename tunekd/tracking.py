@@ -190,7 +190,50 @@ class StudyTracker:
     def log_artifact(self, run_id: str, path: str, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, path, artifact_path)
 
+    def log_artifacts(self, run_id: str, folder: str, artifact_path: str | None = None) -> None:
+        """Every file under `folder` as artifacts of `run_id` (under `artifact_path`)."""
+        self.client.log_artifacts(run_id, folder, artifact_path)
+
     def ui_command(self) -> str:
         if self.uri.startswith("sqlite:///"):
             return f"mlflow ui --backend-store-uri {self.uri}"
         return f"open {self.uri} (experiment {self.experiment!r})"
+
+
+# --- single runs and artifacts (the analysis CLIs go through these, not through mlflow) -------------
+
+
+def client(uri: str):
+    """An `MlflowClient` for `uri`, after `check_uri`."""
+    check_uri(uri)
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def download_artifacts(uri: str, run_id: str, artifact_path: str, dst: str) -> str:
+    """Run `run_id`'s artifact `artifact_path` downloaded under `dst`; returns its local path."""
+    import mlflow.artifacts
+
+    return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=dst,
+                                               tracking_uri=uri)
+
+
+def log_single_run(uri: str, experiment: str, run_name: str, *, tags: dict[str, str], params: dict[str, str],
+                   metrics: dict[str, float], files: list[str] = ()) -> str:
+    """One finished run (created in `experiment` if needed) with its params, step-0 metrics and files as
+    artifacts; returns its id."""
+    from mlflow.entities import Metric, Param
+
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else c.create_experiment(experiment)
+    run = c.create_run(exp_id, run_name=run_name, tags=tags)
+    rid = run.info.run_id
+    now = int(time.time() * 1000)
+    c.log_batch(rid, params=[Param(k, v) for k, v in params.items()],
+                metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
+    for f in files:
+        c.log_artifact(rid, f)
+    c.set_terminated(rid)
+    return rid

@@ -83,6 +83,15 @@ class Shared:
             memo["teacher"] = model
         return memo["teacher"]
 
+    def trials(self) -> plan.Trials:
+        """The study's memoised trial resolution (config → trial study + plan), one per worker."""
+        memo = self._memo()
+        if "trials" not in memo:
+            family = FAMILIES[self.family]
+            memo["trials"] = plan.Trials(Study.model_validate_json(self.study_json), family.num_layers(self.config()),
+                                         family.match_embeddings_default)
+        return memo["trials"]
+
     def weights(self) -> "TeacherWeights":
         """The teacher's config and weights without building the model (enough to build a student)."""
         return TeacherWeights(self.config(), self.teacher_state)
@@ -199,19 +208,27 @@ def run_trial(overrides: dict[str, Any], shared: Shared, *, report=None, restore
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
-    study = Study.model_validate_json(shared.study_json).trial(overrides)
+    trial = shared.trials()(overrides)
+    study, the_plan = trial.study, trial.plan
     spec = get_task(study.task.name)
     family = FAMILIES[shared.family]
     threads = os.environ.get("TUNEKD_THREADS")
     torch.set_num_threads(int(threads) if threads else max(1, int(study.tune.resources.cpu)))
     config = shared.config()
-    the_plan = plan.resolve(study, family.num_layers(config), family.match_embeddings_default)
     train = shared.encoded["train"]
     cache = shared.open_cache()
     if cache is not None and cache.rows != len(train):
-        cache = None  # not this data: run the teacher online
+        raise RuntimeError(f"teacher cache {shared.cache.folder}: {cache.rows} rows, the training split {len(train)}; "
+                           "it was built from other data")
     # the teacher model is built only when the cache lacks something this trial uses
-    teacher = shared.teacher(spec) if distill.teacher_needed(study.distill, the_plan.layer_map, cache) else None
+    needs_teacher = distill.teacher_needed(study.distill, the_plan.layer_map, cache)
+    if needs_teacher and cache is not None and shared.cache.mode == "full":
+        raise RuntimeError(
+            f"teacher cache {shared.cache.folder} holds layers {list(cache.layers)} but this trial maps teacher "
+            f"layers {sorted({t for _, t in the_plan.layer_map})}: the study expected the cache to cover every "
+            "trial, and running the teacher online instead would only be slower (a search value the driver did "
+            "not enumerate?)")
+    teacher = shared.teacher(spec) if needs_teacher else None
     with single_init():
         student = build_student(teacher if teacher is not None else shared.weights(), family, spec, study.student,
                                 seed=study.seed)

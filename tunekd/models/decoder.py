@@ -147,7 +147,7 @@ class DecoderFamily(Family):
 
     def evaluate(self, model, spec, splits, *, batch_size, precision="fp32", generation=None):
         from tunekd.data import batch_indices
-        from tunekd.distill import autocast
+        from tunekd.device import autocast
         from tunekd.tasks.base import choice_metrics
 
         model.eval()

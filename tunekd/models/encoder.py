@@ -103,8 +103,8 @@ class EncoderFamily(Family):
         import numpy as np
 
         from tunekd.data import batch_indices
-        from tunekd.distill import autocast
-        from tunekd.tasks.base import _accuracy
+        from tunekd.device import autocast
+        from tunekd.tasks.base import accuracy
 
         model.eval()
         device = next(model.parameters()).device
@@ -116,4 +116,4 @@ class EncoderFamily(Family):
                 batch = {k: v.to(device) for k, v in data.batch(index).items() if k != "index"}
                 with autocast(device, precision):
                     pred[index] = self.forward(model, batch, hidden=False).logits.argmax(-1).cpu().numpy()
-        return {"accuracy": _accuracy(pred, data.arrays["labels"])}
+        return {"accuracy": accuracy(pred, data.arrays["labels"])}

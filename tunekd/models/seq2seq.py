@@ -135,13 +135,16 @@ class Seq2SeqFamily(Family):
     def generate(self, model, data, rows, *, batch_size, precision="fp32", generation=None) -> list[str]:
         """Greedy or beam-search outputs for `rows` of `data`, decoded, in the order of `rows`."""
         from tunekd.data import batch_indices
-        from tunekd.distill import autocast
+        from tunekd.device import autocast
 
+        from tunekd.study import GenerationConfig
+
+        generation = generation or GenerationConfig()  # the schema's defaults
         tok = data.extras["tokenizer"]
         device = next(model.parameters()).device
         cfg = model.config
-        kwargs = {"num_beams": int(getattr(generation, "num_beams", 1)),
-                  "max_new_tokens": int(getattr(generation, "max_new_tokens", 64)), "do_sample": False}
+        kwargs = {"num_beams": int(generation.num_beams), "max_new_tokens": int(generation.max_new_tokens),
+                  "do_sample": False}
         for key in ("decoder_start_token_id", "eos_token_id", "pad_token_id"):
             if getattr(cfg, key, None) is not None:
                 kwargs[key] = getattr(cfg, key)
@@ -160,7 +163,7 @@ class Seq2SeqFamily(Family):
         from tunekd.tasks.base import bleu
 
         model.eval()
-        limit = getattr(generation, "eval_samples", None)
+        limit = generation.eval_samples if generation is not None else None
         split = spec.eval_splits[0]
         data = splits[split]
         n = len(data) if limit is None else min(limit, len(data))

@@ -43,7 +43,7 @@ class TaskSpec:
 # metrics (plain numpy; values in percent like the papers report them)
 
 
-def _accuracy(pred: np.ndarray, ref: np.ndarray) -> float:
+def accuracy(pred: np.ndarray, ref: np.ndarray) -> float:
     return float(np.mean(pred == ref) * 100.0)
 
 
@@ -58,9 +58,9 @@ def _f1_positive(pred: np.ndarray, ref: np.ndarray) -> float:
 
 # metric name -> (function, index into spec.eval_splits)
 _METRICS: dict[str, tuple[Callable[[np.ndarray, np.ndarray], float], int]] = {
-    "accuracy": (_accuracy, 0),
+    "accuracy": (accuracy, 0),
     "f1": (_f1_positive, 0),
-    "accuracy_mm": (_accuracy, 1),  # MNLI mismatched
+    "accuracy_mm": (accuracy, 1),  # MNLI mismatched
 }
 
 
@@ -136,5 +136,5 @@ def choice_metrics(loglik: np.ndarray, char_lengths: np.ndarray, labels: np.ndar
     if loglik.shape[0] == 0:
         raise ValueError("no examples to score")
     norm = loglik / np.maximum(np.asarray(char_lengths, dtype=np.float64), 1.0)
-    return {"accuracy": _accuracy(loglik.argmax(axis=1), labels),
-            "accuracy_norm": _accuracy(norm.argmax(axis=1), labels)}
+    return {"accuracy": accuracy(loglik.argmax(axis=1), labels),
+            "accuracy_norm": accuracy(norm.argmax(axis=1), labels)}

@@ -1,0 +1,533 @@
+"""The study driver: one study, top to bottom, as named steps that keep their results on one object.
+
+    driver = StudyDriver(study, RunOptions(study_file="search_spaces/quickstart.yaml"))
+    driver.run()
+
+`run` is the whole study (each step reads what the earlier ones left on `self`):
+
+    setup_task      task data, tokenizer, model family and teacher config (cheap; fails on bad input)
+    preflight       resolve every trial config the study can produce (`plan.Trials`); --dry-run stops here
+    connect         a local Ray on 127.0.0.1, or attach to --address
+    setup_data      tokenize the task once
+    setup_teacher   load the teacher or fine-tune it once (cached by content hash)
+    setup_cache     the teacher-output cache for every trial; the `Shared` data the trials receive
+    setup_tracking  the MLflow parent run (or the one --resume continues)
+    setup_tuner     tune.Tuner (or Tuner.restore) with `TrialCallback`, which holds this driver
+    fit             run the trials; close the parent run; settle trials no driver saw finish
+    summarise       the table of trials and the closing lines
+
+The benchmarks drive the same steps (`benchmarks/study.py`) with `RunOptions(track=False)`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from tunekd import plan
+from tunekd.errors import ConfigError
+from tunekd.study import Study, grid_size
+
+
+def log(msg: str) -> None:
+    print(f"[tunekd] {msg}", flush=True)
+
+
+@dataclass
+class RunOptions:
+    """How to run a study (the CLI's options other than the study itself)."""
+
+    study_file: str | None = None  # recorded in MLflow (path and text)
+    overrides: list[str] = field(default_factory=list)
+    address: str | None = None  # attach to this Ray cluster; None: start a local one
+    num_cpus: int | None = None  # CPUs of a local Ray (None: all)
+    resume: str | None = None  # "latest" or a parent run id
+    dry_run: bool = False
+    track: bool = True  # False: no MLflow (the benchmarks)
+    keep_ray: bool = False  # leave Ray running after the study (a caller that runs several)
+
+
+class StudyDriver:
+    """One study's run. Every step fills attributes that later steps (and `TrialCallback`) read."""
+
+    def __init__(self, study: Study, options: RunOptions | None = None, *, log=log):
+        self.study = study
+        self.options = options or RunOptions()
+        self.log = log
+        self.t_start = time.perf_counter()
+        # setup_task
+        self.spec = self.base = self.teacher_config = self.family = self.raw = self.tokenizer = None
+        self.trials: plan.Trials | None = None  # the memoised config -> (trial study, plan)
+        self.points: list[dict[str, Any]] = []
+        # setup_data / setup_teacher / setup_cache
+        self.encoded: dict | None = None
+        self.padding: dict[str, float] = {}
+        self.teacher = None  # teacher.TeacherInfo
+        self.cache = None  # cache.CacheInfo
+        self.teacher_model_config = None  # the (fine-tuned) teacher's transformers config
+        self.shared = None  # trainable.Shared
+        # setup_tracking / setup_tuner / fit
+        self.tracker = None  # tracking.StudyTracker, None when not tracking
+        self.ray_path: str | None = None
+        self.tuner = None
+        self.results = None  # tune.ResultGrid
+        self.started: set[str] = set()
+
+    # --- the study, top to bottom ------------------------------------------------------------------
+
+    def run(self) -> int:
+        self.setup_task()
+        self.preflight()
+        if self.options.dry_run:
+            for point in self.points:
+                print("  " + ", ".join(f"{k}={v}" for k, v in point.items()))
+            return 0
+        ray = self.connect()
+        try:
+            self.setup_data()
+            self.setup_teacher()
+            self.setup_cache()
+            self.setup_tracking()
+            self.setup_tuner()
+            self.fit()
+            self.summarise()
+        finally:
+            if not self.options.keep_ray:
+                ray.shutdown()
+        return 0
+
+    # --- the steps ---------------------------------------------------------------------------------
+
+    @property
+    def metric(self) -> str:
+        return f"eval/{self.spec.primary_metric}"
+
+    @property
+    def total_trials(self) -> int:
+        return grid_size(self.study) * self.study.tune.num_samples
+
+    def setup_task(self) -> None:
+        """Task data, tokenizer, family and teacher config: everything that can fail on bad input, cheaply."""
+        from transformers import AutoConfig, AutoTokenizer
+
+        from tunekd.models import family_for
+        from tunekd.tasks import get_task, load_task
+        from tunekd.teacher import resolve_model
+        from tunekd.tracking import check_uri
+
+        study = self.study
+        self.log(f"study {study.name!r}: {len(study.search)} search dimensions, grid of {grid_size(study)} x "
+                 f"{study.tune.num_samples} samples; scheduler {study.tune.scheduler}, searcher {study.tune.searcher}")
+        if self.options.track:
+            check_uri(study.tracking.uri)
+        quiet_libraries()
+        self.spec = spec = get_task(study.task.name)
+        self.base = resolve_model(study.teacher.model)
+        try:
+            self.teacher_config = AutoConfig.from_pretrained(self.base, trust_remote_code=study.teacher.trust_remote_code)
+        except OSError as exc:
+            raise ConfigError(f"teacher.model {study.teacher.model!r} cannot be loaded: "
+                              f"{str(exc).splitlines()[0]}") from None
+        self.family = family = family_for(self.teacher_config)
+        if spec.kind not in family.task_kinds:
+            raise ConfigError(f"task {spec.name!r} ({spec.kind}) cannot be run by the {family.name} family "
+                              f"(it runs: {', '.join(family.task_kinds)})")
+        source = study.task.data_dir or ("the hub" if spec.hub else "the built-in generator")
+        self.log(f"task {spec.name}: loading from {source}")
+        self.raw = load_task(spec.name, study.task.data_dir, max_train_samples=study.task.max_train_samples,
+                             max_eval_samples=study.task.max_eval_samples, seed=study.seed,
+                             synthetic=study.task.synthetic.model_dump())
+        self.tokenizer = AutoTokenizer.from_pretrained(self.base, trust_remote_code=study.teacher.trust_remote_code)
+        self.trials = plan.Trials(study, family.num_layers(self.teacher_config), family.match_embeddings_default)
+
+    def preflight(self) -> None:
+        """Resolve every trial the study can produce; a bad combination is a ConfigError now, not later."""
+        family, config = self.family, self.teacher_config
+        t_width = family.hidden_size(config)
+        self.points = list(plan.trial_points(self.study))
+        for point in self.points:
+            try:
+                trial = self.trials(point)
+            except ConfigError as exc:
+                where = ", ".join(f"{k}={v!r}" for k, v in point.items())
+                raise ConfigError(f"{exc}" + (f" (trial {where})" if where else "")) from None
+            width = trial.study.student.hidden_size or t_width
+            if trial.study.student.init == "copy" and width != t_width:
+                raise ConfigError(f"student.init 'copy' needs the teacher's width: student.hidden_size {width} != "
+                                  f"teacher {t_width}; use student.init 'random' for a narrower student")
+        self.log(f"validated {len(self.points)} trial configurations against the teacher ({family.name}, "
+                 f"{family.num_layers(config)} layers, width {t_width})")
+
+    def connect(self):
+        """A local Ray on loopback, or the cluster at --address; checks the study's resources fit."""
+        ray = connect_ray(self.options.address, self.options.num_cpus, log=self.log)
+        try:
+            check_resources(ray, self.study)
+        except ConfigError:
+            if not self.options.keep_ray:
+                ray.shutdown()
+            raise
+        return ray
+
+    def setup_data(self) -> None:
+        from tunekd.data import encode_splits, padding_report
+
+        study = self.study
+        self.encoded = encoded = encode_splits(self.raw, self.tokenizer, self.spec, study.task.max_length,
+                                               family=self.family)
+        self.log("data: " + ", ".join(f"{k} {len(v)} rows" for k, v in encoded.items())
+                 + f" (max length {study.task.max_length})")
+        self.padding = pad = padding_report(encoded["train"], study.train.batch_size, seed=study.seed)
+        self.log(f"data: padding fraction of a training epoch: {pad['random']:.1%} with shuffled batches, "
+                 f"{pad['bucketed']:.1%} with length buckets ({'on' if study.train.bucket_by_length else 'off'})")
+
+    def setup_teacher(self) -> None:
+        from tunekd.teacher import prepare_teacher
+
+        self.teacher = prepare_teacher(self.study, self.family, self.spec, self.encoded, self.base, self.tokenizer,
+                                       log=self.log)
+        self.log("teacher: " + ", ".join(f"{k}={v:.2f}" for k, v in self.teacher.metrics.items()))
+
+    def setup_cache(self) -> None:
+        """The teacher-output cache for every trial at `points`, and the data every trial shares."""
+        from tunekd import cache as tcache
+        from tunekd.trainable import make_shared
+
+        model = self.family.load(self.teacher.path, self.spec, trust_remote_code=self.study.teacher.trust_remote_code)
+        self.cache = tcache.for_study(self.study, self.family, model, self.encoded, self.points, trials=self.trials,
+                                      log=self.log)
+        self.shared = make_shared(self.study, self.family.name, model, self.encoded, self.cache,
+                                  ship_cache=bool(self.options.address))
+        self.teacher_model_config = model.config
+
+    def setup_tracking(self) -> None:
+        """The MLflow parent run of this invocation, or the one --resume continues; the Ray path."""
+        storage = Path(self.study.tune.storage_path).expanduser().resolve()
+        if not self.options.track:
+            self.ray_path = str(storage / f"{self.study.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+            return
+        from tunekd.tracking import StudyTracker
+
+        study, opts, info = self.study, self.options, self.teacher
+        self.tracker = tracker = StudyTracker(study.tracking.uri, study.experiment)
+        if opts.resume:
+            parent, self.ray_path = tracker.resumable_parent(None if opts.resume == "latest" else opts.resume)
+            if not (Path(self.ray_path) / "tuner.pkl").is_file():
+                raise ConfigError(f"--resume: the study's Ray state {self.ray_path!r} is missing; cannot resume")
+            tracker.start_parent("", {}, "", resume_id=parent)
+            self.log(f"mlflow: resuming parent run {parent} ({len(tracker.trials)} trials recorded) from {self.ray_path}")
+            return
+        run_name = f"{study.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        self.ray_path = str(storage / run_name)
+        study_file = Path(opts.study_file) if opts.study_file else None
+        parent = tracker.start_parent(run_name, {
+            "study_file": str(study_file.resolve()) if study_file else "", "overrides": opts.overrides,
+            "teacher.path": info.path, "teacher.cached": info.cached, "task.train_rows": len(self.encoded["train"]),
+            "teacher.cache_mode": self.cache.mode, "teacher.cache_reason": self.cache.reason,
+            "data.padding_random": round(self.padding["random"], 4),
+            "data.padding_bucketed": round(self.padding["bucketed"], 4),
+        }, study_file.read_text() if study_file else study.model_dump_json(), tags={"tunekd.ray_path": self.ray_path})
+        tracker.log_parent_metrics({f"teacher/{k}": v for k, v in info.metrics.items()})
+        self.log(f"mlflow: experiment {study.experiment!r}, parent run {parent}")
+
+    def setup_tuner(self) -> None:
+        from ray import tune
+
+        from tunekd.trainable import tune_trainable
+
+        study = self.study
+        trainable = tune.with_resources(tune.with_parameters(tune_trainable, shared=self.shared),
+                                        {"cpu": study.tune.resources.cpu, "gpu": study.tune.resources.gpu})
+        callbacks = [TrialCallback(self)] if self.tracker is not None else []
+        if self.options.resume:
+            self.tuner = tune.Tuner.restore(self.ray_path, trainable, resume_unfinished=True, resume_errored=False,
+                                            restart_errored=False)
+            attach_callbacks(self.tuner, self)
+            return
+        self.tuner = tune.Tuner(
+            trainable,
+            param_space=param_space(study),
+            tune_config=tune_config(study, self.metric),
+            run_config=tune.RunConfig(
+                name=Path(self.ray_path).name, storage_path=str(Path(self.ray_path).parent), verbose=0,
+                callbacks=callbacks,
+                checkpoint_config=tune.CheckpointConfig(
+                    num_to_keep=study.tune.checkpoint_keep, checkpoint_score_attribute=self.metric,
+                    checkpoint_score_order="max"),
+                failure_config=tune.FailureConfig(max_failures=study.tune.max_failures)),
+        )
+
+    def fit(self) -> None:
+        status = "FAILED"
+        try:
+            self.results = self.tuner.fit()
+            status = "FINISHED"
+        finally:
+            if self.tracker is not None:
+                self.tracker.end_parent(status)
+        if self.tracker is None:
+            return
+        for result in self.results:  # trials that ended while no driver was listening (a killed driver)
+            trial_id = (result.metrics or {}).get("trial_id")
+            rec = self.tracker.trials.get(trial_id)
+            if rec is not None and rec.status == "running":
+                if result.error is not None:
+                    self.tracker.end_trial(trial_id, "failed", error=str(result.error))
+                else:
+                    self.tracker.end_trial(trial_id, self.finished_status(result.config, result.metrics)[0])
+
+    def summarise(self) -> None:
+        if self.tracker is None:
+            return
+        tracker = self.tracker
+        counts = {s: sum(1 for r in tracker.trials.values() if r.status == s)
+                  for s in ("completed", "early_stopped", "failed")}
+        print()
+        print(summary_table(tracker, self.spec.primary_metric))
+        print()
+        self.log(f"teacher {self.metric}: {self.teacher.metrics.get(self.spec.primary_metric, float('nan')):.2f}; "
+                 "trials: " + ", ".join(f"{v} {k}" for k, v in counts.items())
+                 + f"; wall time {time.perf_counter() - self.t_start:.0f} s")
+        self.log(f"browse it: {tracker.ui_command()}")
+
+    # --- per trial (called by TrialCallback) ---------------------------------------------------------
+
+    def finished_status(self, config, last_result) -> tuple[str, int, int]:
+        epochs = self.trials(config).study.train.epochs
+        last = int((last_result or {}).get("epoch", 0))
+        return ("completed" if last >= epochs else "early_stopped"), last, epochs
+
+    def save_trained_student(self, trial) -> None:
+        """The trial's last checkpoint → a `transformers` folder → MLflow artifact `student/` of its child run."""
+        from safetensors.torch import load_file
+
+        from tunekd.students import export_student
+
+        resolved = self.trials(trial.config)
+        with trial.checkpoint.as_directory() as folder:
+            tensors = load_file(str(Path(folder) / "model.safetensors"))
+        state = {k[len("student."):]: v for k, v in tensors.items() if k.startswith("student.")}
+        with tempfile.TemporaryDirectory(prefix="tunekd-student-") as out:
+            export_student(state, self.teacher_model_config, self.family, self.spec, resolved.study.student, out,
+                           copied_layers=resolved.plan.copied_layers, tokenizer_dir=self.teacher.path)
+            self.tracker.log_artifacts(self.tracker.trials[trial.trial_id].run_id, out, "student")
+
+
+# --- the Tune callback ---------------------------------------------------------------------------
+
+
+def _callback_base():
+    from ray import tune
+
+    return tune.Callback
+
+
+class TrialCallback(_callback_base()):
+    """Driver-side MLflow logging of each trial (child run, metrics, final status) and its console lines.
+    It holds the driver; Tune pickles it into its experiment state without it (`__getstate__`), and a
+    resumed study attaches its own driver (`attach_callbacks`)."""
+
+    def __init__(self, driver: StudyDriver | None = None):
+        self.driver = driver
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.driver = None
+
+    @staticmethod
+    def _label(trial) -> str:
+        bits = [f"{k.split('.')[-1]}={v}" for k, v in trial.config.items()]
+        return f"{trial.trial_id} ({', '.join(bits)})"
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        d = self.driver
+        d.tracker.start_trial(trial.trial_id, d.trials(trial.config).params())
+        d.started.add(trial.trial_id)
+        d.log(f"trial {len(d.started)}/{d.total_trials} started: {self._label(trial)}")
+
+    on_trial_restore = on_trial_start
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self.driver.log(f"  {trial.trial_id} failed and will be retried from its last checkpoint")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        d = self.driver
+        metrics = {k: v for k, v in result.items() if k.startswith(("eval/", "train/", "perf/"))}
+        step = int(result.get("epoch", result.get("training_iteration", 0)))
+        d.tracker.log_trial_metrics(trial.trial_id, metrics, step)
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("eval/") or k == "train/loss")
+        d.log(f"  {trial.trial_id} epoch {step}: {shown}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        d = self.driver
+        status, last, epochs = d.finished_status(trial.config, trial.last_result)
+        if d.trials(trial.config).study.train.save_model and trial.checkpoint is not None:
+            d.save_trained_student(trial)
+        d.tracker.end_trial(trial.trial_id, status)
+        d.log(f"  {trial.trial_id} {status} after {last}/{epochs} epochs")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        d = self.driver
+        text = trial_error_text(trial)
+        d.tracker.end_trial(trial.trial_id, "failed", error=text)
+        lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+        d.log(f"  {trial.trial_id} failed: {lines[-1] if lines else text}")
+
+
+def attach_callbacks(tuner, driver: StudyDriver) -> None:
+    """Give the callbacks a restored Tuner unpickled from its experiment state this driver."""
+    run_config = tuner._local_tuner.get_run_config()  # Tune keeps no public handle on restored callbacks
+    found = [cb for cb in run_config.callbacks or [] if isinstance(cb, TrialCallback)]
+    if not found:
+        run_config.callbacks = [*(run_config.callbacks or []), TrialCallback()]
+        found = run_config.callbacks[-1:]
+    for cb in found:
+        cb.driver = driver
+
+
+def trial_error_text(trial) -> str:
+    """The trial's error trace: the local error file Tune has just written, else its copy in storage."""
+    path = trial.error_file
+    if path and os.path.isfile(path):
+        return Path(path).read_text()
+    err = trial.get_error()
+    return str(err) if err is not None else "unknown error"
+
+
+# --- translating the study for Tune ---------------------------------------------------------------
+
+
+def param_space(study: Study) -> dict[str, Any]:
+    from ray import tune
+
+    space = {}
+    for name, dim in study.search.items():
+        v = dim.value
+        space[name] = {
+            "grid": lambda: tune.grid_search(list(v)),
+            "choice": lambda: tune.choice(list(v)),
+            "uniform": lambda: tune.uniform(*v),
+            "loguniform": lambda: tune.loguniform(*v),
+            "randint": lambda: tune.randint(v[0], v[1] + 1),  # [low, high] inclusive
+        }[dim.kind]()
+    return space
+
+
+def tune_config(study: Study, metric: str):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if study.tune.scheduler == "asha":
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_epochs(study),
+                                  grace_period=study.tune.asha.grace_period,
+                                  reduction_factor=study.tune.asha.reduction_factor)
+    else:
+        scheduler = FIFOScheduler()
+    search_alg = None
+    if study.tune.searcher == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(seed=study.seed)
+    return tune.TuneConfig(metric=metric, mode="max", scheduler=scheduler, search_alg=search_alg,
+                           num_samples=study.tune.num_samples, max_concurrent_trials=study.tune.max_concurrent_trials,
+                           reuse_actors=study.tune.reuse_actors)
+
+
+def max_epochs(study: Study) -> int:
+    dim = study.search.get("train.epochs")
+    return int(max(plan.dimension_values(dim))) if dim else study.train.epochs
+
+
+# --- Ray -----------------------------------------------------------------------------------------
+
+
+def connect_ray(address: str | None, num_cpus: int | None, *, log=log):
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    import ray
+
+    try:
+        if address:
+            check_address(address)
+            ray.init(address=address, log_to_driver=True, configure_logging=False)
+            log(f"ray: attached to the cluster at {address}")
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                     configure_logging=False, log_to_driver=True)
+            log(f"ray: started locally on 127.0.0.1 with {int(ray.cluster_resources().get('CPU', 0))} CPUs")
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise ConfigError(f"cannot reach the Ray cluster at {address!r}: {str(exc).splitlines()[0]}") from None
+    return ray
+
+
+def check_address(address: str) -> None:
+    """A TCP connect to host:port with a short timeout, so that a wrong address fails in seconds."""
+    import socket
+
+    if address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"Ray address {address!r} is not host:port (or ray://host:port, auto)")
+    try:
+        with socket.create_connection((host, int(port)), timeout=5):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"cannot reach the Ray cluster at {address!r}: {exc}") from None
+
+
+def check_resources(ray, study: Study) -> None:
+    res = ray.cluster_resources()
+    gpu = study.tune.resources.gpu
+    if gpu > 0 and res.get("GPU", 0) < gpu:
+        raise ConfigError(f"tune.resources.gpu is {gpu} but the Ray cluster has {res.get('GPU', 0):g} GPUs")
+    cpu = study.tune.resources.cpu
+    if res.get("CPU", 0) < cpu:
+        raise ConfigError(f"tune.resources.cpu is {cpu:g} but the Ray cluster has {res.get('CPU', 0):g} CPUs")
+
+
+# --- output --------------------------------------------------------------------------------------
+
+
+def summary_table(tracker, metric: str) -> str:
+    import pandas as pd
+
+    rows = []
+    for trial_id, rec in tracker.trials.items():
+        row = {"trial": trial_id}
+        for key in ("distill.strategy", "student.init", "student.layers", "distill.lambda_hid", "train.lr", "seed"):
+            row[key.split(".")[-1]] = rec.params.get(key)
+        for k, v in sorted(rec.metrics.items()):
+            if k.startswith("eval/"):
+                row[k] = round(v, 2)
+        row["epochs"] = rec.last_step
+        row["status"] = rec.status
+        rows.append(row)
+    if not rows:
+        return "(no trials)"
+    df = pd.DataFrame(rows)
+    if f"eval/{metric}" in df:
+        df = df.sort_values(f"eval/{metric}", ascending=False)
+    return df.to_string(index=False)
+
+
+def quiet_libraries() -> None:
+    """Keep the output readable: no per-load weight reports or progress bars from transformers/datasets."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
