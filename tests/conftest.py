@@ -54,6 +54,31 @@ def tiny_bert_dir(tiny_model) -> Path:
     return tiny_model("bert")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny-model tests (`pytestmark = pytest.mark.usefixtures("one_thread")`):
+    tiny models gain nothing from more, and a busy shared machine makes them crawl."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def family(teacher):
+    """The model family of the module's `teacher` fixture."""
+    from tunekd.models import family_for
+
+    return family_for(teacher.config)
+
+
+@pytest.fixture(scope="module")
+def encoded(tiny_encoded):
+    return tiny_encoded
+
+
 @pytest.fixture(scope="session")
 def tiny_encoded(tiny_bert_dir):
     """The synthetic task (64 train / 32 eval rows) tokenized for the tiny BERT, max length 32."""
@@ -65,3 +90,44 @@ def tiny_encoded(tiny_bert_dir):
     tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
     raw = load_task("synthetic", None, synthetic={"train_size": 64, "eval_size": 32})
     return encode_splits(raw, tok, get_task("synthetic"), 32)
+
+
+# --- one Ray and one MLflow store for the CLI tests that can share them --------------------------
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local Ray (2 CPUs, loopback), started once per test process the way the driver starts one
+    (`driver.connect_ray`); studies run in-process use it (`StudyDriver.connect` leaves it running) and
+    subprocesses can attach to its address. Tests that use it are in the xdist group "ray", so under
+    pytest-xdist one worker holds it."""
+    from tunekd.driver import connect_ray
+
+    ray = connect_ray(None, 2, log=lambda msg: None)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(tmp_path_factory) -> str:
+    """One sqlite MLflow store for the session's in-process studies (each its own experiment)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture
+def study_cli(ray_session, capsys, monkeypatch):
+    """`study_cli(args, cwd, env={})` → (exit code, stdout): `python -m tunekd.run ARGS` run in this process
+    (`tunekd.run.main`) in folder `cwd`, on the session's Ray."""
+
+    def run(args, cwd, env=None):
+        from tunekd import run as cli
+
+        monkeypatch.chdir(cwd)
+        for key, value in (env or {}).items():
+            monkeypatch.setenv(key, str(value))
+        capsys.readouterr()
+        code = cli.main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return code, out + err
+
+    return run

@@ -11,20 +11,15 @@ import torch
 
 from tunekd import cache as tc
 from tunekd.distill import truncated
-from tunekd.models import family_for
 from tunekd.study import Study
 from tunekd.tasks import get_task
 
 SPEC = get_task("synthetic")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread: tiny models gain nothing from more, and a busy shared machine makes them crawl."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 LAYERS = (0, 2, 4)
 
 
@@ -37,16 +32,6 @@ def teacher(tiny_bert_dir):
     with torch.no_grad():
         model.bert.embeddings.LayerNorm.weight.mul_(3.0)
     return model
-
-
-@pytest.fixture(scope="module")
-def family(teacher):
-    return family_for(teacher.config)
-
-
-@pytest.fixture(scope="module")
-def encoded(tiny_encoded):
-    return tiny_encoded
 
 
 @pytest.fixture(scope="module")

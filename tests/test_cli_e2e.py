@@ -1,61 +1,59 @@
-"""The real CLI end to end: the quickstart study (shrunk by --set) on a local Ray, recorded in MLflow,
-and a tiny study attached to a `ray start --head` cluster on 127.0.0.1."""
+"""The real CLI end to end: the quickstart study (shrunk by --set) recorded in MLflow, its fine-tuned
+teacher reused by a second run, a trained student exported as an artifact, Optuna with sampled
+dimensions, and a study in another process attached to a running Ray cluster.
+
+The studies run in this process (`tunekd.run.main`) on the session's Ray (`ray_session`); the
+attached one is a subprocess given that Ray's address. All are in the xdist group "ray".
+"""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import cli_subprocess, runs
+
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "search_spaces" / "quickstart.yaml"
 SHRINK = [
-    "task.synthetic.train_size=96", "task.synthetic.eval_size=64", "task.max_length=24",
+    "task.synthetic.train_size=64", "task.synthetic.eval_size=32", "task.max_length=24",
     "teacher.finetune.epochs=2", "train.epochs=3", "train.batch_size=16",
 ]
 
-pytestmark = pytest.mark.slow
-
-
-def run_cli(args, cwd, timeout=600):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "tunekd.run", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def child_runs(db: Path, experiment: str):
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
-    exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id], max_results=1000)
-    parents = [r for r in runs if r.data.tags.get("tunekd.role") == "study"]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    return client, parents, children
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 
 @pytest.fixture(scope="module")
-def quickstart(tmp_path_factory):
+def quickstart(tmp_path_factory, ray_session):
+    """The quickstart study with its own defaults (sqlite:///mlflow.db in its folder)."""
     cwd = tmp_path_factory.mktemp("quickstart")
-    t0 = time.perf_counter()
-    proc = run_cli([str(QUICKSTART), *[f"--set={s}" for s in SHRINK]], cwd)
-    elapsed = time.perf_counter() - t0
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return cwd, proc, elapsed
+    mp = pytest.MonkeyPatch()
+    try:
+        mp.chdir(cwd)
+        import contextlib
+        import io
+
+        from tunekd import run as cli
+
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            code = cli.main([str(QUICKSTART), *[f"--set={s}" for s in SHRINK]])
+    finally:
+        mp.undo()
+    out = buf.getvalue()
+    assert code == 0, out[-5000:]
+    return cwd, out
 
 
 def test_quickstart_records_every_trial_as_a_child_run(quickstart):
-    cwd, proc, _ = quickstart
-    client, parents, children = child_runs(cwd / "mlflow.db", "quickstart")
+    cwd, out = quickstart
+    client, parents, children = runs(f"sqlite:///{cwd / 'mlflow.db'}", "quickstart")
     assert len(parents) == 1
     parent = parents[0]
     assert "teacher/accuracy" in parent.data.metrics
+    assert parent.data.params["teacher.cached"] == "False"
     assert len(children) == 10
     for run in children:
         tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
@@ -81,15 +79,15 @@ def test_quickstart_records_every_trial_as_a_child_run(quickstart):
 
 
 def test_asha_stopped_at_least_one_trial(quickstart):
-    cwd, proc, _ = quickstart
-    _, _, children = child_runs(cwd / "mlflow.db", "quickstart")
+    cwd, out = quickstart
+    _, _, children = runs(f"sqlite:///{cwd / 'mlflow.db'}", "quickstart")
     stopped = [r for r in children if r.data.tags["tunekd.status"] == "early_stopped"]
-    assert stopped, proc.stdout[-3000:]
+    assert stopped, out[-3000:]
 
 
 def test_layer_maps_as_spec_gives_them(quickstart):
-    cwd, _, _ = quickstart
-    _, _, children = child_runs(cwd / "mlflow.db", "quickstart")
+    cwd, _ = quickstart
+    _, _, children = runs(f"sqlite:///{cwd / 'mlflow.db'}", "quickstart")
     maps = {r.data.params["distill.strategy"]: json.loads(r.data.params["distill.layer_map"]) for r in children}
     assert maps["forward"] == [[0, 0], [1, 2], [2, 4], [3, 6]]
     assert maps["reverse"] == [[0, 0], [1, 6], [2, 4], [3, 2]]
@@ -99,84 +97,50 @@ def test_layer_maps_as_spec_gives_them(quickstart):
 
 
 def test_quickstart_prints_summary_and_ui_command(quickstart):
-    _, proc, _ = quickstart
-    assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in proc.stdout
-    assert "eval/accuracy" in proc.stdout and "early_stopped" in proc.stdout
+    _, out = quickstart
+    assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in out
+    assert "eval/accuracy" in out and "early_stopped" in out
+    assert "teacher: fine-tuning" in out
 
 
-def test_fine_tuned_teacher_is_cached_and_reused(quickstart):
-    cwd, _, _ = quickstart
+def test_fine_tuned_teacher_is_cached_and_reused(quickstart, study_cli, mlflow_uri):
+    """A second study in the same folder finds the fine-tuned teacher by its content hash: no fine-tuning,
+    the same teacher folder and metrics, recorded as cached."""
+    cwd, _ = quickstart
     teachers = list((cwd / ".tunekd_cache" / "teachers").iterdir())
     assert len(teachers) == 1 and (teachers[0] / "tunekd_teacher.json").is_file()
-    proc = run_cli([str(QUICKSTART), *[f"--set={s}" for s in SHRINK], "--dry-run"], cwd)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("init=") == 10
+    code, out = study_cli([QUICKSTART, *[f"--set={s}" for s in SHRINK], "--set=train.epochs=1",
+                           "--set=search.distill.strategy.grid=[forward]", "--set=search.student.init.grid=[copy]",
+                           "--set=tracking.experiment=quickstart_reuse", "--tracking-uri", mlflow_uri], cwd)
+    assert code == 0, out[-4000:]
+    assert f"teacher: reusing fine-tuned teacher {teachers[0]}" in out
+    assert "teacher: fine-tuning" not in out
+    assert list((cwd / ".tunekd_cache" / "teachers").iterdir()) == teachers
+    _, (parent,), (child,) = runs(mlflow_uri, "quickstart_reuse")
+    assert parent.data.params["teacher.cached"] == "True"
+    assert parent.data.params["teacher.path"] == str(teachers[0])
+    assert child.data.tags["tunekd.status"] == "completed"
 
 
-def _ray_bin() -> str:
-    return str(Path(sys.executable).with_name("ray"))
+def test_attach_to_a_running_cluster(tmp_path, ray_session, tiny_bert_dir):
+    """A study in another process given `--address` of a running Ray (this session's) attaches to it."""
+    import yaml
+
+    study = tmp_path / "attach.yaml"
+    study.write_text(yaml.safe_dump({
+        "name": "attach", "task": {"name": "synthetic", "synthetic": {"train_size": 32, "eval_size": 16},
+                                   "max_length": 16},
+        "teacher": {"model": str(tiny_bert_dir)}, "student": {"layers": 2, "init": "copy"},
+        "train": {"epochs": 1, "batch_size": 16}, "tune": {"resources": {"cpu": 1}},
+    }))
+    proc = cli_subprocess([study, "--address", ray_session], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"attached to the cluster at {ray_session}" in proc.stdout
+    _, _, children = runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "attach")
+    assert len(children) == 1 and children[0].data.tags["tunekd.status"] == "completed"
 
 
-def test_attach_to_a_running_cluster(tmp_path):
-    import shutil
-    import tempfile
-
-    port = 6400 + os.getpid() % 500
-    env = dict(os.environ)
-    ray_tmp = Path(tempfile.mkdtemp(prefix="tkd", dir="/tmp"))  # AF_UNIX socket paths must stay short
-    head = subprocess.run(
-        [_ray_bin(), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
-         "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={ray_tmp}"],
-        env=env, capture_output=True, text=True, timeout=120)
-    assert head.returncode == 0, head.stderr
-    pids = _cluster_pids(ray_tmp)
-    try:
-        study = tmp_path / "tiny.yaml"
-        study.write_text(QUICKSTART.read_text())
-        proc = run_cli([str(study), "--address", f"127.0.0.1:{port}", *[f"--set={s}" for s in SHRINK],
-                        "--set=search.distill.strategy.grid=[forward]", "--set=search.student.init.grid=[copy]",
-                        "--set=train.epochs=1"], tmp_path)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        assert f"attached to the cluster at 127.0.0.1:{port}" in proc.stdout
-        _, _, children = child_runs(tmp_path / "mlflow.db", "quickstart")
-        assert len(children) == 1 and children[0].data.tags["tunekd.status"] == "completed"
-    finally:
-        pids = sorted(set(pids) | set(_cluster_pids(ray_tmp)))
-        for pid in pids:  # stop only what this test started, by PID
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        time.sleep(2)
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-
-
-def _cluster_pids(temp_dir: Path) -> list[int]:
-    """PIDs of this cluster's daemons (their command line names its temp dir) and all their descendants."""
-    cmds, parents = {}, {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmds[int(proc.name)] = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-    found = {pid for pid, cmd in cmds.items() if str(temp_dir) in cmd and pid != os.getpid()}
-    grew = True
-    while grew:
-        new = {pid for pid, ppid in parents.items() if ppid in found} - found
-        found |= new
-        grew = bool(new)
-    return sorted(found)
-
-
-def test_trained_student_is_saved_as_an_mlflow_artifact(tmp_path, tiny_bert_dir):
+def test_trained_student_is_saved_as_an_mlflow_artifact(tmp_path, tiny_bert_dir, study_cli, mlflow_uri):
     import torch
     import yaml
     from mlflow.artifacts import download_artifacts
@@ -189,12 +153,12 @@ def test_trained_student_is_saved_as_an_mlflow_artifact(tmp_path, tiny_bert_dir)
         "teacher": {"model": str(tiny_bert_dir)}, "student": {"layers": 2, "init": "copy"},
         "train": {"epochs": 1, "batch_size": 16, "save_model": True}, "tune": {"resources": {"cpu": 1}},
     }))
-    proc = run_cli([str(study), "--num-cpus", "1"], tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    client, _, children = child_runs(tmp_path / "mlflow.db", "save")
+    code, out = study_cli([study, "--tracking-uri", mlflow_uri], tmp_path)
+    assert code == 0, out[-3000:]
+    client, _, children = runs(mlflow_uri, "save")
     (run,) = children
-    local = download_artifacts(run_id=run.info.run_id, artifact_path="student",
-                               tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", dst_path=str(tmp_path / "dl"))
+    local = download_artifacts(run_id=run.info.run_id, artifact_path="student", tracking_uri=mlflow_uri,
+                               dst_path=str(tmp_path / "dl"))
     model = AutoModelForSequenceClassification.from_pretrained(local)
     assert model.config.num_hidden_layers == 2 and model.config.tunekd_copied_layers == [1, 3]
     assert (Path(local) / "tokenizer_config.json").is_file()
@@ -204,7 +168,7 @@ def test_trained_student_is_saved_as_an_mlflow_artifact(tmp_path, tiny_bert_dir)
                            teacher.bert.encoder.layer[3].output.dense.weight)
 
 
-def test_optuna_searcher_with_sampled_dimensions(tmp_path, tiny_bert_dir):
+def test_optuna_searcher_with_sampled_dimensions(tmp_path, tiny_bert_dir, study_cli, mlflow_uri):
     import yaml
 
     study = tmp_path / "optuna.yaml"
@@ -217,9 +181,9 @@ def test_optuna_searcher_with_sampled_dimensions(tmp_path, tiny_bert_dir):
                    "student.layers": {"randint": [1, 2]}},
         "tune": {"searcher": "optuna", "num_samples": 3, "scheduler": "fifo", "resources": {"cpu": 1}},
     }))
-    proc = run_cli([str(study), "--num-cpus", "1"], tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    _, _, children = child_runs(tmp_path / "mlflow.db", "opt")
+    code, out = study_cli([study, "--tracking-uri", mlflow_uri], tmp_path)
+    assert code == 0, out[-3000:]
+    _, _, children = runs(mlflow_uri, "opt")
     assert len(children) == 3
     for run in children:
         p = run.data.params

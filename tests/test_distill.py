@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 from tunekd import cache as tc
 from tunekd import distill
-from tunekd.models import family_for
 from tunekd.students import build_student
 from tunekd.study import DistillConfig, StudentConfig, Study, TrainConfig
 from tunekd.tasks import get_task
@@ -21,13 +20,9 @@ from tunekd.tasks import get_task
 SPEC = get_task("synthetic")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread: tiny models gain nothing from more, and a busy shared machine makes them crawl."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 DCFG = DistillConfig(strategy="forward", alpha_ce=0.5, alpha_kl=2.0, lambda_hid=3.0, temperature=2.0)
 MAP = [(0, 0), (1, 2), (2, 4)]  # forward, T=4 -> S=2, embeddings matched
 
@@ -41,16 +36,6 @@ def teacher(tiny_bert_dir):
     for p in model.parameters():
         p.requires_grad_(False)
     return model
-
-
-@pytest.fixture(scope="module")
-def family(teacher):
-    return family_for(teacher.config)
-
-
-@pytest.fixture(scope="module")
-def encoded(tiny_encoded):
-    return tiny_encoded
 
 
 @pytest.fixture(scope="module")

@@ -4,14 +4,15 @@ killed mid-study and resumed; bounded checkpoints; and a local study listens on 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.helpers import cmdline, descendants, kill_tree, listening, steps, wait_for
+from tests.helpers import runs as _runs
 
 pytestmark = pytest.mark.slow
 
@@ -33,6 +34,7 @@ def write_study(tmp_path, teacher_dir, **edits):
 
 
 def start_cli(study, cwd, *extra):
+    """The CLI in its own process with its own local Ray (2 CPUs): these tests kill it or its workers."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen([sys.executable, "-m", "tunekd.run", str(study), "--num-cpus", "2", *extra], cwd=cwd,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -45,69 +47,19 @@ def finish(proc, timeout=400):
 
 
 def runs(cwd, experiment="faults"):
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{cwd / 'mlflow.db'}")
-    exp = client.get_experiment_by_name(experiment)
-    all_runs = client.search_runs([exp.experiment_id], max_results=1000)
-    parents = [r for r in all_runs if r.data.tags.get("tunekd.role") == "study"]
-    children = [r for r in all_runs if "mlflow.parentRunId" in r.data.tags]
-    return client, parents, children
+    return _runs(f"sqlite:///{cwd / 'mlflow.db'}", experiment)
 
 
-def steps(client, run, key="eval/accuracy"):
-    return [m.step for m in client.get_metric_history(run.info.run_id, key)]
-
-
-def descendants(root: int) -> list[int]:
-    parents = {}
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                pass
-    found, grew = {root}, True
-    while grew:
-        new = {p for p, pp in parents.items() if pp in found} - found
-        found |= new
-        grew = bool(new)
-    return sorted(found - {root})
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def kill_tree(pids):
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def wait_for(predicate, timeout=300, every=0.5):
-    end = time.time() + timeout
-    while time.time() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError("timed out waiting")
-
-
-def test_failing_and_non_finite_trials_are_marked_failed_and_others_go_on(tmp_path, tiny_bert_dir):
-    study = write_study(tmp_path, tiny_bert_dir, search={
+@pytest.mark.xdist_group("ray")
+def test_failing_and_non_finite_trials_are_marked_failed_and_others_go_on(tmp_path, tiny_bert_dir, study_cli,
+                                                                          mlflow_uri):
+    study = write_study(tmp_path, tiny_bert_dir, name="faults_errors", search={
         "train.precision": {"grid": ["fp32", "fp16"]},  # fp16 needs a GPU: that trial raises on this CPU
         "train.lr": {"grid": [1e-3, 1e12]},  # an absurd lr drives the loss to inf/NaN
     })
-    code, out = finish(start_cli(study, tmp_path))
+    code, out = study_cli([study, "--tracking-uri", mlflow_uri], tmp_path)
     assert code == 0, out[-4000:]
-    client, parents, children = runs(tmp_path)
+    client, parents, children = _runs(mlflow_uri, "faults_errors")
     assert len(children) == 4
     by = {(r.data.params["train.precision"], float(r.data.params["train.lr"])): r for r in children}
     ok = by[("fp32", 1e-3)]
@@ -123,6 +75,7 @@ def test_failing_and_non_finite_trials_are_marked_failed_and_others_go_on(tmp_pa
     assert "failed" in out
 
 
+@pytest.mark.xdist_group("own_ray")
 def test_killed_worker_is_retried_from_its_checkpoint(tmp_path, tiny_bert_dir):
     study = write_study(tmp_path, tiny_bert_dir,
                         task={"synthetic": {"train_size": 1200, "eval_size": 32}},
@@ -150,6 +103,7 @@ def test_killed_worker_is_retried_from_its_checkpoint(tmp_path, tiny_bert_dir):
         assert len(list(d.glob("checkpoint_*"))) <= 2, list(d.glob("checkpoint_*"))
 
 
+@pytest.mark.xdist_group("own_ray")
 def test_killed_driver_resumes(tmp_path, tiny_bert_dir):
     study = write_study(tmp_path, tiny_bert_dir,
                         task={"synthetic": {"train_size": 600, "eval_size": 32}},
@@ -200,54 +154,35 @@ def test_killed_driver_resumes(tmp_path, tiny_bert_dir):
             assert f"{run.data.tags['tunekd.trial_id']} epoch" not in out
 
 
-def _listening(pids):
-    inodes = {}
-    for pid in pids:
-        try:
-            for fd in Path(f"/proc/{pid}/fd").iterdir():
-                target = os.readlink(fd)
-                if target.startswith("socket:["):
-                    inodes[target[8:-1]] = pid
-        except OSError:
-            continue
-    found = []
-    for table, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
-        for line in Path(table).read_text().splitlines()[1:]:
-            parts = line.split()
-            if parts[3] != "0A" or parts[9] not in inodes:  # 0A = LISTEN
-                continue
-            addr_hex, port_hex = parts[1].split(":")
-            if v6:
-                raw = bytes.fromhex(addr_hex)
-                words = [raw[i:i + 4][::-1] for i in range(0, 16, 4)]
-                import ipaddress
-
-                addr = str(ipaddress.IPv6Address(b"".join(words)))
-            else:
-                addr = ".".join(str(b) for b in bytes.fromhex(addr_hex)[::-1])
-            found.append((addr, int(port_hex, 16), inodes[parts[9]]))
-    return found
-
-
-def test_local_study_listens_on_loopback_only(tmp_path, tiny_bert_dir):
-    study = write_study(tmp_path, tiny_bert_dir, task={"synthetic": {"train_size": 600, "eval_size": 32}},
-                        train={"epochs": 2})
-    proc = start_cli(study, tmp_path)
-    try:
-        wait_for(lambda: sorted(tmp_path.glob("ray_results/*/*/checkpoint_000000")), timeout=300)
-        sockets = _listening([proc.pid, *descendants(proc.pid)])
-        code, out = finish(proc)
-    finally:
-        if proc.poll() is None:
-            kill_tree(descendants(proc.pid) + [proc.pid])
-    assert code == 0, out[-3000:]
-    assert sockets, "expected Ray's listening sockets"
+@pytest.mark.xdist_group("ray")
+def test_local_ray_listens_on_loopback_only(ray_session, tmp_path, tiny_bert_dir, study_cli, mlflow_uri):
+    """The local Ray the driver starts (`driver.connect_ray`, as the session's was) listens on loopback only:
+    its daemons, and the workers of a study running on it (sampled after its first checkpoint)."""
     import ipaddress
+    import threading
+
+    study = write_study(tmp_path, tiny_bert_dir, name="faults_loopback",
+                        task={"synthetic": {"train_size": 400, "eval_size": 32}}, train={"epochs": 2})
+    sampled = []
+
+    def sample():
+        wait_for(lambda: sorted(tmp_path.glob("ray_results/*/*/checkpoint_000000")), timeout=300, every=0.2)
+        found = listening([os.getpid(), *descendants(os.getpid())])
+        sampled.extend((addr, port, pid, cmdline(pid)) for addr, port, pid in found)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    code, out = study_cli([study, "--tracking-uri", mlflow_uri], tmp_path)
+    sampler.join(timeout=60)
+    assert code == 0, out[-3000:]
+    assert sampled, "expected Ray's listening sockets"
+    assert any("ImplicitFunc" in cmd for *_, cmd in sampled), "expected a trial worker among them"
+    assert any("gcs_server" in cmd for *_, cmd in sampled) and any("raylet" in cmd for *_, cmd in sampled)
 
     def loopback(addr: str) -> bool:
         ip = ipaddress.ip_address(addr)
         mapped = getattr(ip, "ipv4_mapped", None)
         return ip.is_loopback or (mapped is not None and mapped.is_loopback)
 
-    outside = [s for s in sockets if not loopback(s[0])]
+    outside = [s for s in sampled if not loopback(s[0])]
     assert not outside, outside

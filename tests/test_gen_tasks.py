@@ -182,28 +182,22 @@ SMOKE = [
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("ray")
 @pytest.mark.parametrize("study, task, metric", SMOKE, ids=[s[0].split(".")[0] for s in SMOKE])
-def test_tiny_study_through_the_cli_logs_its_metric(tmp_path, data_dir, study, task, metric):
+def test_tiny_study_through_the_cli_logs_its_metric(tmp_path, data_dir, study, task, metric, study_cli, mlflow_uri):
+    """The smoke study through the CLI (in this process, on the session's Ray and MLflow store)."""
     import json
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
 
-    from mlflow.tracking import MlflowClient
+    from tests.helpers import runs
 
     repo = Path(__file__).resolve().parents[1]
     shrink = [f"task.data_dir={data_dir / task}", "task.max_train_samples=32", "task.max_eval_samples=16",
               "train.epochs=1", "search.distill.strategy.grid=[forward]"]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TUNEKD_TINY_DIR=str(tmp_path / "tiny"))
-    proc = subprocess.run([sys.executable, "-m", "tunekd.run", str(repo / "search_spaces" / "smoke" / study),
-                           *[f"--set={s}" for s in shrink]], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("smoke_" + study.split(".")[0])
-    runs = client.search_runs([exp.experiment_id])
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    code, out = study_cli([repo / "search_spaces" / "smoke" / study, *[f"--set={s}" for s in shrink],
+                           "--tracking-uri", mlflow_uri], tmp_path, env={"TUNEKD_TINY_DIR": tmp_path / "tiny"})
+    assert code == 0, out[-5000:]
+    _, _, children = runs(mlflow_uri, "smoke_" + study.split(".")[0])
     assert len(children) == 1
     run = children[0]
     assert run.data.tags["tunekd.status"] == "completed"

@@ -404,8 +404,20 @@ def test_unknown_options(kwargs, pattern):
             hidden_pair_loss(s[0], t[0], None, **kwargs)
 
 
-def test_option_tuples():
-    assert HIDDEN_LOSSES == ("mse", "cosine")
-    assert REDUCTIONS == ("element_mean", "token_sum", "paper")
-    assert NORMALIZE == ("none", "layernorm", "l2")
-    assert AGGREGATE == ("mean", "sum")
+def test_every_listed_option_is_implemented_and_accepted_by_the_study():
+    """Each name in the option tuples runs (a finite, non-negative loss that is 0 for equal states) and is
+    what the study schema accepts for that key."""
+    import itertools
+
+    from tunekd.study import DistillConfig
+
+    s = _states(2, 1, 3, 4, 82)
+    t = _states(2, 1, 3, 4, 83)
+    for loss, reduction, normalize, aggregate in itertools.product(HIDDEN_LOSSES, REDUCTIONS, NORMALIZE, AGGREGATE):
+        kw = {"loss": loss, "reduction": reduction, "normalize": normalize, "aggregate": aggregate}
+        got = hidden_loss(s, t, [(1, 1)], None, **kw)
+        assert torch.isfinite(got) and float(got) >= 0, kw
+        assert float(hidden_loss(s, s, [(1, 1)], None, **kw)) == pytest.approx(0.0, abs=1e-6), kw
+        cfg = DistillConfig(hidden_loss=loss, reduction=reduction, hidden_normalize=normalize, aggregate=aggregate)
+        assert (cfg.hidden_loss, cfg.reduction, cfg.hidden_normalize, cfg.aggregate) == (loss, reduction, normalize,
+                                                                                       aggregate)

@@ -15,6 +15,7 @@
     setup_tuner     tune.Tuner (or Tuner.restore) with `TrialCallback`, which holds this driver
     fit             run the trials; close the parent run; settle trials no driver saw finish
     summarise       the table of trials and the closing lines
+    disconnect      shut down the Ray that `connect` started or attached (not one it found running)
 
 The benchmarks drive the same steps (`benchmarks/study.py`) with `RunOptions(track=False)`.
 """
@@ -49,7 +50,6 @@ class RunOptions:
     resume: str | None = None  # "latest" or a parent run id
     dry_run: bool = False
     track: bool = True  # False: no MLflow (the benchmarks)
-    keep_ray: bool = False  # leave Ray running after the study (a caller that runs several)
 
 
 class StudyDriver:
@@ -77,6 +77,7 @@ class StudyDriver:
         self.tuner = None
         self.results = None  # tune.ResultGrid
         self.started: set[str] = set()
+        self.owns_ray = False  # connect started or attached Ray (and disconnect shuts it down)
 
     # --- the study, top to bottom ------------------------------------------------------------------
 
@@ -87,7 +88,7 @@ class StudyDriver:
             for point in self.points:
                 print("  " + ", ".join(f"{k}={v}" for k, v in point.items()))
             return 0
-        ray = self.connect()
+        self.connect()
         try:
             self.setup_data()
             self.setup_teacher()
@@ -97,8 +98,7 @@ class StudyDriver:
             self.fit()
             self.summarise()
         finally:
-            if not self.options.keep_ray:
-                ray.shutdown()
+            self.disconnect()
         return 0
 
     # --- the steps ---------------------------------------------------------------------------------
@@ -163,16 +163,29 @@ class StudyDriver:
         self.log(f"validated {len(self.points)} trial configurations against the teacher ({family.name}, "
                  f"{family.num_layers(config)} layers, width {t_width})")
 
-    def connect(self):
-        """A local Ray on loopback, or the cluster at --address; checks the study's resources fit."""
-        ray = connect_ray(self.options.address, self.options.num_cpus, log=self.log)
+    def connect(self) -> None:
+        """A local Ray on loopback, or the cluster at --address; checks the study's resources fit. A Ray this
+        process already runs (a test session, the benchmarks, a notebook) is used as it is, and left running."""
+        import ray
+
+        if ray.is_initialized() and not self.options.address:
+            self.log(f"ray: using the Ray this process runs ({int(ray.cluster_resources().get('CPU', 0))} CPUs)")
+        else:
+            connect_ray(self.options.address, self.options.num_cpus, log=self.log)
+            self.owns_ray = True
         try:
             check_resources(ray, self.study)
         except ConfigError:
-            if not self.options.keep_ray:
-                ray.shutdown()
+            self.disconnect()
             raise
-        return ray
+
+    def disconnect(self) -> None:
+        """Shut down the Ray connection `connect` made (not one it found)."""
+        if self.owns_ray:
+            import ray
+
+            ray.shutdown()
+            self.owns_ray = False
 
     def setup_data(self) -> None:
         from tunekd.data import encode_splits, padding_report
