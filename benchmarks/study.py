@@ -3,8 +3,8 @@
     python benchmarks/study.py                               # search_spaces/quickstart.yaml as it is
     python benchmarks/study.py --set task.synthetic.train_size=320 --set train.epochs=3
 
-Runs the study's trials in-process with Ray Tune and the project's own pieces (task loading,
-teacher fine-tune cache, `cache.for_study`, `trainable.tune_trainable`), without MLflow, three times:
+Runs the study in-process through the project's own driver (the steps of `tunekd.driver.StudyDriver`,
+with `RunOptions(track=False)`: no MLflow) on one local Ray, once per variant:
 
 - `baseline`: ASHA, teacher cache off and no length buckets (as before either existed);
 - `online`: ASHA, teacher cache off (every trial runs the teacher in every step);
@@ -24,7 +24,6 @@ Prints a table, then one line of JSON.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import statistics
@@ -61,75 +60,36 @@ def log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
-def trial_points(study):
-    names = list(study.search)
-    for combo in itertools.product(*[study.search[n].sample_points() for n in names]):
-        yield dict(zip(names, combo))
-
-
-def param_space(study):
-    from ray import tune
-
-    return {name: tune.grid_search(list(dim.value)) for name, dim in study.search.items()}
-
-
-def prepare(study):
-    """Task data and the fine-tuned teacher (cached under workdir/.tunekd_cache), like the driver does."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    from tunekd.data import encode_splits
-    from tunekd.models import family_for
-    from tunekd.tasks import get_task, load_task
-    from tunekd.teacher import prepare_teacher, resolve_model
-
-    spec = get_task(study.task.name)
-    base = resolve_model(study.teacher.model)
-    family = family_for(AutoConfig.from_pretrained(base))
-    raw = load_task(spec.name, study.task.data_dir, max_train_samples=study.task.max_train_samples,
-                    max_eval_samples=study.task.max_eval_samples, seed=study.seed,
-                    synthetic=study.task.synthetic.model_dump())
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    encoded = encode_splits(raw, tokenizer, spec.text_fields, study.task.max_length)
-    info = prepare_teacher(study, family, spec, encoded, base, tokenizer, log=log)
-    return spec, family, encoded, info
-
-
-def run_variant(name: str, study, spec, family, encoded, teacher_info, workdir: Path) -> dict:
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
-    from tunekd import cache as tcache
-    from tunekd.trainable import make_shared, tune_trainable
-
-    budget = 0.0 if name in ("online", "baseline") else float(study.teacher.cache_budget_gb or 2.0)
+def variant_study(name: str, study, workdir: Path):
+    """The study as variant `name` runs it: its own storage folder (so each cached run builds its cache)."""
+    tune_cfg = {"storage_path": str(Path(tempfile.mkdtemp(prefix=f"{name}-", dir=workdir))),
+                "scheduler": "fifo" if name == "fifo" else "asha"}
+    update = {"tune": study.tune.model_copy(update=tune_cfg)}
+    if name in ("online", "baseline"):
+        update["teacher"] = study.teacher.model_copy(update={"cache_budget_gb": 0.0})
     if name == "baseline":  # as before the teacher cache and length buckets existed
-        study = study.model_copy(update={"train": study.train.model_copy(update={"bucket_by_length": False})})
-    scheduler_name = "fifo" if name == "fifo" else "asha"
-    storage = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=workdir))  # its own cache: every cached run builds it
-    study = study.model_copy(update={"tune": study.tune.model_copy(update={"storage_path": str(storage)})})
+        update["train"] = study.train.model_copy(update={"bucket_by_length": False})
+    return study.model_copy(update=update)
+
+
+def run_variant(name: str, study, workdir: Path) -> dict:
+    """One variant through the project's own driver (`tunekd.driver.StudyDriver`, without MLflow): its
+    untimed steps (task, data, the fine-tuned teacher: cached under workdir/.tunekd_cache), then the timed
+    ones (teacher-output cache, tuner, trials)."""
+    from tunekd.driver import RunOptions, StudyDriver
+
+    driver = StudyDriver(variant_study(name, study, workdir), RunOptions(track=False), log=log)
+    driver.setup_task()
+    driver.preflight()
+    driver.connect()  # the Ray `main` started: used as it is
+    driver.setup_data()
+    driver.setup_teacher()
     t0 = time.perf_counter()
-    teacher = family.load(teacher_info.path, spec)
-    points = list(trial_points(study))
-    info = tcache.for_study(study, family, teacher, encoded, points, budget_gb=budget, log=log)
-    shared = make_shared(study, family.name, teacher, encoded, cache=info)
-    del teacher
-    if scheduler_name == "asha":
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=study.train.epochs,
-                                  grace_period=study.tune.asha.grace_period,
-                                  reduction_factor=study.tune.asha.reduction_factor)
-    else:
-        scheduler = FIFOScheduler()
-    trainable = tune.with_resources(tune.with_parameters(tune_trainable, shared=shared),
-                                    {"cpu": study.tune.resources.cpu, "gpu": study.tune.resources.gpu})
-    tuner = tune.Tuner(
-        trainable, param_space=param_space(study),
-        tune_config=tune.TuneConfig(metric="eval/accuracy", mode="max", scheduler=scheduler,
-                                    num_samples=study.tune.num_samples,
-                                    max_concurrent_trials=study.tune.max_concurrent_trials,
-                                    reuse_actors=study.tune.reuse_actors),
-        run_config=tune.RunConfig(name=f"bench-{name}", storage_path=str(storage), verbose=0,
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
-    grid = tuner.fit()
+    driver.setup_cache()
+    driver.setup_tracking()
+    driver.setup_tuner()
+    driver.fit()
+    grid, info, encoded = driver.results, driver.cache, driver.encoded
     wall = time.perf_counter() - t0
     trials = []
     for result in grid:
@@ -169,7 +129,7 @@ def main(argv=None) -> int:
     import transformers
 
     from tunekd.data import padding_report
-    from tunekd.study import load_study
+    from tunekd.study import grid_size, load_study
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -178,7 +138,12 @@ def main(argv=None) -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tunekd-bench-study-")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     os.chdir(workdir)  # the teacher fine-tune cache (.tunekd_cache) and Ray results land here
-    spec, family, encoded, teacher_info = prepare(study)
+    from tunekd.data import encode_splits
+    from tunekd.driver import StudyDriver
+
+    probe = StudyDriver(study, log=log)  # the study's task, for the padding figures and the table
+    probe.setup_task()
+    encoded = encode_splits(probe.raw, probe.tokenizer, probe.spec, study.task.max_length, family=probe.family)
     pad = padding_report(encoded["train"], study.train.batch_size, seed=study.seed)
     log(f"padding of an epoch: every row at full width {pad['full_width']:.1%}, random batches "
         f"{pad['random']:.1%}, length buckets {pad['bucketed']:.1%}")
@@ -188,7 +153,7 @@ def main(argv=None) -> int:
         runs: dict[str, list[dict]] = {v: [] for v in variants}
         for r in range(args.rounds):  # alternate the order so a drifting machine load evens out
             for v in (variants if r % 2 == 0 else list(reversed(variants))):
-                runs[v].append(run_variant(v, study, spec, family, encoded, teacher_info, workdir))
+                runs[v].append(run_variant(v, study, workdir))
     finally:
         ray.shutdown()
 
@@ -196,7 +161,7 @@ def main(argv=None) -> int:
         vals = [x[key] for x in runs[v] if x[key] is not None]
         return statistics.median(vals) if vals else None
 
-    print(f"\n{study.name}: {len(list(trial_points(study)))} trials x {study.train.epochs} epochs, "
+    print(f"\n{study.name}: {grid_size(study) * study.tune.num_samples} trials x {study.train.epochs} epochs, "
           f"{len(encoded['train'])} training rows, {args.num_cpus} CPUs, max {study.tune.max_concurrent_trials} "
           f"concurrent trials, {args.rounds} round(s)")
     print(f"{'run':<8} {'wall s':>7} {'trial-ep':>8} {'s/trial-ep':>10} {'teacher/ex':>10} {'warm start s':>12} "
