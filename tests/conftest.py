@@ -97,10 +97,9 @@ def tiny_encoded(tiny_bert_dir):
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """A local Ray (2 CPUs, loopback), started once per test process the way the driver starts one
-    (`driver.connect_ray`); studies run in-process use it (`StudyDriver.connect` leaves it running) and
-    subprocesses can attach to its address. Tests that use it are in the xdist group "ray", so under
-    pytest-xdist one worker holds it."""
+    """A local Ray (2 CPUs, loopback), started once per test process (each pytest-xdist worker that needs
+    one) the way the driver starts one (`driver.connect_ray`); studies run in-process use it
+    (`StudyDriver.connect` leaves it running) and subprocesses can attach to its address."""
     from tunekd.driver import connect_ray
 
     ray = connect_ray(None, 2, log=lambda msg: None)
@@ -110,7 +109,8 @@ def ray_session():
 
 @pytest.fixture(scope="session")
 def mlflow_uri(tmp_path_factory) -> str:
-    """One sqlite MLflow store for the session's in-process studies (each its own experiment)."""
+    """One sqlite MLflow store per test process for the end-to-end studies (each its own experiment): its
+    tables are created once, not once per study."""
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
 
 

@@ -2,8 +2,8 @@
 teacher reused by a second run, a trained student exported as an artifact, Optuna with sampled
 dimensions, and a study in another process attached to a running Ray cluster.
 
-The studies run in this process (`tunekd.run.main`) on the session's Ray (`ray_session`); the
-attached one is a subprocess given that Ray's address. All are in the xdist group "ray".
+The studies run in this process (`tunekd.run.main`) on the test process's Ray (`ray_session`) and MLflow
+store (`mlflow_uri`); the attached one is a subprocess given that Ray's address.
 """
 
 from __future__ import annotations
@@ -22,12 +22,14 @@ SHRINK = [
     "teacher.finetune.epochs=2", "train.epochs=3", "train.batch_size=16",
 ]
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
+pytestmark = pytest.mark.slow
+on_quickstart_worker = pytest.mark.xdist_group("quickstart")  # the tests that read the one quickstart run
 
 
-@pytest.fixture(scope="module")
-def quickstart(tmp_path_factory, ray_session):
-    """The quickstart study with its own defaults (sqlite:///mlflow.db in its folder)."""
+@pytest.fixture(scope="session")
+def quickstart(tmp_path_factory, ray_session, mlflow_uri):
+    """The quickstart study, run once per test process (its tests are one xdist group), recorded in the
+    session's MLflow store."""
     cwd = tmp_path_factory.mktemp("quickstart")
     mp = pytest.MonkeyPatch()
     try:
@@ -39,17 +41,18 @@ def quickstart(tmp_path_factory, ray_session):
 
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
-            code = cli.main([str(QUICKSTART), *[f"--set={s}" for s in SHRINK]])
+            code = cli.main([str(QUICKSTART), *[f"--set={s}" for s in SHRINK], "--tracking-uri", mlflow_uri])
     finally:
         mp.undo()
     out = buf.getvalue()
     assert code == 0, out[-5000:]
-    return cwd, out
+    return cwd, out, mlflow_uri
 
 
+@on_quickstart_worker
 def test_quickstart_records_every_trial_as_a_child_run(quickstart):
-    cwd, out = quickstart
-    client, parents, children = runs(f"sqlite:///{cwd / 'mlflow.db'}", "quickstart")
+    cwd, out, uri = quickstart
+    client, parents, children = runs(uri, "quickstart")
     assert len(parents) == 1
     parent = parents[0]
     assert "teacher/accuracy" in parent.data.metrics
@@ -78,16 +81,18 @@ def test_quickstart_records_every_trial_as_a_child_run(quickstart):
     assert len(combos) == 10
 
 
+@on_quickstart_worker
 def test_asha_stopped_at_least_one_trial(quickstart):
-    cwd, out = quickstart
-    _, _, children = runs(f"sqlite:///{cwd / 'mlflow.db'}", "quickstart")
+    cwd, out, uri = quickstart
+    _, _, children = runs(uri, "quickstart")
     stopped = [r for r in children if r.data.tags["tunekd.status"] == "early_stopped"]
     assert stopped, out[-3000:]
 
 
+@on_quickstart_worker
 def test_layer_maps_as_spec_gives_them(quickstart):
-    cwd, _ = quickstart
-    _, _, children = runs(f"sqlite:///{cwd / 'mlflow.db'}", "quickstart")
+    cwd, _, uri = quickstart
+    _, _, children = runs(uri, "quickstart")
     maps = {r.data.params["distill.strategy"]: json.loads(r.data.params["distill.layer_map"]) for r in children}
     assert maps["forward"] == [[0, 0], [1, 2], [2, 4], [3, 6]]
     assert maps["reverse"] == [[0, 0], [1, 6], [2, 4], [3, 2]]
@@ -96,17 +101,19 @@ def test_layer_maps_as_spec_gives_them(quickstart):
     assert sorted(t for _, t in maps["random"]) == [0, 2, 4, 6]
 
 
+@on_quickstart_worker
 def test_quickstart_prints_summary_and_ui_command(quickstart):
-    _, out = quickstart
-    assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in out
+    _, out, uri = quickstart
+    assert f"mlflow ui --backend-store-uri {uri}" in out
     assert "eval/accuracy" in out and "early_stopped" in out
     assert "teacher: fine-tuning" in out
 
 
+@on_quickstart_worker
 def test_fine_tuned_teacher_is_cached_and_reused(quickstart, study_cli, mlflow_uri):
     """A second study in the same folder finds the fine-tuned teacher by its content hash: no fine-tuning,
     the same teacher folder and metrics, recorded as cached."""
-    cwd, _ = quickstart
+    cwd, _, _ = quickstart
     teachers = list((cwd / ".tunekd_cache" / "teachers").iterdir())
     assert len(teachers) == 1 and (teachers[0] / "tunekd_teacher.json").is_file()
     code, out = study_cli([QUICKSTART, *[f"--set={s}" for s in SHRINK], "--set=train.epochs=1",
@@ -122,7 +129,7 @@ def test_fine_tuned_teacher_is_cached_and_reused(quickstart, study_cli, mlflow_u
     assert child.data.tags["tunekd.status"] == "completed"
 
 
-def test_attach_to_a_running_cluster(tmp_path, ray_session, tiny_bert_dir):
+def test_attach_to_a_running_cluster(tmp_path, ray_session, tiny_bert_dir, mlflow_uri):
     """A study in another process given `--address` of a running Ray (this session's) attaches to it."""
     import yaml
 
@@ -133,10 +140,10 @@ def test_attach_to_a_running_cluster(tmp_path, ray_session, tiny_bert_dir):
         "teacher": {"model": str(tiny_bert_dir)}, "student": {"layers": 2, "init": "copy"},
         "train": {"epochs": 1, "batch_size": 16}, "tune": {"resources": {"cpu": 1}},
     }))
-    proc = cli_subprocess([study, "--address", ray_session], tmp_path)
+    proc = cli_subprocess([study, "--address", ray_session, "--tracking-uri", mlflow_uri], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"attached to the cluster at {ray_session}" in proc.stdout
-    _, _, children = runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "attach")
+    _, _, children = runs(mlflow_uri, "attach")
     assert len(children) == 1 and children[0].data.tags["tunekd.status"] == "completed"
 
 

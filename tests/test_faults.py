@@ -33,10 +33,11 @@ def write_study(tmp_path, teacher_dir, **edits):
     return path
 
 
-def start_cli(study, cwd, *extra):
+def start_cli(study, cwd, mlflow_uri, *extra):
     """The CLI in its own process with its own local Ray (2 CPUs): these tests kill it or its workers."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "tunekd.run", str(study), "--num-cpus", "2", *extra], cwd=cwd,
+    return subprocess.Popen([sys.executable, "-m", "tunekd.run", str(study), "--num-cpus", "2",
+                             "--tracking-uri", mlflow_uri, *extra], cwd=cwd,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
@@ -46,11 +47,6 @@ def finish(proc, timeout=400):
     return proc.returncode, out
 
 
-def runs(cwd, experiment="faults"):
-    return _runs(f"sqlite:///{cwd / 'mlflow.db'}", experiment)
-
-
-@pytest.mark.xdist_group("ray")
 def test_failing_and_non_finite_trials_are_marked_failed_and_others_go_on(tmp_path, tiny_bert_dir, study_cli,
                                                                           mlflow_uri):
     study = write_study(tmp_path, tiny_bert_dir, name="faults_errors", search={
@@ -76,11 +72,11 @@ def test_failing_and_non_finite_trials_are_marked_failed_and_others_go_on(tmp_pa
 
 
 @pytest.mark.xdist_group("own_ray")
-def test_killed_worker_is_retried_from_its_checkpoint(tmp_path, tiny_bert_dir):
-    study = write_study(tmp_path, tiny_bert_dir,
+def test_killed_worker_is_retried_from_its_checkpoint(tmp_path, tiny_bert_dir, mlflow_uri):
+    study = write_study(tmp_path, tiny_bert_dir, name="faults_worker",
                         task={"synthetic": {"train_size": 1200, "eval_size": 32}},
                         train={"epochs": 4}, tune={"max_failures": 2, "checkpoint_keep": 1})
-    proc = start_cli(study, tmp_path)
+    proc = start_cli(study, tmp_path, mlflow_uri)
     try:
         ckpt = wait_for(lambda: sorted(tmp_path.glob("ray_results/*/*/checkpoint_000000")), timeout=300)
         assert ckpt
@@ -92,7 +88,7 @@ def test_killed_worker_is_retried_from_its_checkpoint(tmp_path, tiny_bert_dir):
         kill_tree(descendants(proc.pid) + [proc.pid]) if proc.poll() is None else None
     assert code == 0, out[-4000:]
     assert "retried from its last checkpoint" in out
-    client, _, children = runs(tmp_path)
+    client, _, children = _runs(mlflow_uri, "faults_worker")
     assert len(children) == 1
     run = children[0]
     assert run.data.tags["tunekd.status"] == "completed"
@@ -104,17 +100,17 @@ def test_killed_worker_is_retried_from_its_checkpoint(tmp_path, tiny_bert_dir):
 
 
 @pytest.mark.xdist_group("own_ray")
-def test_killed_driver_resumes(tmp_path, tiny_bert_dir):
-    study = write_study(tmp_path, tiny_bert_dir,
+def test_killed_driver_resumes(tmp_path, tiny_bert_dir, mlflow_uri):
+    study = write_study(tmp_path, tiny_bert_dir, name="faults_driver",
                         task={"synthetic": {"train_size": 600, "eval_size": 32}},
                         train={"epochs": 3},
                         tune={"max_concurrent_trials": 1},
                         search={"distill.strategy": {"grid": ["forward", "reverse", "all_to_one"]}})
-    proc = start_cli(study, tmp_path)
+    proc = start_cli(study, tmp_path, mlflow_uri)
 
     def one_done_one_started():
         try:
-            _, _, children = runs(tmp_path)
+            _, _, children = _runs(mlflow_uri, "faults_driver")
         except Exception:
             return False
         done = [r for r in children if r.data.tags.get("tunekd.status") == "completed"]
@@ -130,14 +126,14 @@ def test_killed_driver_resumes(tmp_path, tiny_bert_dir):
     finally:
         if proc.poll() is None:
             kill_tree(descendants(proc.pid) + [proc.pid])
-    client, parents, before = runs(tmp_path)
+    client, parents, before = _runs(mlflow_uri, "faults_driver")
     done_before = {r.data.tags["tunekd.trial_id"]: steps(client, r) for r in before
                    if r.data.tags["tunekd.status"] == "completed"}
     assert done_before
 
-    code, out = finish(start_cli(study, tmp_path, "--resume"))
+    code, out = finish(start_cli(study, tmp_path, mlflow_uri, "--resume"))
     assert code == 0, out[-4000:]
-    client, parents_after, after = runs(tmp_path)
+    client, parents_after, after = _runs(mlflow_uri, "faults_driver")
     assert len(parents_after) == 1 and parents_after[0].info.run_id == parents[0].info.run_id
     trials = [r for r in after if r.data.tags["tunekd.status"] != "superseded"]
     assert len(trials) == 3
@@ -154,7 +150,6 @@ def test_killed_driver_resumes(tmp_path, tiny_bert_dir):
             assert f"{run.data.tags['tunekd.trial_id']} epoch" not in out
 
 
-@pytest.mark.xdist_group("ray")
 def test_local_ray_listens_on_loopback_only(ray_session, tmp_path, tiny_bert_dir, study_cli, mlflow_uri):
     """The local Ray the driver starts (`driver.connect_ray`, as the session's was) listens on loopback only:
     its daemons, and the workers of a study running on it (sampled after its first checkpoint)."""

@@ -182,10 +182,9 @@ SMOKE = [
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("ray")
 @pytest.mark.parametrize("study, task, metric", SMOKE, ids=[s[0].split(".")[0] for s in SMOKE])
 def test_tiny_study_through_the_cli_logs_its_metric(tmp_path, data_dir, study, task, metric, study_cli, mlflow_uri):
-    """The smoke study through the CLI (in this process, on the session's Ray and MLflow store)."""
+    """The smoke study through the CLI (in this process, on the test process's Ray and MLflow store)."""
     import json
     from pathlib import Path
 
