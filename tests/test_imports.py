@@ -126,3 +126,17 @@ def test_nothing_imports_run():
 def test_library_imported_only_where_allowed(library, allowed):
     users = sorted(m for m in graph() if library in external(m))
     assert set(users) <= allowed, f"{library} imported by {sorted(set(users) - allowed)}"
+
+
+UPPER = {"tunekd.distill", "tunekd.trainable", "tunekd.driver", "tunekd.run", "tunekd.students", "tunekd.teacher",
+         "tunekd.cache", "tunekd.tracking", "tunekd.report", "tunekd.angles"}
+
+
+def test_lower_layers_do_not_import_upper_ones():
+    """mapping and losses are pure (errors only); models/ and tasks/ reach nothing above them."""
+    edges = graph()
+    for pure in ("tunekd.mapping", "tunekd.losses"):
+        assert edges[pure] <= {"tunekd.errors"}, (pure, edges[pure])
+    for name, targets in edges.items():
+        if name.startswith(("tunekd.models", "tunekd.tasks")):
+            assert not targets & UPPER, (name, sorted(targets & UPPER))

@@ -1,0 +1,54 @@
+"""The per-trial resolution: one memoised `config → (trial study, plan)`, and the configs that stand for a
+search space (every grid/choice value, every integer of a randint, the bounds of a continuous range)."""
+
+from __future__ import annotations
+
+import pickle
+
+from tunekd import plan
+from tunekd.study import Study
+
+
+def study(**extra) -> Study:
+    return Study.model_validate({"name": "p", "task": {"name": "synthetic"}, "teacher": {"model": "minilm"},
+                                 "student": {"layers": 3}, **extra})
+
+
+def test_trials_resolve_once_per_config():
+    trials = plan.Trials(study(), 6, True)
+    a = trials({"distill.strategy": "reverse", "seed": 1})
+    assert trials({"seed": 1, "distill.strategy": "reverse"}) is a  # key order does not matter
+    assert a.study.distill.strategy == "reverse" and a.study.seed == 1 and a.study.search == {}
+    assert a.plan == plan.resolve(a.study, 6, True)
+    assert a.plan.layer_map == [(0, 0), (1, 6), (2, 4), (3, 2)]
+    assert trials({"distill.strategy": "forward", "seed": 1}) is not a
+    assert trials() is trials({})  # the study as it is
+
+
+def test_trial_params_are_the_plans():
+    trials = plan.Trials(study(), 6, True)
+    t = trials({"student.init": "copy"})
+    params = t.params()
+    assert params == t.plan.params(t.study)
+    assert params["student.copied_layers"] == [1, 3, 5] and params["distill.layer_map"] == [[0, 0], [1, 2], [2, 4],
+                                                                                           [3, 6]]
+
+
+def test_trial_points_take_every_discrete_value_and_continuous_bounds():
+    s = study(search={"student.layers": {"randint": [1, 3]}, "train.lr": {"loguniform": [1e-5, 1e-3]},
+                      "distill.strategy": {"choice": ["forward", "none"]}}, tune={"searcher": "random"})
+    points = list(plan.trial_points(s))
+    assert len(points) == 3 * 2 * 2
+    assert {p["student.layers"] for p in points} == {1, 2, 3}
+    assert {p["train.lr"] for p in points} == {1e-5, 1e-3}
+    wide = study(search={"seed": {"randint": [0, plan.RANDINT_EVERY_VALUE * 10]}}, tune={"searcher": "random"})
+    assert [p["seed"] for p in plan.trial_points(wide)] == [0, plan.RANDINT_EVERY_VALUE * 10]
+
+
+def test_trial_callback_pickles_without_its_driver():
+    """Tune pickles callbacks into its experiment state: the driver (MLflow client, teacher, data) stays out."""
+    from tunekd.driver import TrialCallback
+
+    cb = TrialCallback(driver=object())
+    back = pickle.loads(pickle.dumps(cb))
+    assert isinstance(back, TrialCallback) and back.driver is None
