@@ -182,12 +182,20 @@ def test_mismatched_batch_is_refused(built, encoded):
 
 def test_truncated_teacher_shares_weights_and_matches_lower_layers(family, teacher, encoded):
     short = truncated(family, teacher, 2)
-    assert len(family.stacks(short)["encoder"]) == 2 and len(family.stacks(teacher)["encoder"]) == 4
-    assert short.bert.embeddings is teacher.bert.embeddings
-    assert short.bert.encoder.layer[1] is teacher.bert.encoder.layer[1]
+    assert short.inner is teacher and short.bert.embeddings is teacher.bert.embeddings  # shared, not copied
+    assert short.config is teacher.config
+    ran = []
+    hooks = [layer.register_forward_hook(lambda m, a, o, k=k: ran.append(k))
+             for k, layer in enumerate(teacher.bert.encoder.layer)]
     batch = encoded["train"].batch(np.arange(8))
-    full = _online(family, teacher, batch).hidden["encoder"]
-    part = _online(family, short, batch).hidden["encoder"]
+    try:
+        part = _online(family, short, batch).hidden["encoder"]  # the view first: hooks must not double up
+        assert ran == [0, 1]  # layers 3 and 4 never run
+        full = _online(family, teacher, batch).hidden["encoder"]
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(family.stacks(teacher)["encoder"]) == 4  # the original is back in one piece
     assert len(part) == 3
     for k in range(3):
         assert torch.equal(part[k], full[k])

@@ -102,6 +102,16 @@ def _normalize(x: Tensor, normalize: str) -> Tensor:
     return x
 
 
+def _tensor_layernorm(x: Tensor, valid: Tensor) -> Tensor:
+    """``x`` [B, L, H] normalised by the mean and biased variance of its valid positions' elements."""
+    v = x[valid]
+    if v.numel() == 0:
+        return x
+    mu = v.mean()
+    var = (v - mu).pow(2).mean()
+    return (x - mu) / torch.sqrt(var + LN_EPS)
+
+
 def reads_padding(reduction: str, normalize: str) -> bool:
     """Whether these options read padding positions (the paper-exact variants)."""
     return reduction in _PADDED_REDUCTIONS or normalize in _PADDED_NORMALIZE
@@ -160,6 +170,8 @@ def _pair_loss(
         s, t = _normalize(s, normalize), _normalize(t, normalize)
         if reduction not in _PADDED_REDUCTIONS:  # statistics with padding, the loss over valid positions
             return _flat_pair_loss(s[valid], t[valid], batch, loss, reduction, "none")
+    elif normalize == "layernorm_tensor":  # statistics of the valid positions, applied to every position
+        s, t = _tensor_layernorm(s, valid), _tensor_layernorm(t, valid)
     else:
         s, t = _normalize(s, normalize), _normalize(t, normalize)  # per position (or none)
     # token_sum_padded: Σ over H at every position, mean over B·L, × N/(B·L)
