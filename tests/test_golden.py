@@ -237,3 +237,51 @@ def test_goldens_would_catch_the_old_presets():
     paper = formula_seq2seq_hidden(s, t, masks["encoder"], pairs, tensor_layer_norm=True)
     old = float(losses.hidden_loss(s, t, pairs, masks["encoder"], normalize="layernorm", aggregate="mean"))
     assert abs(old - paper) / paper > 0.5  # per-token layer norm and pairs averaged: far from the paper's
+
+
+# ---------------------------------------------------------------- the dry run says what each preset computes
+
+@pytest.mark.parametrize("family, family_name, markers", [
+    ("bert", "encoder", ["τ = 1", "per example", "mean over pairs", "Σ(t−s)² / (B·N) [paper]", "[none]",
+                         "embeddings matched: yes"]),
+    ("bart", "seq2seq", ["τ = 1", "over the target tokens", "Σ over pairs", "Σ(t−s)² / (N·H) [element_mean]",
+                         "[none]", "encoder + decoder stacks added", "student embeddings frozen"]),
+    ("t5", "seq2seq", ["τ = 2", "over the target tokens", "Σ over pairs", "[element_mean]",
+                       "[layernorm_tensor_padded]", "student embeddings frozen"]),
+    ("qwen3", "decoder", ["τ = 1", "every position of the sequence", "mean over pairs", "[token_sum_padded]",
+                          "l2 per position", "embeddings matched: no"]),
+])
+def test_describe_loss_per_preset(family, family_name, markers):
+    from tunekd.models import FAMILIES
+    from tunekd.plan import describe_loss, describe_losses
+
+    study = load_study(PAPER / FAMILIES_PRESET[family])
+    line = describe_loss(study, FAMILIES[family_name])
+    for m in markers:
+        assert m in line, (m, line)
+    lines = describe_losses(study, [{"distill.strategy": s} for s in ("none", "forward", "reverse", "random")],
+                            FAMILIES[family_name])
+    assert len(lines) == 3 and "L_hid off" in lines[0] and "(2 trials)" in lines[1]
+    assert "random π: neither forward nor reverse, from the trial's seed" in lines[2]
+
+
+FAMILIES_PRESET = {k: v[0] for k, v in FAMILIES.items()}
+
+
+def test_dry_run_prints_the_resolved_loss_settings(data_dir, tmp_path):
+    """The CLI, on the BERT preset with the tiny BERT as its teacher (the paper's teachers need the hub)."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "TUNEKD_TINY_DIR": str(tmp_path / "tiny")}
+    proc = subprocess.run([sys.executable, "-m", "tunekd.run", str(PAPER / "glue_bert.yaml"), "--dry-run",
+                           "--set", "teacher.model=tiny:bert", "--set", f"task.data_dir={data_dir / 'sst2'}",
+                           "--set", "search.seed.grid=[0]", "--set", "search.train.lr.grid=[2.0e-5]"],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "resolved loss settings:" in out
+    assert "Σ(t−s)² / (B·N) [paper]" in out and "(6 trials)" in out
+    assert "random π: neither forward nor reverse" in out

@@ -49,3 +49,69 @@ def resolve(study: Study, teacher_layers: int, match_embeddings_default: bool) -
               if study.student.init == "copy" else None)
     return Plan(layer_map=[tuple(p) for p in layer_map], copied_layers=copied, match_embeddings=match,
                 permutation=perm, map_seed=seed if perm is not None else None)
+
+
+# --- the loss a trial computes, in words (printed by `python -m tunekd.run ... --dry-run`) ----------
+
+_REDUCTION = {
+    "element_mean": "Σ(t−s)² / (N·H)",
+    "token_sum": "Σ(t−s)² / N",
+    "paper": "Σ(t−s)² / (B·N)",
+    "token_sum_padded": "[Σ_H(t−s)² at every position, padding included] / (B·L) × N/(B·L)",
+}
+_NORMALIZE = {
+    "none": "no normalisation",
+    "layernorm": "layer norm per position",
+    "l2": "l2 per position",
+    "layernorm_tensor": "layer norm over each pair's whole tensor (statistics of valid positions)",
+    "layernorm_tensor_padded": "layer norm over each pair's whole (B, L, H) tensor (padding in the statistics)",
+}
+
+
+def describe_loss(study: Study, family=None) -> str:
+    """One line: the loss this trial config computes, with its formula (SPEC.md "Loss"). `family` (a
+    `models.Family`, or None) decides whether logits are per example or per token (None: from the
+    task kind alone) and the default for matching embeddings."""
+    from tunekd.tasks import get_task
+
+    d = study.distill
+    kind = get_task(study.task.name).kind
+    name = getattr(family, "name", None)
+    token_level = name in ("seq2seq", "decoder") if name is not None else kind == "generation"
+    if not token_level:
+        kl_where = "per example"
+    elif d.kl_positions == "sequence":
+        kl_where = "over every position of the sequence (context and answer)"
+    else:
+        kl_where = "over the target tokens"
+    if d.hidden_loss == "cosine":
+        pair = "1 − cos per valid position, mean"
+    else:
+        pair = f"mse {_REDUCTION[d.reduction]} [{d.reduction}]"
+    hid = (f"L_hid = {'Σ' if d.aggregate == 'sum' else 'mean'} over pairs of ({pair}; "
+           f"{_NORMALIZE[d.hidden_normalize]} [{d.hidden_normalize}])")
+    if name == "seq2seq" or (name is None and kind == "generation"):
+        hid += ", encoder + decoder stacks added"
+    if (isinstance(d.strategy, str) and d.strategy == "none") or d.lambda_hid == 0:
+        hid = "L_hid off (strategy none or λ = 0)"
+    parts = [f"loss = {d.alpha_ce:g}·CE + {d.alpha_kl:g}·KL + {d.lambda_hid:g}·L_hid",
+             f"KL: τ = {d.temperature:g}, × τ², {kl_where} [kl_positions: {d.kl_positions}]", hid]
+    match = d.match_embeddings if d.match_embeddings is not None else getattr(family, "match_embeddings_default", None)
+    parts.append(f"embeddings matched: {({None: 'family default', True: 'yes', False: 'no'})[match]}")
+    if isinstance(d.strategy, str) and d.strategy == "random":
+        seed = "the trial's seed" if d.map_seed is None else f"map_seed {d.map_seed}"
+        draw = ("neither forward nor reverse" if d.random_draw == "nontrivial"
+                else "unrestricted, the paper's (may equal forward or reverse)")
+        parts.append(f"random π: {draw}, from {seed}")
+    if study.student.freeze_embeddings:
+        parts.append("student embeddings frozen")
+    return "; ".join(parts)
+
+
+def describe_losses(study: Study, points, family=None) -> list[str]:
+    """The distinct `describe_loss` lines over the trials at `points`, each with how many trials use it."""
+    seen: dict[str, int] = {}
+    for point in points:
+        line = describe_loss(study.trial(point), family)
+        seen[line] = seen.get(line, 0) + 1
+    return [f"  {line}  ({n} trial{'s' if n != 1 else ''})" for line, n in seen.items()]

@@ -359,6 +359,9 @@ def run(args) -> int:
     if args.dry_run:
         for point in trial_points(study):
             print("  " + ", ".join(f"{k}={v}" for k, v in point.items()))
+        from tunekd.plan import describe_losses
+
+        print("resolved loss settings:\n" + "\n".join(describe_losses(study, trial_points(study), family)))
         return 0
 
     ray = connect_ray(args.address, args.num_cpus)
