@@ -123,8 +123,15 @@ def test_logits_only_cache_runs_a_truncated_teacher(family, teacher, encoded, lo
     d = make(family, teacher, cache=logits_cache, dcfg=dcfg)
     d.layer_map = [(0, 2), (1, 2), (2, 2)]
     d.student.eval()
-    parts = d.losses(encoded["train"].batch(np.arange(8)))
-    assert d._short is not None and len(family.stacks(d._short)["encoder"]) == 2
+    ran = []
+    hooks = [layer.register_forward_hook(lambda m, a, o, k=k: ran.append(k))
+             for k, layer in enumerate(family.stacks(teacher)["encoder"])]
+    try:
+        parts = d.losses(encoded["train"].batch(np.arange(8)))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert d._short is not None and d._short.keep == 2 and ran == [0, 1]  # the teacher ran layers 1-2 only
     ref = make(family, teacher, dcfg=dcfg)
     ref.layer_map = list(d.layer_map)
     ref.student.eval()

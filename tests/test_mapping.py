@@ -401,3 +401,47 @@ def test_copy_layer_indices_errors(bad, pattern):
 def test_copy_layer_indices_unknown():
     with pytest.raises(ConfigError, match=r"unknown copy_layers 'sprad'.*did you mean 'spread'"):
         copy_layer_indices("sprad", 12, 3)
+
+
+# ---------------------------------------------------------------- the plan: map seed and logged permutation
+
+def _study(**distill):
+    from tunekd.study import Study
+
+    return Study.model_validate({"name": "x", "task": {"name": "synthetic"}, "teacher": {"model": "minilm"},
+                                 "student": {"layers": 4}, "distill": {"strategy": "random", **distill}})
+
+
+def test_plan_logs_the_permutation_and_draws_from_the_map_seed():
+    from tunekd import plan
+
+    study = _study()
+    p = plan.resolve(study.trial({"seed": 3}), 12, True)
+    assert p.permutation == random_permutation(4, 3) and p.map_seed == 3
+    fwd = forward_targets(12, 4)
+    assert p.layer_map == [(0, 0)] + [(i, fwd[p.permutation[i - 1] - 1]) for i in range(1, 5)]
+    params = p.params(study.trial({"seed": 3}))
+    assert params["distill.random_permutation"] == p.permutation and params["distill.map_seed_used"] == 3
+    # distill.map_seed: the map no longer follows the trial's seed (maps can be crossed with seeds)
+    fixed = [plan.resolve(_study(map_seed=11).trial({"seed": s}), 12, True) for s in range(5)]
+    assert all(q.layer_map == fixed[0].layer_map and q.map_seed == 11 for q in fixed)
+    assert fixed[0].permutation == random_permutation(4, 11)
+    # other strategies log no permutation
+    other = plan.resolve(_study().trial({"distill.strategy": "forward"}), 12, True)
+    assert other.permutation is None and "distill.random_permutation" not in other.params(study)
+
+
+def test_random_draw_option_in_the_study_file():
+    from tunekd import plan
+    from tunekd.study import validate
+
+    raw = {"name": "x", "task": {"name": "synthetic"}, "teacher": {"model": "minilm"}, "student": {"layers": 2},
+           "distill": {"strategy": "random", "random_draw": "any"}}
+    assert plan.resolve(validate(raw), 12, True).layer_map  # the paper's draw works for S = 2
+    raw["distill"]["random_draw"] = "nontrival"
+    with pytest.raises(ConfigError) as e:
+        validate(raw)
+    assert "distill.random_draw" in str(e.value) and "'nontrivial'" in str(e.value) and "\n" not in str(e.value)
+    raw["distill"]["random_draw"] = "nontrivial"
+    with pytest.raises(ConfigError, match="at least 3 student layers"):
+        plan.resolve(validate(raw), 12, True)
