@@ -117,7 +117,14 @@ def teacher_needed(d, layer_map, cache) -> bool:
     hidden = d.lambda_hid > 0 and bool(layer_map)
     if d.alpha_kl > 0 and cache is None:
         return True
-    return hidden and (cache is None or not cache.covers({int(t) for _, t in layer_map}))
+    return hidden and (cache is None or not cache_serves_hidden(d, cache, {int(t) for _, t in layer_map}))
+
+
+def cache_serves_hidden(d, cache, layers) -> bool:
+    """Whether `cache` can give the teacher states `layers` for loss options `d`: it holds them, and the
+    options do not read padding positions (the cache keeps valid tokens only; padding comes back as 0,
+    which the paper-exact `_padded` options would read)."""
+    return cache.covers(layers) and not losses.reads_padding(d.reduction, d.hidden_normalize)
 
 
 @dataclass
@@ -178,12 +185,13 @@ class Distiller:
         cache = self.cache if index is not None else None
         t_logits = t_hidden = None
         wanted = self.teacher_indices
-        if cache is not None and (logits or (hidden and cache.covers(wanted))):
+        from_cache = cache is not None and hidden and cache_serves_hidden(self.distill, cache, wanted)
+        if cache is not None and (logits or from_cache):
             cache.check_rows(index, batch)
         if cache is not None:
             if logits:
                 t_logits = cache.logits(index, s_out.logits.device)
-            if hidden and cache.covers(wanted):
+            if from_cache:
                 t_hidden = {stack: cache.states(stack, index, s_out.masks[stack], wanted, max(wanted) + 1)
                             for stack in s_out.hidden}
             if t_logits is not None or t_hidden is not None:

@@ -178,9 +178,8 @@ def _pair_loss(
     if loss == "cosine":
         raise ValueError("reduction 'token_sum_padded' is for hidden_loss 'mse'")
     b, length = valid.shape
-    n = int(valid.sum())
     per_pos = (s - t).pow(2).sum(-1)  # [B, L]
-    return per_pos.mean() * (n / (b * length))
+    return per_pos.mean() * (valid.sum().to(per_pos.dtype) / (b * length))  # no host sync
 
 
 def _flat_pair_loss(
