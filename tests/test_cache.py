@@ -167,12 +167,20 @@ def test_mismatched_batch_is_refused(built, encoded):
 
 def test_truncated_teacher_shares_weights_and_matches_lower_layers(family, teacher, encoded):
     short = truncated(family, teacher, 2)
-    assert len(family.stacks(short)["encoder"]) == 2 and len(family.stacks(teacher)["encoder"]) == 4
-    assert short.bert.embeddings is teacher.bert.embeddings
-    assert short.bert.encoder.layer[1] is teacher.bert.encoder.layer[1]
+    assert short.inner is teacher and short.bert.embeddings is teacher.bert.embeddings  # shared, not copied
+    assert short.config is teacher.config
+    ran = []
+    hooks = [layer.register_forward_hook(lambda m, a, o, k=k: ran.append(k))
+             for k, layer in enumerate(teacher.bert.encoder.layer)]
     batch = encoded["train"].batch(np.arange(8))
-    full = _online(family, teacher, batch).hidden["encoder"]
-    part = _online(family, short, batch).hidden["encoder"]
+    try:
+        part = _online(family, short, batch).hidden["encoder"]  # the view first: hooks must not double up
+        assert ran == [0, 1]  # layers 3 and 4 never run
+        full = _online(family, teacher, batch).hidden["encoder"]
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(family.stacks(teacher)["encoder"]) == 4  # the original is back in one piece
     assert len(part) == 3
     for k in range(3):
         assert torch.equal(part[k], full[k])
@@ -242,3 +250,83 @@ def test_unpadded_batch_reads_the_same(built, family, teacher, encoded):
     got = cache.hidden("encoder", batch["index"], batch["attention_mask"], [4])[4]
     want = _online(family, teacher, batch).hidden["encoder"][4]
     torch.testing.assert_close(got, want.half().float(), rtol=2**-10, atol=1e-5)
+
+
+# ---------------------------------------------------------------- issue 9: key and row checks
+
+def test_key_changes_with_the_teacher_config_and_tokenizer(tmp_path, family, teacher, encoded, tiny_bert_dir):
+    """Same weights, another `hidden_act` (or another tokenizer): another key, so no stale reuse."""
+    import copy
+
+    from transformers import AutoTokenizer
+
+    base = tc.prepare(family, teacher, encoded["train"], tmp_path, layers=(2,), max_length=32)
+    again = tc.prepare(family, teacher, encoded["train"], tmp_path, layers=(2,), max_length=32)
+    assert again.reused and again.key == base.key
+    other_act = copy.deepcopy(teacher)
+    other_act.config.hidden_act = "relu"
+    assert tc.weights_digest(other_act.state_dict()) == tc.weights_digest(teacher.state_dict())
+    changed = tc.prepare(family, other_act, encoded["train"], tmp_path, layers=(2,), max_length=32)
+    assert not changed.reused and changed.key != base.key
+    # the tokenizer: an object, or the tokenizer files of a folder
+    tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    with_tok = tc.prepare(family, teacher, encoded["train"], tmp_path, layers=(2,), max_length=32, tokenizer=tok)
+    tok2 = AutoTokenizer.from_pretrained(tiny_bert_dir, do_lower_case=False)
+    assert tc.tokenizer_digest(tok2) != tc.tokenizer_digest(tok)
+    with_tok2 = tc.prepare(family, teacher, encoded["train"], tmp_path, layers=(2,), max_length=32, tokenizer=tok2)
+    assert with_tok2.key != with_tok.key and not with_tok2.reused
+    assert tc.tokenizer_digest(str(tiny_bert_dir)) != "" and tc.tokenizer_digest(None) == ""
+    assert tc.tokenizer_digest(str(tiny_bert_dir)) == tc.tokenizer_digest(tiny_bert_dir)
+    # the config digest ignores only the load path
+    cfg = copy.deepcopy(teacher.config)
+    cfg._name_or_path = "/somewhere/else"
+    assert tc.config_digest(cfg) == tc.config_digest(teacher.config)
+    cfg.layer_norm_eps = 1e-6
+    assert tc.config_digest(cfg) != tc.config_digest(teacher.config)
+
+
+def test_key_parts():
+    base = tc.cache_key("t", "d", 32, [0], "fp16", config="c", tokenizer="k")
+    assert base != tc.cache_key("t", "d", 32, [0], "fp16", config="C", tokenizer="k")
+    assert base != tc.cache_key("t", "d", 32, [0], "fp16", config="c", tokenizer="K")
+
+
+def test_permuted_batch_is_refused(built, encoded):
+    """Rows out of step with `index` are refused per row, not only when the token totals differ."""
+    _, info = built
+    cache = tc.TeacherCache.open(info.folder)
+    lengths = encoded["train"].lengths
+    rows = np.array([int(np.argmin(lengths)), int(np.argmax(lengths)), 5])
+    assert lengths[rows[0]] != lengths[rows[1]]
+    batch = encoded["train"].batch(rows)
+    cache.check_rows(batch["index"], batch)  # in step: fine
+    cache.hidden("encoder", batch["index"], batch["attention_mask"], [2])
+    swapped = batch["index"][[1, 0, 2]]  # same rows, same total token count, another order
+    assert int(batch["attention_mask"].sum()) == int(cache.arrays["encoder.counts"][swapped.numpy()].sum())
+    with pytest.raises(ValueError, match="valid encoder tokens"):
+        cache.hidden("encoder", swapped, batch["attention_mask"], [2])
+    with pytest.raises(ValueError, match="is not cached row"):
+        cache.check_rows(swapped, batch)
+    # rows of equal length swapped: only the token fingerprints can tell
+    same = [i for i in range(len(lengths)) if lengths[i] == lengths[rows[2]] and i != rows[2]]
+    assert same
+    pair = np.array([rows[2], same[0]])
+    b2 = encoded["train"].batch(pair)
+    cache.hidden("encoder", b2["index"][[1, 0]], b2["attention_mask"], [2])  # counts cannot see it
+    with pytest.raises(ValueError, match="is not cached row"):
+        cache.check_rows(b2["index"][[1, 0]], b2)
+
+
+def test_distiller_refuses_a_batch_out_of_step_with_the_cache(built, family, teacher, encoded):
+    from tunekd.distill import Distiller
+    from tunekd.study import DistillConfig
+
+    _, info = built
+    cache = tc.TeacherCache.open(info.folder)
+    d = Distiller(family=family, student=teacher, teacher=None, layer_map=[(0, 0), (1, 2)],
+                  distill=DistillConfig(), cache=cache)
+    batch = encoded["train"].batch(np.array([0, 1, 2, 3]))
+    d.losses(batch)  # in step
+    batch["index"] = batch["index"].flip(0)
+    with pytest.raises(ValueError, match="teacher cache"):
+        d.losses(batch)

@@ -103,13 +103,40 @@ def test_cached_losses_equal_online_losses(family, teacher, encoded, full_cache,
     assert not cached.needs_teacher_model() and logits_only.needs_teacher_model()
 
 
+@pytest.mark.parametrize("opts", [{"reduction": "token_sum_padded", "hidden_normalize": "l2"},
+                                  {"hidden_normalize": "layernorm_tensor_padded"}])
+def test_options_that_read_padding_take_hidden_states_from_the_teacher_not_the_cache(family, teacher, encoded,
+                                                                                   full_cache, opts):
+    """The cache keeps valid tokens only: the paper-exact `_padded` options need the real padded states."""
+    _, cache = full_cache
+    dcfg = DCFG.model_copy(update=opts)
+    batch = encoded["train"].batch(np.array([40, 2, 7, 63, 11, 30]))
+    assert not bool(batch["attention_mask"].bool().all())  # there is padding to read
+    assert distill.teacher_needed(dcfg, MAP, cache) and not distill.teacher_needed(DCFG, MAP, cache)
+    with pytest.raises(RuntimeError, match="cache lacks"):
+        make(family, teacher, cache=cache, with_teacher=False, dcfg=dcfg).losses(batch)
+    online, mixed = make(family, teacher, dcfg=dcfg), make(family, teacher, cache=cache, dcfg=dcfg)
+    online.student.eval()
+    mixed.student.eval()
+    a, b = online.losses(batch), mixed.losses(batch)
+    assert mixed.teacher_rows == 6  # hidden states from the teacher model (logits from the cache)
+    torch.testing.assert_close(b["loss_hid"].detach(), a["loss_hid"].detach(), rtol=1e-6, atol=1e-7)
+
+
 def test_logits_only_cache_runs_a_truncated_teacher(family, teacher, encoded, logits_cache):
     dcfg = DCFG.model_copy(update={"strategy": "all_to_one"})
     d = make(family, teacher, cache=logits_cache, dcfg=dcfg)
     d.layer_map = [(0, 2), (1, 2), (2, 2)]
     d.student.eval()
-    parts = d.losses(encoded["train"].batch(np.arange(8)))
-    assert d._short is not None and len(family.stacks(d._short)["encoder"]) == 2
+    ran = []
+    hooks = [layer.register_forward_hook(lambda m, a, o, k=k: ran.append(k))
+             for k, layer in enumerate(family.stacks(teacher)["encoder"])]
+    try:
+        parts = d.losses(encoded["train"].batch(np.arange(8)))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert d._short is not None and d._short.keep == 2 and ran == [0, 1]  # the teacher ran layers 1-2 only
     ref = make(family, teacher, dcfg=dcfg)
     ref.layer_map = list(d.layer_map)
     ref.student.eval()

@@ -216,3 +216,143 @@ def test_lora_needs_a_copied_student(tiny_model):
         build_student(teacher, family, spec, StudentConfig(layers=2, init="random", lora={"rank": 4}), seed=0)
     with pytest.raises(ConfigError, match="match no module"):
         build_student(teacher, family, spec, StudentConfig(layers=2, lora={"target_modules": ["nope"]}), seed=0)
+
+
+# ---------------------------------------------------------------- issue 9: cut-down teacher, projections, frozen embeddings
+
+def _family_batch(tiny_model, name):
+    """(family, model, batch) for a tiny teacher of `name`; BERT on the synthetic classification task."""
+    if name != "bert":
+        task = {"bart": "dart", "t5": "wmt16_en_ro", "qwen3": "hellaswag"}[name]
+        family, model, spec, enc = _setup(tiny_model, name, task)
+        return family, model, enc["train"].batch(torch.arange(2).numpy())
+    from tunekd.tasks import load_task
+
+    path = str(tiny_model("bert"))
+    spec = get_task("synthetic")
+    family = family_for(AutoConfig.from_pretrained(path))
+    model = family.load(path, spec).eval()
+    raw = load_task("synthetic", None, synthetic={"train_size": 16, "eval_size": 8})
+    enc = encode_splits(raw, AutoTokenizer.from_pretrained(path), spec.text_fields, 32)
+    return family, model, enc["train"].batch(torch.arange(6).numpy())
+
+
+@pytest.mark.parametrize("name", ["bert", "bart", "t5", "qwen3"])
+def test_truncated_teacher_states_equal_the_full_teachers_for_every_kept_index(tiny_model, name):
+    from tunekd.distill import truncated
+
+    family, teacher, batch = _family_batch(tiny_model, name)
+    assert family.truncatable
+    with torch.no_grad():
+        full = family.forward(teacher, batch, hidden=True).hidden
+        n_layers = family.num_layers(teacher.config)
+        for keep in range(1, n_layers + 1):
+            part = family.forward(truncated(family, teacher, keep), batch, hidden=True).hidden
+            for stack, states in full.items():
+                cut = stack in family.cut_stacks(teacher)
+                assert len(part[stack]) == (keep + 1 if cut else n_layers + 1), (stack, keep)
+                for k in range(keep + 1 if cut else n_layers + 1):
+                    torch.testing.assert_close(part[stack][k], states[k], rtol=0, atol=1e-6,
+                                               msg=f"{name} {stack} keep={keep} state {k}")
+        # the original model is whole again, and still gives the same states
+        again = family.forward(teacher, batch, hidden=True).hidden
+    for stack in full:
+        assert len(again[stack]) == n_layers + 1
+        for a, b in zip(again[stack], full[stack]):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name, stack", [("qwen3", "decoder"), ("t5", "decoder")])
+def test_skipping_the_final_norm_is_what_makes_the_cut_teacher_right(tiny_model, name, stack):
+    """The check above can fail: a cut that keeps the final norm (the old behaviour) gives norm(h_keep)."""
+    from tunekd.distill import TruncatedView
+
+    family, teacher, batch = _family_batch(tiny_model, name)
+
+    class KeepsNorm(type(family)):
+        def final_norms(self, model):
+            return {}
+
+    with torch.no_grad():
+        full = family.forward(teacher, batch, hidden=True).hidden[stack]
+        old = family.forward(TruncatedView(KeepsNorm(), teacher, 2), batch, hidden=True).hidden[stack]
+    gap = (old[2] - full[2]).abs().max().item()
+    assert gap > 1e-2, gap
+
+
+def _narrow_seq2seq(tiny_model, name="bart"):
+    task = {"bart": "dart", "t5": "wmt16_en_ro"}[name]
+    family, teacher, spec, enc = _setup(tiny_model, name, task)
+    cfg = StudentConfig(layers=2, init="random", hidden_size=16, num_attention_heads=2, intermediate_size=32)
+    return family, teacher, spec, enc, build_student(teacher, family, spec, cfg, seed=0).model
+
+
+def test_seq2seq_projections_are_per_stack(tiny_model):
+    """Encoder state i and decoder state i each have their own projection (SPEC; the paper's separate
+    encoder and decoder adapters), whether built per stack or from a flat dict."""
+    from tunekd import distill
+    from tunekd.students import build_projections
+    from tunekd.study import DistillConfig
+
+    family, teacher, spec, enc, student = _narrow_seq2seq(tiny_model)
+    layer_map = [(0, 0), (1, 2), (2, 4)]
+    stacks = list(family.stacks(student))
+    nested = build_projections(layer_map, 16, 32, seed=0, stacks=stacks)
+    assert set(nested) == {"encoder", "decoder"} and set(nested["encoder"]) == {"0", "1", "2"}
+    assert not torch.equal(nested["encoder"]["1"].weight, nested["decoder"]["1"].weight)
+    flat = build_projections(layer_map, 16, 32, seed=0)
+    d = distill.Distiller(family=family, student=student, teacher=teacher, layer_map=layer_map,
+                          distill=DistillConfig(alpha_kl=0.0), projections=flat)
+    enc_p, dec_p = d.projections["encoder"]["1"], d.projections["decoder"]["1"]
+    assert enc_p is not dec_p and enc_p.weight.data_ptr() != dec_p.weight.data_ptr()
+    n_proj = sum(p.numel() for p in d.projections.parameters())
+    assert n_proj == 2 * 3 * (16 * 32 + 32)  # 2 stacks x 3 matched states, each its own Linear
+    from tunekd.study import TrainConfig
+
+    train_cfg = TrainConfig(lr=1e-2, batch_size=2)
+    state = distill.make_state(d, train_cfg, 1, 1)
+    distill.train_step(d, state, enc["train"].batch(torch.arange(2).numpy()), train_cfg, torch.device("cpu"))
+    assert not torch.equal(enc_p.weight, dec_p.weight)  # trained apart
+    assert d.stack_projections("encoder")[1] is enc_p and d.stack_projections("decoder")[1] is dec_p
+
+
+@pytest.mark.parametrize("name", ["bart", "t5"])
+def test_freeze_embeddings_as_the_papers_freeze_embeds(tiny_model, name):
+    from tunekd import distill
+    from tunekd.study import DistillConfig, TrainConfig
+
+    task = {"bart": "dart", "t5": "wmt16_en_ro"}[name]
+    family, teacher, spec, enc = _setup(tiny_model, name, task)
+    student = build_student(teacher, family, spec, StudentConfig(layers=2, init="copy", freeze_embeddings=True),
+                            seed=0).model
+    frozen = {n for n, p in student.named_parameters() if not p.requires_grad}
+    emb = student.get_input_embeddings().weight
+    assert not emb.requires_grad
+    assert student.get_output_embeddings().weight is emb  # tied LM head: frozen with it, as in the paper
+    if name == "bart":
+        assert any("embed_positions" in n for n in frozen)
+    assert all("embed" in n or "shared" in n for n in frozen), frozen
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    d = distill.Distiller(family=family, student=student, teacher=teacher, layer_map=[(1, 2)],
+                          distill=DistillConfig())
+    train_cfg = TrainConfig(lr=1e-2, batch_size=2)
+    state = distill.make_state(d, train_cfg, 1, 1)
+    distill.train_step(d, state, enc["train"].batch(torch.arange(2).numpy()), train_cfg, torch.device("cpu"))
+    after = dict(student.named_parameters())
+    assert all(torch.equal(after[n], before[n]) for n in frozen)
+    assert any(not torch.equal(after[n], before[n]) for n in after if n not in frozen)
+    # off by default
+    plain = build_student(teacher, family, spec, StudentConfig(layers=2, init="copy"), seed=0).model
+    assert all(p.requires_grad for p in plain.parameters())
+
+
+def test_decoder_kl_positions(tiny_model):
+    """`targets`: the answer tokens; `sequence`: every non-padding position (the paper's Qwen3 code)."""
+    from tunekd.distill import kl_mask
+    from tunekd.study import DistillConfig
+
+    family, teacher, batch = _family_batch(tiny_model, "qwen3")
+    out = family.forward(teacher, batch, hidden=False)
+    assert torch.equal(kl_mask(out, DistillConfig()), out.logits_mask)
+    assert torch.equal(kl_mask(out, DistillConfig(kl_positions="sequence")), batch["attention_mask"])
+    assert int(out.logits_mask.sum()) < int(batch["attention_mask"].sum())

@@ -61,6 +61,33 @@ def test_choice_metrics_sum_and_length_normalised():
     assert choice_metrics(loglik, chars, np.array([0, 1])) == {"accuracy": 100.0, "accuracy_norm": 0.0}
 
 
+def test_accuracy_norm_divides_by_the_choices_own_length(minilm_path):
+    """issue 9: lm-evaluation-harness divides by len(choice), the continuation's own text, not by
+    len(" " + choice). Log-likelihoods [-4, -19] for "ab" / "abcdefghij": the harness picks 1
+    (-4/2 = -2 < -19/10 = -1.9); dividing by 3 and 11 would pick 0."""
+    import datasets
+    from transformers import AutoTokenizer
+
+    from tunekd.data import encode_splits
+    from tunekd.models import FAMILIES
+    from tunekd.tasks.choice import choice_chars
+
+    assert choice_chars(" ab") == 2 and choice_chars(" abcdefghij") == 10 and choice_chars("ab") == 2
+    tok = AutoTokenizer.from_pretrained(minilm_path)
+    rows = {"context": ["x"], "choices": [[" ab", " abcdefghij"]], "label": [1]}
+    enc = encode_splits(datasets.DatasetDict({"validation": datasets.Dataset.from_dict(rows)}), tok,
+                        get_task("hellaswag"), 16, family=FAMILIES["decoder"])
+    chars = enc["validation"].arrays["choice_chars"]
+    assert chars.tolist() == [[2, 10]]
+    loglik = np.array([[-4.0, -19.0]])
+    harness = int(np.argmax([ll / len(c) for ll, c in zip(loglik[0], ["ab", "abcdefghij"])]))
+    assert harness == 1
+    got = choice_metrics(loglik, chars, np.array([1]))
+    assert got == {"accuracy": 0.0, "accuracy_norm": 100.0}
+    # the old divisor (one character too many) would have picked choice 0
+    assert choice_metrics(loglik, chars + 1, np.array([1]))["accuracy_norm"] == 0.0
+
+
 class Bigram(nn.Module):
     """A hand-built causal LM: the logits at a position depend only on that position's token."""
 

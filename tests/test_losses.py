@@ -79,11 +79,33 @@ def _ref_norm(x: np.ndarray, normalize: str) -> np.ndarray:
     return x
 
 
+def _ref_tensor_norm(x: np.ndarray, m: np.ndarray, padded: bool) -> np.ndarray:
+    """One mean and (biased) variance over the whole [B, L, H] tensor: over every element (padded) or
+    over the elements of valid positions only; the whole tensor is then normalised with them."""
+    vals = [x[b, i, h] for b in range(x.shape[0]) for i in range(x.shape[1]) for h in range(x.shape[2])
+            if padded or m[b, i] != 0]
+    mu = sum(vals) / len(vals)
+    var = sum((v - mu) ** 2 for v in vals) / len(vals)
+    return (x - mu) / math.sqrt(var + 1e-5)
+
+
 def ref_hidden(student, teacher, mask, loss, reduction, normalize) -> float:
     s = student.double().numpy()
     t = teacher.double().numpy()
     m = mask.numpy()
     batch, length, width = s.shape
+    if normalize in ("layernorm_tensor", "layernorm_tensor_padded"):
+        padded = normalize == "layernorm_tensor_padded"
+        s, t = _ref_tensor_norm(s, m, padded), _ref_tensor_norm(t, m, padded)
+        normalize = "none"
+    if reduction == "token_sum_padded":  # every position, padding included: mean over B·L, × N/(B·L)
+        per_pos = []
+        for b in range(batch):
+            for i in range(length):
+                sv, tv = _ref_norm(s[b, i], normalize), _ref_norm(t[b, i], normalize)
+                per_pos.append(sum((sv[h] - tv[h]) ** 2 for h in range(width)))
+        n = int((m != 0).sum())
+        return sum(per_pos) / (batch * length) * n / (batch * length)
     sq_sum, cos_terms, n_valid = 0.0, [], 0
     for b in range(batch):
         for i in range(length):
@@ -194,7 +216,10 @@ def test_kl_gradient_flows_to_student():
 
 HIDDEN_COMBOS = [
     (loss, red, norm) for loss in HIDDEN_LOSSES for red in REDUCTIONS for norm in NORMALIZE
+    if not (loss == "cosine" and red == "token_sum_padded")  # refused: see test_cosine_with_padded_sum
 ]
+# the options that read padding on purpose (the paper's T5 / Qwen3 code)
+PADDING_BLIND = [c for c in HIDDEN_COMBOS if c[1] != "token_sum_padded" and c[2] != "layernorm_tensor_padded"]
 
 
 @pytest.mark.parametrize(("loss", "reduction", "normalize"), HIDDEN_COMBOS)
@@ -241,7 +266,7 @@ def test_hidden_pair_low_precision_upcast(dtype):
     _close(got, ref_hidden(s.float(), t.float(), mask, "mse", "element_mean", "layernorm"))
 
 
-@pytest.mark.parametrize(("loss", "reduction", "normalize"), HIDDEN_COMBOS)
+@pytest.mark.parametrize(("loss", "reduction", "normalize"), PADDING_BLIND)
 def test_hidden_padding_has_no_influence(loss, reduction, normalize):
     g = _gen(10)
     s = torch.randn(3, 6, 8, generator=g)
@@ -415,9 +440,42 @@ def test_every_listed_option_is_implemented_and_accepted_by_the_study():
     t = _states(2, 1, 3, 4, 83)
     for loss, reduction, normalize, aggregate in itertools.product(HIDDEN_LOSSES, REDUCTIONS, NORMALIZE, AGGREGATE):
         kw = {"loss": loss, "reduction": reduction, "normalize": normalize, "aggregate": aggregate}
+        if loss == "cosine" and reduction == "token_sum_padded":
+            continue  # refused: see test_cosine_with_padded_sum_is_refused
         got = hidden_loss(s, t, [(1, 1)], None, **kw)
         assert torch.isfinite(got) and float(got) >= 0, kw
         assert float(hidden_loss(s, s, [(1, 1)], None, **kw)) == pytest.approx(0.0, abs=1e-6), kw
         cfg = DistillConfig(hidden_loss=loss, reduction=reduction, hidden_normalize=normalize, aggregate=aggregate)
         assert (cfg.hidden_loss, cfg.reduction, cfg.hidden_normalize, cfg.aggregate) == (loss, reduction, normalize,
                                                                                        aggregate)
+
+
+def test_cosine_with_padded_sum_is_refused():
+    s, t = _states(2, 2, 3, 4, 90), _states(2, 2, 3, 4, 91)
+    with pytest.raises(ValueError, match="token_sum_padded"):
+        hidden_loss(s, t, [(1, 1)], torch.ones(2, 3), loss="cosine", reduction="token_sum_padded")
+
+
+@pytest.mark.parametrize(("reduction", "normalize"), [("token_sum_padded", "l2"),
+                                                      ("element_mean", "layernorm_tensor_padded")])
+def test_padded_variants_read_padding(reduction, normalize):
+    # the paper-exact options read the padded positions' states (that is what they reproduce)
+    g = _gen(92)
+    s, t = torch.randn(2, 5, 6, generator=g), torch.randn(2, 5, 6, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    base = hidden_pair_loss(s, t, mask, reduction=reduction, normalize=normalize)
+    s2 = s.clone()
+    s2[0, 3:] += 3.0
+    assert not torch.equal(hidden_pair_loss(s2, t, mask, reduction=reduction, normalize=normalize), base)
+
+
+def test_padded_variants_without_padding_equal_the_plain_ones():
+    # SPEC: with no padding the Qwen3 formula equals token_sum (averaged over pairs), and the padded
+    # tensor-wide layer norm equals the one over valid positions
+    g = _gen(93)
+    s, t = torch.randn(3, 4, 6, generator=g), torch.randn(3, 4, 6, generator=g)
+    ones = torch.ones(3, 4)
+    torch.testing.assert_close(hidden_pair_loss(s, t, ones, reduction="token_sum_padded", normalize="l2"),
+                               hidden_pair_loss(s, t, ones, reduction="token_sum", normalize="l2"))
+    torch.testing.assert_close(hidden_pair_loss(s, t, ones, normalize="layernorm_tensor_padded"),
+                               hidden_pair_loss(s, t, ones, normalize="layernorm_tensor"))

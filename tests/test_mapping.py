@@ -15,6 +15,7 @@ from tunekd.mapping import (
     STRATEGIES,
     copy_layer_indices,
     forward_targets,
+    random_permutation,
     resolve_layer_map,
     validate_depths,
 )
@@ -160,10 +161,14 @@ def depths(draw):
 
 @settings(max_examples=200, deadline=None)
 @given(depths(), st.integers(0, 2**32), st.sampled_from(["forward", "reverse", "all_to_one", "random"]),
-       st.booleans())
-def test_map_properties(ts, seed, strategy, emb):
+       st.booleans(), st.sampled_from(["nontrivial", "any"]))
+def test_map_properties(ts, seed, strategy, emb, draw):
     t, s = ts
-    m = resolve_layer_map(strategy, t, s, match_embeddings=emb, seed=seed)
+    if strategy == "random" and draw == "nontrivial" and s <= 2:
+        with pytest.raises(ConfigError, match="forward or reverse"):
+            resolve_layer_map(strategy, t, s, match_embeddings=emb, seed=seed, random_draw=draw)
+        return
+    m = resolve_layer_map(strategy, t, s, match_embeddings=emb, seed=seed, random_draw=draw)
     students = [p[0] for p in m]
     assert students == list(range(0 if emb else 1, s + 1))  # one pair per state, sorted
     for si, ti in m:
@@ -179,6 +184,8 @@ def test_map_properties(ts, seed, strategy, emb):
         assert all(ti == t // 2 for _, ti in m)
     else:
         assert sorted(p[1] for p in layer_pairs) == fwd
+        if draw == "nontrivial":  # never secretly forward or reverse
+            assert [p[1] for p in layer_pairs] not in (fwd, fwd[::-1])
     if emb and strategy != "all_to_one":
         assert m[0] == (0, 0)
 
@@ -197,9 +204,71 @@ def test_forward_targets_properties(ts):
 @given(depths(), st.integers(0, 2**32))
 def test_random_same_seed_same_map(ts, seed):
     t, s = ts
-    a = resolve_layer_map("random", t, s, match_embeddings=True, seed=seed)
-    b = resolve_layer_map("random", t, s, match_embeddings=True, seed=seed)
+    draw = "nontrivial" if s >= 3 else "any"
+    a = resolve_layer_map("random", t, s, match_embeddings=True, seed=seed, random_draw=draw)
+    b = resolve_layer_map("random", t, s, match_embeddings=True, seed=seed, random_draw=draw)
     assert a == b
+
+
+# ---------------------------------------------------------------- random: never forward or reverse (issue 9)
+
+@pytest.mark.parametrize(("t", "s"), [(12, 3), (12, 4), (12, 6), (12, 9), (36, 9), (6, 3)])
+def test_random_never_forward_or_reverse_over_many_seeds(t, s):
+    fwd_map = resolve_layer_map("forward", t, s, match_embeddings=False)
+    rev_map = resolve_layer_map("reverse", t, s, match_embeddings=False)
+    maps = [resolve_layer_map("random", t, s, match_embeddings=False, seed=k) for k in range(2000)]
+    assert all(m != fwd_map and m != rev_map for m in maps)
+    # distinct seeds give varied maps: for S = 3 all 4 non-trivial permutations occur, for larger S many
+    distinct = {tuple(m) for m in maps}
+    if s == 3:
+        assert len(distinct) == 4  # 3! minus identity and reversal: every one of them occurs
+    elif s == 4:
+        assert len(distinct) == 22  # 4! - 2
+    else:
+        assert len(distinct) > 500
+    # and each map really is the forward targets permuted by the logged permutation
+    fwd = forward_targets(t, s)
+    for k in range(50):
+        perm = random_permutation(s, k)
+        assert sorted(perm) == list(range(1, s + 1))
+        assert resolve_layer_map("random", t, s, match_embeddings=False, seed=k) == [
+            (i, fwd[perm[i - 1] - 1]) for i in range(1, s + 1)]
+
+
+def test_random_issue_seeds_no_longer_give_forward_or_reverse():
+    # issue 9: with the unrestricted draw, T = 12, S = 3: seeds 5 and 17 give forward, seed 4 reverse
+    fwd_map = resolve_layer_map("forward", 12, 3, match_embeddings=False)
+    rev_map = resolve_layer_map("reverse", 12, 3, match_embeddings=False)
+    anyd = {k: resolve_layer_map("random", 12, 3, match_embeddings=False, seed=k, random_draw="any")
+            for k in (4, 5, 17)}
+    assert anyd[5] == fwd_map and anyd[17] == fwd_map and anyd[4] == rev_map  # the paper's draw, kept as option
+    for k in (4, 5, 17):
+        m = resolve_layer_map("random", 12, 3, match_embeddings=False, seed=k)
+        assert m not in (fwd_map, rev_map)
+
+
+def test_random_keeps_the_unrestricted_draw_when_it_is_already_nontrivial():
+    # `nontrivial` reshuffles only when the first draw is forward or reverse: other maps are unchanged
+    for k in range(200):
+        first = resolve_layer_map("random", 12, 6, match_embeddings=False, seed=k, random_draw="any")
+        if first not in (resolve_layer_map("forward", 12, 6, match_embeddings=False),
+                         resolve_layer_map("reverse", 12, 6, match_embeddings=False)):
+            assert resolve_layer_map("random", 12, 6, match_embeddings=False, seed=k) == first
+
+
+@pytest.mark.parametrize("s", [1, 2])
+def test_random_with_two_or_fewer_layers_is_one_clear_error(s):
+    with pytest.raises(ConfigError) as e:
+        resolve_layer_map("random", 12, s, match_embeddings=True, seed=0)
+    msg = str(e.value)
+    assert "\n" not in msg and "at least 3 student layers" in msg and "random_draw: any" in msg
+    # the paper's unrestricted draw stays available
+    assert resolve_layer_map("random", 12, s, match_embeddings=False, seed=0, random_draw="any")
+
+
+def test_random_draw_unknown():
+    with pytest.raises(ConfigError, match="unknown random_draw 'nontrival'.*nontrivial"):
+        random_permutation(3, 0, draw="nontrival")
 
 
 @settings(max_examples=50, deadline=None)
@@ -332,3 +401,47 @@ def test_copy_layer_indices_errors(bad, pattern):
 def test_copy_layer_indices_unknown():
     with pytest.raises(ConfigError, match=r"unknown copy_layers 'sprad'.*did you mean 'spread'"):
         copy_layer_indices("sprad", 12, 3)
+
+
+# ---------------------------------------------------------------- the plan: map seed and logged permutation
+
+def _study(**distill):
+    from tunekd.study import Study
+
+    return Study.model_validate({"name": "x", "task": {"name": "synthetic"}, "teacher": {"model": "minilm"},
+                                 "student": {"layers": 4}, "distill": {"strategy": "random", **distill}})
+
+
+def test_plan_logs_the_permutation_and_draws_from_the_map_seed():
+    from tunekd import plan
+
+    study = _study()
+    p = plan.resolve(study.trial({"seed": 3}), 12, True)
+    assert p.permutation == random_permutation(4, 3) and p.map_seed == 3
+    fwd = forward_targets(12, 4)
+    assert p.layer_map == [(0, 0)] + [(i, fwd[p.permutation[i - 1] - 1]) for i in range(1, 5)]
+    params = p.params(study.trial({"seed": 3}))
+    assert params["distill.random_permutation"] == p.permutation and params["distill.map_seed_used"] == 3
+    # distill.map_seed: the map no longer follows the trial's seed (maps can be crossed with seeds)
+    fixed = [plan.resolve(_study(map_seed=11).trial({"seed": s}), 12, True) for s in range(5)]
+    assert all(q.layer_map == fixed[0].layer_map and q.map_seed == 11 for q in fixed)
+    assert fixed[0].permutation == random_permutation(4, 11)
+    # other strategies log no permutation
+    other = plan.resolve(_study().trial({"distill.strategy": "forward"}), 12, True)
+    assert other.permutation is None and "distill.random_permutation" not in other.params(study)
+
+
+def test_random_draw_option_in_the_study_file():
+    from tunekd import plan
+    from tunekd.study import validate
+
+    raw = {"name": "x", "task": {"name": "synthetic"}, "teacher": {"model": "minilm"}, "student": {"layers": 2},
+           "distill": {"strategy": "random", "random_draw": "any"}}
+    assert plan.resolve(validate(raw), 12, True).layer_map  # the paper's draw works for S = 2
+    raw["distill"]["random_draw"] = "nontrival"
+    with pytest.raises(ConfigError) as e:
+        validate(raw)
+    assert "distill.random_draw" in str(e.value) and "'nontrivial'" in str(e.value) and "\n" not in str(e.value)
+    raw["distill"]["random_draw"] = "nontrivial"
+    with pytest.raises(ConfigError, match="at least 3 student layers"):
+        plan.resolve(validate(raw), 12, True)

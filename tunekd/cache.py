@@ -11,8 +11,10 @@ stores what the trials need:
 - `manifest.json`, written last: shapes, dtypes, layers and the key.
 
 Files are memory-mapped by the trials. The folder is `<root>/<key>`, the key hashing the teacher's
-weights, the data, the max length, the layer set and the stored dtype, so a later study with the
-same key reuses it; it is written in a temporary folder and renamed into place (atomic).
+weights, its config and tokenizer, the data, the max length, the layer set and the stored dtype, so a
+later study with the same key reuses it; it is written in a temporary folder and renamed into place
+(atomic). `rows.npy` holds a fingerprint of each row's tokens, and every lookup checks the batch's
+rows against it (and each row's valid-token count), so rows out of step with the cache are refused.
 
 A size budget decides the mode: `full` (logits and hidden states), `logits` (logits only; a trial
 that matches hidden states runs the teacher only up to its highest mapped layer) or `off`.
@@ -41,7 +43,7 @@ import torch
 
 from tunekd.data import Encoded, batch_indices
 
-FORMAT = 1
+FORMAT = 2  # 2: the key holds the teacher config and tokenizer; per-row fingerprints
 MODES = ("full", "logits", "off")
 DTYPES = ("fp16", "bf16")
 GB = 1024**3
@@ -80,10 +82,67 @@ def weights_digest(state: dict) -> str:
     return h.hexdigest()
 
 
-def cache_key(teacher_digest: str, data_digest: str, max_length: int, layers: Iterable[int], dtype: str) -> str:
-    blob = json.dumps({"format": FORMAT, "teacher": teacher_digest, "data": data_digest, "max_length": max_length,
+def config_digest(config) -> str:
+    """Hash of a model config (what the forward pass computes besides the weights: activation, norms,
+    attention settings...), without its load path and tunekd's own metadata."""
+    d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    d = {k: v for k, v in d.items() if k != "_name_or_path" and not str(k).startswith("tunekd_")}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
+                    "merges.txt", "spiece.model", "sentencepiece.bpe.model", "added_tokens.json", "tokenizer.model")
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """Hash of a tokenizer: a tokenizer object (its full definition: vocabulary, normaliser, pre- and
+    post-processing, special tokens) or a model folder (its tokenizer files). "" when there is none."""
+    if tokenizer is None:
+        return ""
+    h = hashlib.sha256()
+    if isinstance(tokenizer, (str, Path)):
+        folder = Path(tokenizer)
+        for name in _TOKENIZER_FILES:
+            f = folder / name
+            if f.is_file():
+                h.update(name.encode() + b"\0" + f.read_bytes())
+        return h.hexdigest()
+    h.update(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items()), default=str).encode())
+    specials = getattr(tokenizer, "special_tokens_map", {})
+    h.update(json.dumps(specials, sort_keys=True, default=str).encode())
+    for attr in ("padding_side", "truncation_side", "model_max_length"):
+        h.update(f"{attr}={getattr(tokenizer, attr, None)}".encode())
+    return h.hexdigest()
+
+
+def cache_key(teacher_digest: str, data_digest: str, max_length: int, layers: Iterable[int], dtype: str, *,
+              config: str = "", tokenizer: str = "") -> str:
+    """The cache folder's name: the teacher's weights, config (`config_digest`) and tokenizer
+    (`tokenizer_digest`), the data, the max length, the stored layers and dtype."""
+    blob = json.dumps({"format": FORMAT, "teacher": teacher_digest, "config": config, "tokenizer": tokenizer,
+                       "data": data_digest, "max_length": max_length,
                        "layers": sorted(int(x) for x in layers), "dtype": dtype}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def row_fingerprints(batch: dict[str, torch.Tensor]) -> np.ndarray:
+    """One int64 per row of a batch from its token ids at valid positions (weighted by position, so a
+    row's content and order matter; independent of how wide the batch is padded). The cache stores
+    them and a lookup compares, so a batch whose rows are not the rows `index` names is refused."""
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    b = ids.shape[0]
+    length = ids.shape[-1]
+    ids = ids.reshape(b, -1, length).long()
+    valid = torch.ones_like(ids) if mask is None else (mask.reshape(b, -1, length) != 0).long()
+    pos = torch.arange(1, length + 1, device=ids.device).view(1, 1, length)
+    grp = torch.arange(ids.shape[1], device=ids.device).view(1, -1, 1) * 2 + 1
+    return ((ids + 1) * valid * pos * grp).sum(dim=(1, 2)).cpu().numpy().astype(np.int64)
 
 
 def estimate_bytes(data: Encoded, width: int, num_labels: int, layers: Iterable[int], stacks: int = 1) -> dict[str, int]:
@@ -170,6 +229,7 @@ def build(family, teacher, data: Encoded, folder: str | Path, *, layers: Iterabl
     teacher.eval()
     n = len(data)
     logits = None
+    fingerprints = None
     starts: dict[str, np.ndarray] = {}
     counts: dict[str, np.ndarray] = {}
     pos: dict[str, int] = {}
@@ -178,6 +238,9 @@ def build(family, teacher, data: Encoded, folder: str | Path, *, layers: Iterabl
     try:
         for index in batch_indices(data.lengths, batch_size, shuffle=False, bucket=True):
             batch = {k: v.to(device) for k, v in data.batch(index).items() if k != "index"}
+            if fingerprints is None:
+                fingerprints = np.zeros(n, dtype=np.int64)
+            fingerprints[index] = row_fingerprints(batch)
             out = family.forward(teacher, batch, hidden=bool(layers))
             if out.logits_mask is not None:
                 raise NotImplementedError("the teacher cache stores sequence-level logits only")
@@ -211,6 +274,7 @@ def build(family, teacher, data: Encoded, folder: str | Path, *, layers: Iterabl
             fh.close()
         teacher.train(was_training)
     np.save(folder / "logits.npy", logits)
+    np.save(folder / "rows.npy", fingerprints)
     for stack in starts:
         np.save(folder / f"{stack}.starts.npy", starts[stack])
         np.save(folder / f"{stack}.counts.npy", counts[stack])
@@ -225,9 +289,12 @@ def build(family, teacher, data: Encoded, folder: str | Path, *, layers: Iterabl
 
 def prepare(family, teacher, data: Encoded, root: str | Path, *, layers: Iterable[int], budget_gb: float = 2.0,
             max_length: int, needs_logits: bool = True, teacher_digest: str | None = None, dtype: str = "fp16",
-            batch_size: int = 64, device=None, log: Callable[[str], None] | None = None) -> CacheInfo:
+            batch_size: int = 64, device=None, log: Callable[[str], None] | None = None,
+            tokenizer=None) -> CacheInfo:
     """Decide (budget), then reuse `<root>/<key>` or build it atomically. `data` is the training split.
-    `layers` is the union of the teacher indices the trials match (`needed_layers`)."""
+    `layers` is the union of the teacher indices the trials match (`needed_layers`). `tokenizer` (an
+    object or a model folder) enters the key; None: the tokenizer files of the teacher's own folder
+    (`teacher.name_or_path`) when it has them."""
     if dtype not in DTYPES:
         raise ValueError(f"cache dtype {dtype!r}; known: {', '.join(DTYPES)}")
     layers = sorted(set(int(x) for x in layers))
@@ -245,10 +312,16 @@ def prepare(family, teacher, data: Encoded, root: str | Path, *, layers: Iterabl
         return CacheInfo(mode="off", reason=reason)
     stored_layers = layers if mode == "full" else []
     teacher_digest = teacher_digest or weights_digest(teacher.state_dict())
+    cfg_digest = config_digest(teacher.config)
+    if tokenizer is None:
+        where = getattr(teacher, "name_or_path", "") or getattr(teacher.config, "_name_or_path", "")
+        tokenizer = where if where and Path(where).is_dir() else None
+    tok_digest = tokenizer_digest(tokenizer)
     t0 = time.perf_counter()
     last_error = None
     for dt in ((dtype, "bf16") if dtype == "fp16" else (dtype,)):
-        key = cache_key(teacher_digest, data.digest(), max_length, stored_layers, dt)
+        key = cache_key(teacher_digest, data.digest(), max_length, stored_layers, dt, config=cfg_digest,
+                        tokenizer=tok_digest)
         target = root / key
         if _valid(target, key):
             return CacheInfo(mode=mode, reason=reason + " (reused)", folder=str(target), key=key,
@@ -281,7 +354,8 @@ def prepare(family, teacher, data: Encoded, root: str | Path, *, layers: Iterabl
 
 
 def for_study(study, family, teacher, encoded: dict[str, Encoded], points: Iterable[dict], *,
-              trials=None, budget_gb: float | None = None, log: Callable[[str], None] | None = None) -> CacheInfo:
+              trials=None, budget_gb: float | None = None, log: Callable[[str], None] | None = None,
+              tokenizer=None) -> CacheInfo:
     """The driver's step: decide and build (or reuse) the cache of the training split for every trial at
     `points` (`plan.trial_points(study)`: every value of a grid/choice/randint dimension), under
     `<tune.storage_path>/teacher_cache/`. `trials` is the study's `plan.Trials` (built here when not
@@ -310,7 +384,7 @@ def for_study(study, family, teacher, encoded: dict[str, Encoded], points: Itera
     try:
         info = prepare(family, teacher, encoded["train"], root, layers=layers, budget_gb=budget,
                        max_length=study.task.max_length, needs_logits=needs_logits, device=device, log=log,
-                       dtype=study.teacher.cache_dtype)
+                       dtype=study.teacher.cache_dtype, tokenizer=tokenizer)
     finally:
         teacher.to("cpu")
     if log:
@@ -344,6 +418,8 @@ class TeacherCache:
         folder = Path(folder)
         manifest = json.loads((folder / "manifest.json").read_text())
         arrays = {"logits": np.load(folder / "logits.npy", mmap_mode="r")}
+        if (folder / "rows.npy").is_file():
+            arrays["rows"] = np.load(folder / "rows.npy")
         store = np.float16 if manifest["dtype"] == "fp16" else np.uint16
         for stack, tokens in manifest["stacks"].items():
             arrays[f"{stack}.starts"] = np.load(folder / f"{stack}.starts.npy")
@@ -364,6 +440,21 @@ class TeacherCache:
     def covers(self, layers: Iterable[int]) -> bool:
         return set(layers) <= set(self.layers)
 
+    def check_rows(self, index: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+        """Raise ValueError unless each row of `batch` is the cached row its `index` entry names (per-row
+        token fingerprints; a permuted or foreign batch is refused, not silently mismatched)."""
+        if "rows" not in self.arrays:
+            return
+        rows = index.detach().cpu().numpy()
+        got = row_fingerprints(batch)
+        want = np.asarray(self.arrays["rows"][rows])
+        bad = np.flatnonzero(got != want)
+        if bad.size:
+            i = int(bad[0])
+            raise ValueError(f"teacher cache: batch row {i} is not cached row {int(rows[i])} (its tokens differ; "
+                             f"{bad.size} of {len(rows)} rows mismatch): was the cache built from other data, "
+                             "or are the row numbers out of step with the batch?")
+
     def logits(self, index: torch.Tensor, device=None) -> torch.Tensor:
         rows = index.detach().cpu().numpy()
         return torch.from_numpy(np.asarray(self.arrays["logits"][rows], dtype=np.float32)).to(device)
@@ -382,9 +473,14 @@ class TeacherCache:
         rows = index.detach().cpu().numpy()
         tokens = self._tokens(stack, rows)
         valid = mask != 0
-        if int(valid.sum()) != len(tokens):
-            raise ValueError(f"teacher cache: the batch has {int(valid.sum())} valid {stack} tokens, the cache "
-                             f"{len(tokens)} for these rows (was it built from other data?)")
+        got = valid.sum(dim=1).cpu().numpy()
+        want = np.asarray(self.arrays[f"{stack}.counts"][rows])
+        bad = np.flatnonzero(got != want)
+        if bad.size:
+            i = int(bad[0])
+            raise ValueError(f"teacher cache: batch row {i} has {int(got[i])} valid {stack} tokens, cached row "
+                             f"{int(rows[i])} {int(want[i])} ({bad.size} of {len(rows)} rows differ): was it built "
+                             "from other data, or are the row numbers out of step with the batch?")
         b, length = mask.shape
         dense = bool(valid.all())  # no padding: the packed rows are the batch already
         out = {}

@@ -7,6 +7,8 @@ teacher it is plain fine-tuning, which is also how a teacher is fine-tuned.
 The teacher's outputs come from a `cache.TeacherCache` when one holds them (looked up by the
 batch's row numbers, `batch["index"]`), else from running the teacher: all of it when its logits
 are needed, else only its layers up to the highest one the layer map uses (`truncated`).
+The loss options (`study.DistillConfig`) select each family's formula from the paper's code; see
+SPEC.md "The paper's code, family by family" and `losses`.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from tunekd.cache import TeacherCache
 from tunekd.data import Encoded, batch_indices, num_batches, padding_fraction
 from tunekd.device import autocast, device_for  # noqa: F401  (re-exported: distill.device_for)
 from tunekd.errors import ConfigError
-from tunekd.models import Family, stack_prefixes
+from tunekd.models import Family
 from tunekd.study import DistillConfig, GenerationConfig, TrainConfig
 from tunekd.tasks.base import compute_metrics
 
@@ -36,26 +38,62 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+class TruncatedView(nn.Module):
+    """`model` run with only the first `keep` layers of the stacks `family.cut_stacks` names, and with
+    those stacks' final norms skipped (`family.final_norms`), so that its hidden states 0..keep of every
+    stack equal the full model's; its logits are meaningless. It shares every weight: each call swaps
+    the cut stacks (and norms) into the model and puts the originals back afterwards, so the model
+    itself is never copied (Hugging Face's output-capturing hooks stay installed once) and is
+    unchanged between calls. Not for concurrent use of the same model from several threads."""
+
+    def __init__(self, family: Family, model: nn.Module, keep: int):
+        super().__init__()
+        self.inner = model
+        self._family = family
+        self.keep = int(keep)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["inner"], name)
+
+    def _swaps(self) -> list[tuple[nn.Module, str, nn.Module]]:
+        """(parent, child name, replacement) for every cut stack and every final norm it must skip."""
+        model, family, keep = self.inner, self._family, self.keep
+        stacks = family.stacks(model)
+        norms = family.final_norms(model)
+        wanted: dict[int, nn.Module] = {}
+        for name in family.cut_stacks(model):
+            stack = stacks[name]
+            if keep >= len(stack):
+                continue  # nothing to cut: the full stack, its final norm included
+            wanted[id(stack)] = nn.ModuleList(list(stack)[:keep])
+            if name in norms:
+                wanted[id(norms[name])] = nn.Identity()
+        swaps = []
+        for parent in model.modules():
+            for child_name, child in parent._modules.items():
+                if child is not None and id(child) in wanted:
+                    swaps.append((parent, child_name, wanted[id(child)]))
+        return swaps
+
+    def forward(self, *args, **kwargs):
+        swaps = self._swaps()
+        originals = [(parent, name, parent._modules[name]) for parent, name, _ in swaps]
+        try:
+            for parent, name, new in swaps:
+                parent._modules[name] = new
+            return self.inner(*args, **kwargs)
+        finally:
+            for parent, name, old in originals:
+                parent._modules[name] = old
+
+
 def truncated(family: Family, model: nn.Module, keep: int) -> nn.Module:
-    """A view of `model` whose layer stacks hold only their first `keep` layers, sharing every weight
-    (modules along the way to each stack are shallow copies; the original is untouched). Its hidden
-    states 0..keep equal the full model's; its logits are meaningless."""
-
-    def shallow(m: nn.Module) -> nn.Module:
-        c = copy.copy(m)
-        c._modules = dict(m._modules)
-        return c
-
-    root = shallow(model)
-    for prefix in stack_prefixes(model, family).values():
-        path = prefix.rstrip(".").split(".")
-        parent = root
-        for name in path[:-1]:
-            child = shallow(parent._modules[name])
-            parent._modules[name] = child
-            parent = child
-        parent._modules[path[-1]] = nn.ModuleList(list(parent._modules[path[-1]])[:keep])
-    return root
+    """A view of `model` that runs only its layers up to `keep` (see `TruncatedView`): its hidden states
+    0..keep equal the full model's (for an encoder-decoder: all encoder states, decoder states 0..keep)."""
+    return TruncatedView(family, model, keep)
 
 
 def teacher_needed(d: DistillConfig | None, layer_map: list[tuple[int, int]], cache: TeacherCache | None) -> bool:
@@ -66,7 +104,14 @@ def teacher_needed(d: DistillConfig | None, layer_map: list[tuple[int, int]], ca
     hidden = d.lambda_hid > 0 and bool(layer_map)
     if d.alpha_kl > 0 and cache is None:
         return True
-    return hidden and (cache is None or not cache.covers({int(t) for _, t in layer_map}))
+    return hidden and (cache is None or not cache_serves_hidden(d, cache, {int(t) for _, t in layer_map}))
+
+
+def cache_serves_hidden(d, cache, layers) -> bool:
+    """Whether `cache` can give the teacher states `layers` for loss options `d`: it holds them, and the
+    options do not read padding positions (the cache keeps valid tokens only; padding comes back as 0,
+    which the paper-exact `_padded` options would read)."""
+    return cache.covers(layers) and not losses.reads_padding(d.reduction, d.hidden_normalize)
 
 
 @dataclass
@@ -84,6 +129,9 @@ class Distiller:
     teacher_rows: int = 0  # rows the teacher model ran on (counted for perf/teacher_rows)
     cached_rows: int = 0  # rows whose teacher outputs came from the cache
     _short: nn.Module | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        self.projections = per_stack_projections(self.projections, list(self.family.stacks(self.student)))
 
     def parameters(self):
         yield from self.student.parameters()
@@ -124,10 +172,13 @@ class Distiller:
         cache = self.cache if index is not None else None
         t_logits = t_hidden = None
         wanted = self.teacher_indices
+        from_cache = cache is not None and hidden and cache_serves_hidden(self.distill, cache, wanted)
+        if cache is not None and (logits or from_cache):
+            cache.check_rows(index, batch)
         if cache is not None:
             if logits:
                 t_logits = cache.logits(index, s_out.logits.device)
-            if hidden and cache.covers(wanted):
+            if from_cache:
                 t_hidden = {stack: cache.states(stack, index, s_out.masks[stack], wanted, max(wanted) + 1)
                             for stack in s_out.hidden}
             if t_logits is not None or t_hidden is not None:
@@ -153,6 +204,12 @@ class Distiller:
                 t_hidden = out.hidden
         return t_logits, t_hidden
 
+    def stack_projections(self, stack: str) -> dict[int, nn.Module] | None:
+        """The width projections of `stack`'s matched student states (None when the widths agree)."""
+        if stack not in self.projections:
+            return None
+        return {int(k): v for k, v in self.projections[stack].items()} or None
+
     def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         d = self.distill
         s_out = self.family.forward(self.student, batch, hidden=self.uses_hidden)
@@ -165,14 +222,13 @@ class Distiller:
                 if t_logits.shape[-1] != s_out.logits.shape[-1]:
                     raise ConfigError(f"teacher and student vocabularies differ ({t_logits.shape[-1]} vs "
                                       f"{s_out.logits.shape[-1]} logits): KD needs one shared vocabulary")
-                kl = losses.kl_loss(s_out.logits, t_logits, d.temperature, s_out.logits_mask)
+                kl = losses.kl_loss(s_out.logits, t_logits, d.temperature, kl_mask(s_out, d))
             if self.uses_hidden:
-                proj = {int(k): v for k, v in self.projections.items()} or None
                 hid = sum(
                     losses.hidden_loss(
                         s_out.hidden[stack], t_hidden[stack], self.layer_map, s_out.masks[stack],
                         loss=d.hidden_loss, reduction=d.reduction, normalize=d.hidden_normalize,
-                        aggregate=d.aggregate, projections=proj,
+                        aggregate=d.aggregate, projections=self.stack_projections(stack),
                     )
                     for stack in s_out.hidden
                 )
@@ -181,6 +237,27 @@ class Distiller:
         else:
             total = losses.total_loss(ce, kl, hid, alpha_ce=d.alpha_ce, alpha_kl=d.alpha_kl, lambda_hid=d.lambda_hid)
         return {"loss": total, "loss_ce": ce, "loss_kl": kl, "loss_hid": hid}
+
+
+def kl_mask(out, d) -> torch.Tensor | None:
+    """The positions KL averages over: `out.logits_mask` (the trained target tokens), or with
+    `distill.kl_positions: sequence` every non-padding position of the sequence (`out.sequence_mask`;
+    for a causal LM the context too, as the paper's Qwen3 code)."""
+    if getattr(d, "kl_positions", "targets") == "sequence" and out.sequence_mask is not None:
+        return out.sequence_mask
+    return out.logits_mask
+
+
+def per_stack_projections(projections: nn.ModuleDict, stacks: list[str]) -> nn.ModuleDict:
+    """Projections as {stack: {student index: module}}: each matched state of each stack has its own.
+    A flat {student index: module} dict (from `students.build_projections` without `stacks`) becomes
+    the first stack's; every other stack gets an independent copy (same initial values, own weights)."""
+    if len(projections) == 0 or all(isinstance(v, nn.ModuleDict) for v in projections.values()):
+        return projections
+    out = nn.ModuleDict()
+    for i, stack in enumerate(stacks):
+        out[stack] = projections if i == 0 else copy.deepcopy(projections)
+    return out
 
 
 def _to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:

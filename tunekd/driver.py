@@ -87,6 +87,8 @@ class StudyDriver:
         if self.options.dry_run:
             for point in self.points:
                 print("  " + ", ".join(f"{k}={v}" for k, v in point.items()))
+            print("resolved loss settings:\n" + "\n".join(plan.describe_losses(self.trials, self.points,
+                                                                                 self.family)))
             return 0
         self.connect()
         try:
@@ -213,7 +215,7 @@ class StudyDriver:
 
         model = self.family.load(self.teacher.path, self.spec, trust_remote_code=self.study.teacher.trust_remote_code)
         self.cache = tcache.for_study(self.study, self.family, model, self.encoded, self.points, trials=self.trials,
-                                      log=self.log)
+                                      tokenizer=self.tokenizer, log=self.log)
         self.shared = make_shared(self.study, self.family.name, model, self.encoded, self.cache,
                                   ship_cache=bool(self.options.address))
         self.teacher_model_config = model.config

@@ -1,8 +1,11 @@
 """Distillation losses: KL on logits and intermediate-layer (hidden-state) matching.
 
-Pure tensor functions; see SPEC.md, "Loss". Everything is computed in at least float32, and
-padding positions never influence a value (they are dropped by boolean indexing before any
-arithmetic, so NaN/inf there cannot leak into the loss or its gradient).
+Pure tensor functions; see SPEC.md, "Loss" and "The paper's code, family by family". Everything is
+computed in at least float32. Padding positions never influence a value (they are dropped by boolean
+indexing before any arithmetic, so NaN/inf there cannot leak into the loss or its gradient), except
+under the two options that reproduce the paper's code where it reads padding on purpose:
+`hidden_normalize: layernorm_tensor_padded` (the paper's T5: layer-norm statistics of the whole
+[B, L, H] tensor) and `reduction: token_sum_padded` (the paper's Qwen3: a mean over every position).
 """
 
 from __future__ import annotations
@@ -16,9 +19,21 @@ from torch import Tensor
 from tunekd.errors import unknown
 
 HIDDEN_LOSSES = ("mse", "cosine")
-REDUCTIONS = ("element_mean", "token_sum", "paper")
-NORMALIZE = ("none", "layernorm", "l2")
+# E = Σ of squared error over valid positions and hidden units, N = valid positions in the batch,
+# B = batch, L = padded length, H = width:
+#   element_mean E/(N·H) · token_sum E/N · paper (BERT code) E/(B·N)
+#   token_sum_padded: Σ over H per position, mean over all B·L positions (padding included), × N/(B·L)
+REDUCTIONS = ("element_mean", "token_sum", "paper", "token_sum_padded")
+# none · layernorm: per position (parameter-free) · l2: unit length per position ·
+# layernorm_tensor: one mean/variance over the pair's whole tensor (valid positions) ·
+# layernorm_tensor_padded: the same over the whole [B, L, H] tensor, padding included (the paper's T5)
+NORMALIZE = ("none", "layernorm", "l2", "layernorm_tensor", "layernorm_tensor_padded")
 AGGREGATE = ("mean", "sum")
+KL_POSITIONS = ("targets", "sequence")
+# reductions / normalisations that read padding positions: they need the full [B, L, H] tensors
+_PADDED_REDUCTIONS = ("token_sum_padded",)
+_PADDED_NORMALIZE = ("layernorm_tensor_padded",)
+LN_EPS = 1e-5
 
 
 def _upcast(x: Tensor) -> Tensor:
@@ -75,11 +90,31 @@ def kl_loss(
 
 
 def _normalize(x: Tensor, normalize: str) -> Tensor:
+    """Normalise ``x`` ([N, H] valid rows, or the full [B, L, H] for the padded variants)."""
     if normalize == "layernorm":
-        return F.layer_norm(x, (x.shape[-1],), eps=1e-5)
+        return F.layer_norm(x, (x.shape[-1],), eps=LN_EPS)
     if normalize == "l2":
         return F.normalize(x, dim=-1, eps=1e-12)
+    if normalize in ("layernorm_tensor", "layernorm_tensor_padded"):
+        if x.numel() == 0:
+            return x
+        return F.layer_norm(x, tuple(x.shape), eps=LN_EPS)  # one mean and variance over the whole tensor
     return x
+
+
+def _tensor_layernorm(x: Tensor, valid: Tensor) -> Tensor:
+    """``x`` [B, L, H] normalised by the mean and biased variance of its valid positions' elements."""
+    v = x[valid]
+    if v.numel() == 0:
+        return x
+    mu = v.mean()
+    var = (v - mu).pow(2).mean()
+    return (x - mu) / torch.sqrt(var + LN_EPS)
+
+
+def reads_padding(reduction: str, normalize: str) -> bool:
+    """Whether these options read padding positions (the paper-exact variants)."""
+    return reduction in _PADDED_REDUCTIONS or normalize in _PADDED_NORMALIZE
 
 
 def hidden_pair_loss(
@@ -94,8 +129,9 @@ def hidden_pair_loss(
     """Loss between one student and one teacher hidden state ``[B, L, H]`` over valid positions.
 
     ``mse`` reductions (E = Σ of squared error over valid positions and hidden units, N = valid
-    positions in the batch, B = batch size): ``element_mean`` E/(N·H), ``token_sum`` E/N,
-    ``paper`` E/(B·N). ``cosine``: mean over valid positions of 1 − cos (reduction ignored).
+    positions in the batch, B = batch size, L = padded length): ``element_mean`` E/(N·H),
+    ``token_sum`` E/N, ``paper`` E/(B·N), ``token_sum_padded`` (Σ over H at every position, padding
+    included) / (B·L) × N/(B·L). ``cosine``: mean over valid positions of 1 − cos (reduction ignored).
     """
     _check_option("hidden_loss", loss, HIDDEN_LOSSES)
     _check_option("reduction", reduction, REDUCTIONS)
@@ -106,9 +142,44 @@ def hidden_pair_loss(
             "must both be [B, L, H] with the same shape (project the student first)"
         )
     valid = _valid(mask, student_h.shape[:2], student_h.device)
-    return _flat_pair_loss(
-        student_h[valid], teacher_h[valid], student_h.shape[0], loss, reduction, normalize
-    )
+    return _pair_loss(student_h, teacher_h, valid, None, loss, reduction, normalize)
+
+
+def _pair_loss(
+    s_full: Tensor, t_full: Tensor, valid: Tensor, projection, loss: str, reduction: str, normalize: str
+) -> Tensor:
+    """One pair's loss from the full [B, L, H] states and the [B, L] validity mask."""
+    batch = s_full.shape[0]
+    if not reads_padding(reduction, normalize):
+        # Drop padding before projecting, so nothing at padded positions reaches the
+        # projection's gradient either. Projections act position-wise (e.g. nn.Linear).
+        s = s_full[valid]
+        if projection is not None:
+            s = projection(s)
+        return _flat_pair_loss(s, t_full[valid], batch, loss, reduction, normalize)
+    # the paper-exact variants: the whole tensors, padding included where the option says so
+    s = projection(s_full) if projection is not None else s_full
+    t = t_full
+    if s.shape != t.shape:
+        raise ValueError(
+            f"student state width {s.shape[-1]} differs from the teacher's {t.shape[-1]} "
+            "(a projection is needed)"
+        )
+    s, t = _upcast(s), _upcast(t)
+    if normalize == "layernorm_tensor_padded":
+        s, t = _normalize(s, normalize), _normalize(t, normalize)
+        if reduction not in _PADDED_REDUCTIONS:  # statistics with padding, the loss over valid positions
+            return _flat_pair_loss(s[valid], t[valid], batch, loss, reduction, "none")
+    elif normalize == "layernorm_tensor":  # statistics of the valid positions, applied to every position
+        s, t = _tensor_layernorm(s, valid), _tensor_layernorm(t, valid)
+    else:
+        s, t = _normalize(s, normalize), _normalize(t, normalize)  # per position (or none)
+    # token_sum_padded: Σ over H at every position, mean over B·L, × N/(B·L)
+    if loss == "cosine":
+        raise ValueError("reduction 'token_sum_padded' is for hidden_loss 'mse'")
+    b, length = valid.shape
+    per_pos = (s - t).pow(2).sum(-1)  # [B, L]
+    return per_pos.mean() * (valid.sum().to(per_pos.dtype) / (b * length))  # no host sync
 
 
 def _flat_pair_loss(
@@ -149,6 +220,9 @@ def hidden_loss(
 ) -> Tensor:
     """Pair losses over ``layer_map`` (``(student_index, teacher_index)`` pairs), mean or sum.
 
+    ``aggregate`` ``mean``: the mean of the pair losses (the paper's BERT code); ``sum``: their sum
+    (the paper's BART/T5 code: pairs stacked, one masked sum / (N·H), i.e. Σ of ``element_mean``).
+
     ``projections[s]`` (if present) maps student state ``s`` to the teacher width first; it is
     applied position-wise to the valid rows (``[N, H_student] -> [N, H_teacher]``).
     An empty map gives a float32 zero on the inputs' device.
@@ -164,7 +238,6 @@ def hidden_loss(
         return torch.zeros((), dtype=torch.float32, device=device)
     ref = student_states[0]
     valid = _valid(mask, ref.shape[:2], ref.device)
-    batch = ref.shape[0]
     terms = []
     for s_idx, t_idx in pairs:
         if not 0 <= s_idx < len(student_states):
@@ -186,12 +259,8 @@ def hidden_loss(
                 f"layer map pair ({s_idx}, {t_idx}): states {tuple(s_full.shape)} and "
                 f"{tuple(t_full.shape)} must be [B, L, H] with the batch's B and L"
             )
-        # Drop padding before projecting, so nothing at padded positions reaches the
-        # projection's gradient either. Projections act position-wise (e.g. nn.Linear).
-        s = s_full[valid]
-        if projections is not None and s_idx in projections:
-            s = projections[s_idx](s)
-        terms.append(_flat_pair_loss(s, t_full[valid], batch, loss, reduction, normalize))
+        proj = projections[s_idx] if projections is not None and s_idx in projections else None
+        terms.append(_pair_loss(s_full, t_full, valid, proj, loss, reduction, normalize))
     total = torch.stack(terms).sum()
     return total / len(terms) if aggregate == "mean" else total
 

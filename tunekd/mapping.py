@@ -14,6 +14,10 @@ from tunekd.errors import ConfigError, unknown
 
 STRATEGIES = ("none", "forward", "reverse", "all_to_one", "random")
 COPY_LAYERS = ("forward", "spread")
+# How `random` draws its permutation π: `nontrivial` (default) among the permutations that are
+# neither the identity (= forward) nor the reversal (= reverse); `any`: the paper's unrestricted draw,
+# which may reproduce forward or reverse (then a "random" trial is not a distinct strategy).
+RANDOM_DRAWS = ("nontrivial", "any")
 
 
 def _is_int(x: object) -> bool:
@@ -78,11 +82,12 @@ def resolve_layer_map(
     *,
     match_embeddings: bool,
     seed: int = 0,
+    random_draw: str = "nontrivial",
 ) -> list[tuple[int, int]]:
     """The resolved supervision map: ``(student_index, teacher_index)`` pairs sorted by student index.
 
-    ``strategy`` is one of STRATEGIES or an explicit list of ``[s, t]`` pairs. ``seed`` only
-    matters for ``random`` (the permutation is drawn with ``random.Random(seed)``).
+    ``strategy`` is one of STRATEGIES or an explicit list of ``[s, t]`` pairs. ``seed`` and
+    ``random_draw`` only matter for ``random`` (see `random_permutation`).
     """
     validate_depths(teacher_layers, student_layers)
     t, s = teacher_layers, student_layers
@@ -103,12 +108,43 @@ def resolve_layer_map(
     elif strategy == "reverse":
         pairs = [(i, fwd[s - i]) for i in range(1, s + 1)]  # fwd(S + 1 - i)
     else:  # random
-        perm = list(range(1, s + 1))
-        random.Random(seed).shuffle(perm)  # perm[i - 1] == π(i)
+        perm = random_permutation(s, seed, draw=random_draw)  # perm[i - 1] == π(i)
         pairs = [(i, fwd[perm[i - 1] - 1]) for i in range(1, s + 1)]
     if match_embeddings:
         pairs.insert(0, (0, 0))
     return pairs
+
+
+def random_permutation(student_layers: int, seed: int, *, draw: str = "nontrivial") -> list[int]:
+    """π for the ``random`` strategy as the list ``[π(1), ..., π(S)]`` (a permutation of ``1..S``).
+
+    Shuffles ``[1..S]`` with ``random.Random(seed)`` (stable across processes and Python versions).
+    ``any``: that first shuffle, whatever it is (the paper's draw; it can be the identity or the
+    reversal, i.e. forward or reverse). ``nontrivial``: the same generator keeps shuffling until the
+    result is neither the identity nor the reversal, so a ``random`` trial is never secretly forward
+    or reverse; it needs S >= 3 (for S <= 2 every permutation is one of the two: ConfigError).
+    """
+    if not isinstance(draw, str) or draw not in RANDOM_DRAWS:
+        raise unknown("random_draw", draw, RANDOM_DRAWS)
+    s = student_layers
+    if not _is_int(s) or s < 1:
+        raise ConfigError(f"student depth {s!r} must be an integer of at least 1")
+    if draw == "nontrivial" and s <= 2:
+        raise ConfigError(
+            f"strategy 'random' with {s} student layer(s): every permutation of {s} layer(s) is forward or "
+            "reverse, so 'random' would duplicate one of them; use at least 3 student layers, or "
+            "distill.random_draw: any for the paper's unrestricted draw"
+        )
+    identity = list(range(1, s + 1))
+    rng = random.Random(seed)
+    perm = list(identity)
+    rng.shuffle(perm)
+    if draw == "any":
+        return perm
+    while perm == identity or perm == identity[::-1]:  # at most 2/S! of draws: a few tries at worst
+        perm = list(identity)
+        rng.shuffle(perm)
+    return perm
 
 
 def copy_layer_indices(

@@ -4,7 +4,7 @@
 driver (pre-flight checks, MLflow params, the export of a trained student), the teacher-output cache
 (which layers to store) and the trainable (what to train): all of them ask it, so they agree, and
 a config is validated and resolved once per process. `trial_points` lists the configs that stand
-for the whole search space when checking it.
+for the whole search space when checking it. `describe_loss` is the one-line account of the loss a trial computes (printed by `--dry-run`).
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ class Plan:
     layer_map: list[tuple[int, int]]
     copied_layers: list[int] | None
     match_embeddings: bool
+    permutation: list[int] | None = None  # π(1..S) of a `random` map; None for other strategies
+    map_seed: int | None = None  # the seed π was drawn from (distill.map_seed, else the trial's seed)
 
     def params(self, study: Study) -> dict[str, Any]:
         """The trial's MLflow params: its whole resolved config, dotted, plus the resolved map."""
@@ -35,6 +37,9 @@ class Plan:
         params["distill.match_embeddings"] = self.match_embeddings
         params["distill.layer_map"] = [list(p) for p in self.layer_map]
         params["student.copied_layers"] = self.copied_layers
+        if self.permutation is not None:
+            params["distill.random_permutation"] = list(self.permutation)
+            params["distill.map_seed_used"] = self.map_seed
         return params
 
 
@@ -42,11 +47,17 @@ def resolve(study: Study, teacher_layers: int, match_embeddings_default: bool) -
     d = study.distill
     mapping.validate_depths(teacher_layers, study.student.layers)
     match = match_embeddings_default if d.match_embeddings is None else d.match_embeddings
+    draw = d.random_draw
+    map_seed = d.map_seed
+    seed = study.seed if map_seed is None else map_seed
     layer_map = mapping.resolve_layer_map(d.strategy, teacher_layers, study.student.layers,
-                                          match_embeddings=match, seed=study.seed)
+                                          match_embeddings=match, seed=seed, random_draw=draw)
+    perm = (mapping.random_permutation(study.student.layers, seed, draw=draw)
+            if isinstance(d.strategy, str) and d.strategy == "random" else None)
     copied = (mapping.copy_layer_indices(study.student.copy_layers, teacher_layers, study.student.layers)
               if study.student.init == "copy" else None)
-    return Plan(layer_map=[tuple(p) for p in layer_map], copied_layers=copied, match_embeddings=match)
+    return Plan(layer_map=[tuple(p) for p in layer_map], copied_layers=copied, match_embeddings=match,
+                permutation=perm, map_seed=seed if perm is not None else None)
 
 
 @dataclass(frozen=True)
@@ -106,3 +117,69 @@ def trial_points(study: Study, limit: int = 10_000) -> Iterator[dict[str, Any]]:
     values = [dimension_values(study.search[n]) for n in names]
     for combo in itertools.islice(itertools.product(*values), limit):
         yield dict(zip(names, combo))
+
+
+# --- the loss a trial computes, in words (printed by `python -m tunekd.run ... --dry-run`) ----------
+
+_REDUCTION = {
+    "element_mean": "Σ(t−s)² / (N·H)",
+    "token_sum": "Σ(t−s)² / N",
+    "paper": "Σ(t−s)² / (B·N)",
+    "token_sum_padded": "[Σ_H(t−s)² at every position, padding included] / (B·L) × N/(B·L)",
+}
+_NORMALIZE = {
+    "none": "no normalisation",
+    "layernorm": "layer norm per position",
+    "l2": "l2 per position",
+    "layernorm_tensor": "layer norm over each pair's whole tensor (statistics of valid positions)",
+    "layernorm_tensor_padded": "layer norm over each pair's whole (B, L, H) tensor (padding in the statistics)",
+}
+
+
+def describe_loss(study: Study, family=None) -> str:
+    """One line: the loss this trial config computes, with its formula (SPEC.md "Loss"). `family` (a
+    `models.Family`, or None) decides whether logits are per example or per token (None: from the
+    task kind alone) and the default for matching embeddings."""
+    from tunekd.tasks import get_task
+
+    d = study.distill
+    kind = get_task(study.task.name).kind
+    name = getattr(family, "name", None)
+    token_level = name in ("seq2seq", "decoder") if name is not None else kind == "generation"
+    if not token_level:
+        kl_where = "per example"
+    elif d.kl_positions == "sequence":
+        kl_where = "over every position of the sequence (context and answer)"
+    else:
+        kl_where = "over the target tokens"
+    if d.hidden_loss == "cosine":
+        pair = "1 − cos per valid position, mean"
+    else:
+        pair = f"mse {_REDUCTION[d.reduction]} [{d.reduction}]"
+    hid = (f"L_hid = {'Σ' if d.aggregate == 'sum' else 'mean'} over pairs of ({pair}; "
+           f"{_NORMALIZE[d.hidden_normalize]} [{d.hidden_normalize}])")
+    if name == "seq2seq" or (name is None and kind == "generation"):
+        hid += ", encoder + decoder stacks added"
+    if (isinstance(d.strategy, str) and d.strategy == "none") or d.lambda_hid == 0:
+        hid = "L_hid off (strategy none or λ = 0)"
+    parts = [f"loss = {d.alpha_ce:g}·CE + {d.alpha_kl:g}·KL + {d.lambda_hid:g}·L_hid",
+             f"KL: τ = {d.temperature:g}, × τ², {kl_where} [kl_positions: {d.kl_positions}]", hid]
+    match = d.match_embeddings if d.match_embeddings is not None else getattr(family, "match_embeddings_default", None)
+    parts.append(f"embeddings matched: {({None: 'family default', True: 'yes', False: 'no'})[match]}")
+    if isinstance(d.strategy, str) and d.strategy == "random":
+        seed = "the trial's seed" if d.map_seed is None else f"map_seed {d.map_seed}"
+        draw = ("neither forward nor reverse" if d.random_draw == "nontrivial"
+                else "unrestricted, the paper's (may equal forward or reverse)")
+        parts.append(f"random π: {draw}, from {seed}")
+    if study.student.freeze_embeddings:
+        parts.append("student embeddings frozen")
+    return "; ".join(parts)
+
+
+def describe_losses(trials: "Trials", points, family=None) -> list[str]:
+    """The distinct `describe_loss` lines over the trials at `points`, each with how many trials use it."""
+    seen: dict[str, int] = {}
+    for point in points:
+        line = describe_loss(trials(point).study, family)
+        seen[line] = seen.get(line, 0) + 1
+    return [f"  {line}  ({n} trial{'s' if n != 1 else ''})" for line, n in seen.items()]

@@ -49,7 +49,21 @@ def build_student(teacher: nn.Module, family: Family, spec, cfg, *, seed: int) -
     model.config.tunekd_init = cfg.init
     if cfg.lora is not None:
         apply_lora(model, family, cfg.lora)
+    if getattr(cfg, "freeze_embeddings", False):
+        freeze_embeddings(model, family)
     return Student(model=model, copied_layers=copied)
+
+
+def freeze_embeddings(model: nn.Module, family: Family) -> list[str]:
+    """`student.freeze_embeddings`: the family's embedding modules stop training (the paper's
+    `--freeze_embeds` for BART and T5; a tied LM head freezes with them). Returns the frozen names."""
+    frozen = []
+    ids = {id(p) for m in family.embedding_modules(model) for p in m.parameters()}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in ids:
+            p.requires_grad_(False)
+            frozen.append(name)
+    return frozen
 
 
 def apply_lora(model: nn.Module, family: Family, lora) -> nn.Module:
@@ -125,15 +139,27 @@ def copy_weights(teacher: nn.Module, student: nn.Module, family: Family, copied:
     student.load_state_dict(new_state, strict=False)
 
 
-def build_projections(layer_map, student_width: int, teacher_width: int, *, seed: int) -> nn.ModuleDict:
-    """One trainable linear map per matched student state when the widths differ (else empty)."""
+def build_projections(layer_map, student_width: int, teacher_width: int, *, seed: int,
+                      stacks: list[str] | tuple[str, ...] | None = None) -> nn.ModuleDict:
+    """One trainable linear map per matched student state when the widths differ (else empty).
+
+    With `stacks` (e.g. `list(family.stacks(model))`): {stack: {student index: Linear}}, each stack's
+    states with their own independently initialised maps (SPEC: every matched state has its own
+    projection; an encoder-decoder's encoder state i and decoder state i are two states). Without:
+    a flat {student index: Linear}, which `distill.Distiller` turns into per-stack copies."""
     projections = nn.ModuleDict()
     if student_width == teacher_width:
         return projections
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed + 1)
-    for s_idx in sorted({s for s, _ in layer_map}):
-        projections[str(s_idx)] = nn.Linear(student_width, teacher_width)
+    indices = sorted({s for s, _ in layer_map})
+    if stacks is None:
+        for s_idx in indices:
+            projections[str(s_idx)] = nn.Linear(student_width, teacher_width)
+    else:
+        for stack in stacks:
+            projections[stack] = nn.ModuleDict(
+                {str(s_idx): nn.Linear(student_width, teacher_width) for s_idx in indices})
     torch.random.set_rng_state(gen_state)
     return projections
 

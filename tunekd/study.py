@@ -85,6 +85,8 @@ class StudentConfig(_Section):
     num_attention_heads: int | None = Field(None, ge=1)
     intermediate_size: int | None = Field(None, ge=8)
     lora: LoraConfig | None = None  # null: every student weight trains
+    # the paper's `--freeze_embeds` (BART, T5): token (and learned position) embeddings do not train
+    freeze_embeddings: bool = False
 
     @field_validator("copy_layers")
     @classmethod
@@ -105,6 +107,13 @@ class DistillConfig(_Section):
     reduction: Literal[losses.REDUCTIONS] = "element_mean"
     hidden_normalize: Literal[losses.NORMALIZE] = "none"
     aggregate: Literal[losses.AGGREGATE] = "mean"
+    # token-level KL over the trained target tokens, or every position of the sequence (causal LMs:
+    # the context too, the paper's Qwen3 code); no effect on sequence-level (classification) logits
+    kl_positions: Literal[losses.KL_POSITIONS] = "targets"
+    # strategy `random`: π among permutations that are neither forward nor reverse (nontrivial,
+    # needs >= 3 student layers) or the paper's unrestricted draw (any)
+    random_draw: Literal[mapping.RANDOM_DRAWS] = "nontrivial"
+    map_seed: int | None = None  # seed of the `random` map; null: the trial's seed
 
     @field_validator("strategy")
     @classmethod
@@ -112,6 +121,13 @@ class DistillConfig(_Section):
         if isinstance(v, str) and v not in mapping.STRATEGIES:
             raise unknown("strategy", v, mapping.STRATEGIES)
         return v
+
+    @model_validator(mode="after")
+    def _loss_options(self):
+        if self.hidden_loss == "cosine" and self.reduction == "token_sum_padded":
+            raise ValueError("distill.reduction 'token_sum_padded' sums squared errors: it needs "
+                             "hidden_loss 'mse', not 'cosine'")
+        return self
 
 
 class TrainConfig(_Section):

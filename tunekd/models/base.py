@@ -18,12 +18,17 @@ from torch import nn
 class Output:
     """One forward pass. `hidden[stack]` is the tuple of hidden states of that stack (index 0: the
     embedding output) and `masks[stack]` its [B, L] validity mask. `logits_mask` is None for
-    sequence-level logits ([B, C]) and a [B, L] mask for token-level logits ([B, L, V])."""
+    sequence-level logits ([B, C]) and a [B, L] mask for token-level logits ([B, L, V]): the positions
+    whose predictions are trained (the answer tokens of a causal LM, the target tokens of a seq2seq)."""
 
     logits: torch.Tensor
     hidden: dict[str, tuple[torch.Tensor, ...]]
     masks: dict[str, torch.Tensor]
     logits_mask: torch.Tensor | None = None
+    # token-level logits: every non-padding position of the sequence the logits cover (for a causal LM
+    # the context and the answer); None = the same as `logits_mask`. KL uses it when
+    # `distill.kl_positions` is `sequence`.
+    sequence_mask: torch.Tensor | None = None
 
 
 class Family:
@@ -33,8 +38,8 @@ class Family:
     model_types: tuple[str, ...] = ()
     match_embeddings_default: bool = True
     task_kinds: tuple[str, ...] = ()
-    # whether the first k hidden states of a stack can be had by running only its first k layers
-    # (false for encoder-decoders: the decoder reads the encoder's last state)
+    # whether the first k hidden states of the stacks can be had by running fewer layers (see
+    # `cut_stacks` and `final_norms`; `distill.truncated` builds the cut-down teacher from them)
     truncatable: bool = True
     # module names LoRA adapts by default (student.lora.target_modules: null); () = must be given
     lora_targets: tuple[str, ...] = ()
@@ -51,6 +56,22 @@ class Family:
 
     def num_layers(self, config) -> int:
         raise NotImplementedError
+
+    def cut_stacks(self, model: nn.Module) -> tuple[str, ...]:
+        """The stacks a cut-down teacher runs only partly (default: all of them). An encoder-decoder
+        cuts only its decoder: the decoder reads the encoder's last state."""
+        return tuple(self.stacks(model))
+
+    def final_norms(self, model: nn.Module) -> dict[str, nn.Module]:
+        """Per stack, a module applied after the stack's last layer whose output Hugging Face returns as
+        the stack's last hidden state (Llama/Qwen `model.norm`, T5's `final_layer_norm`). A stack cut
+        to fewer layers must skip it, else its state `keep` would be `norm(h_keep)`, not `h_keep`."""
+        return {}
+
+    def embedding_modules(self, model: nn.Module) -> list[nn.Module]:
+        """The modules `student.freeze_embeddings` freezes (the paper's `--freeze_embeds`): the token
+        embeddings and, where the model has them, learned position embeddings."""
+        return [model.get_input_embeddings()]
 
     def hidden_size(self, config) -> int:
         return int(config.hidden_size)

@@ -4,7 +4,11 @@ One stack, `model.model.layers` ("decoder"); the embeddings are not matched by d
 runs on the context followed by the right choice, with CE and KL on the choice's tokens only (the
 logits are token-level, `logits_mask` = the positions that predict a choice token). Evaluation
 scores every choice by its log-likelihood given the context, as lm-evaluation-harness does:
-`accuracy` takes the choice with the highest sum, `accuracy_norm` the highest sum per character.
+`accuracy` takes the choice with the highest sum, `accuracy_norm` the highest sum per character of
+the choice's own text (the leading target delimiter, a space, not counted: `tasks.choice.choice_chars`).
+KL runs on the answer tokens (`distill.kl_positions: targets`) or on every position of the
+sequence (`sequence`, the paper's Qwen3 code). The last hidden state Hugging Face returns is the one
+after the final norm; a cut-down teacher skips that norm (`final_norms`).
 
 Copy init takes the embeddings, the final norm, the LM head and the chosen layers; per-layer config
 lists (such as `layer_types`) keep the entries of the copied layers.
@@ -91,7 +95,10 @@ class DecoderFamily(Family):
                     use_cache=False)
         hs = tuple(out.hidden_states) if hidden else ()
         return Output(logits=out.logits, hidden={"decoder": hs}, masks={"decoder": batch["attention_mask"]},
-                      logits_mask=(batch["targets"] != -100).long())
+                      logits_mask=(batch["targets"] != -100).long(), sequence_mask=batch["attention_mask"])
+
+    def final_norms(self, model):
+        return {"decoder": model.model.norm}
 
     def ce_loss(self, out, batch):
         logits = out.logits.float()
@@ -101,6 +108,7 @@ class DecoderFamily(Family):
 
     def encode(self, dataset, tokenizer, spec, max_length, *, train):
         from tunekd.data import Encoded
+        from tunekd.tasks.choice import choice_chars
 
         if spec.kind != "multiple_choice":
             raise ConfigError(f"the decoder family runs multiple-choice tasks, not {spec.kind}")
@@ -128,7 +136,7 @@ class DecoderFamily(Family):
         n, width = len(contexts), ids.shape[1]
         mask = (np.arange(width)[None, :] < flat_len[:, None]).astype(np.int64)
         lengths = flat_len.reshape(n, c).max(axis=1)
-        chars = np.asarray([[len(x) for x in cs] for cs in choices], dtype=np.int64)
+        chars = np.asarray([[choice_chars(x) for x in cs] for cs in choices], dtype=np.int64)
         arrays = {"input_ids": ids.reshape(n, c, width), "attention_mask": mask.reshape(n, c, width),
                   "targets": tg.reshape(n, c, width), "labels": labels, "choice_chars": chars}
         return Encoded(arrays=arrays, lengths=lengths, lengths_of={"choice_chars": None})

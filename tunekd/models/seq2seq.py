@@ -7,7 +7,9 @@ non-padding target tokens): KL over target tokens, CE = the LM loss on the label
 
 T5 keeps its relative attention bias only in block 0 of each stack, so a student's block 0 gets
 the teacher's block-0 bias when the block copied into it has none (`copy_source`). The last hidden
-state of a T5 stack is the one after the stack's final layer norm (as Hugging Face returns it).
+state of a T5 stack is the one after the stack's final layer norm (as Hugging Face returns it); a
+cut-down teacher runs the whole encoder and only the decoder's first layers, skipping that norm.
+Each stack's matched states get their own width projections (`Distiller`, per stack).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import copy
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers import AutoModelForSeq2SeqLM
 
 from tunekd.errors import ConfigError
@@ -36,7 +39,6 @@ class Seq2SeqFamily(Family):
     model_types = ("bart", "t5")
     match_embeddings_default = True
     task_kinds = ("generation",)
-    truncatable = False
     lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2",  # BART
                     "q", "k", "v", "o", "wi", "wo")  # T5
 
@@ -53,6 +55,29 @@ class Seq2SeqFamily(Family):
         enc, dec = model.get_encoder(), model.get_decoder()
         return {"encoder": enc.layers if hasattr(enc, "layers") else enc.block,
                 "decoder": dec.layers if hasattr(dec, "layers") else dec.block}
+
+    def cut_stacks(self, model):
+        return ("decoder",)  # the decoder reads the encoder's last state: the encoder always runs in full
+
+    def final_norms(self, model):
+        out = {}
+        for stack, part in (("encoder", model.get_encoder()), ("decoder", model.get_decoder())):
+            norm = getattr(part, "final_layer_norm", None) or getattr(part, "layer_norm", None)  # T5 / mBART
+            if isinstance(norm, nn.Module):
+                out[stack] = norm
+        return out
+
+    def embedding_modules(self, model):
+        """As the paper's `--freeze_embeds` (Hugging Face seq2seq examples): the shared token embeddings,
+        each stack's token embeddings and BART's learned position embeddings. The LM head is tied to the
+        shared embeddings, so it stays frozen with them."""
+        mods = [model.get_input_embeddings()]
+        for part in (model.get_encoder(), model.get_decoder()):
+            for name in ("embed_tokens", "embed_positions"):
+                m = getattr(part, name, None)
+                if isinstance(m, nn.Module):
+                    mods.append(m)
+        return list({id(m): m for m in mods}.values())
 
     def num_layers(self, config):
         enc, dec = (int(getattr(config, k)) for k in self._keys(config)["layers"])

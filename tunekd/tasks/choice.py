@@ -23,6 +23,18 @@ from tunekd.errors import ConfigError
 from .base import TaskSpec
 from .generation import _folder, _hub, _take, split_local
 
+TARGET_DELIMITER = " "  # lm-evaluation-harness's target_delimiter: joins context and continuation
+
+
+def choice_chars(choice: str) -> int:
+    """The length that `accuracy_norm` divides a choice's log-likelihood by: the characters of the
+    choice's own text, as lm-evaluation-harness counts them (``len(choice)`` of ``doc_to_choice``),
+    i.e. without the target delimiter that the scored continuation starts with."""
+    if choice.startswith(TARGET_DELIMITER):
+        choice = choice[len(TARGET_DELIMITER):]
+    return len(choice)
+
+
 HELLASWAG = TaskSpec(
     name="hellaswag",
     kind="multiple_choice",
