@@ -233,7 +233,7 @@ def _family_batch(tiny_model, name):
     family = family_for(AutoConfig.from_pretrained(path))
     model = family.load(path, spec).eval()
     raw = load_task("synthetic", None, synthetic={"train_size": 16, "eval_size": 8})
-    enc = encode_splits(raw, AutoTokenizer.from_pretrained(path), spec.text_fields, 32)
+    enc = encode_splits(raw, AutoTokenizer.from_pretrained(path), spec, 32)
     return family, model, enc["train"].batch(torch.arange(6).numpy())
 
 
