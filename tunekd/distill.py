@@ -28,7 +28,7 @@ from transformers import get_linear_schedule_with_warmup
 from tunekd import losses
 from tunekd.data import Encoded, batch_indices, num_batches, padding_fraction
 from tunekd.errors import ConfigError
-from tunekd.models import Family, stack_prefixes
+from tunekd.models import Family
 from tunekd.tasks.base import compute_metrics
 
 
