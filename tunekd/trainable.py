@@ -233,7 +233,8 @@ def run_trial(overrides: dict[str, Any], shared: Shared, *, report=None, restore
         student = build_student(teacher if teacher is not None else shared.weights(), family, spec, study.student,
                                 seed=study.seed)
     projections = build_projections(the_plan.layer_map, family.hidden_size(student.model.config),
-                                    family.hidden_size(config), seed=study.seed)
+                                    family.hidden_size(config), seed=study.seed,
+                                    stacks=list(family.stacks(student.model)))
     distiller = distill.Distiller(family=family, student=student.model, teacher=teacher,
                                   layer_map=the_plan.layer_map, distill=study.distill, projections=projections,
                                   cache=cache)
