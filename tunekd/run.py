@@ -63,6 +63,7 @@ def trial_points(study, limit: int = 10_000):
 def preflight(study, teacher_config, family) -> int:
     """Resolve every trial the study can produce; a bad combination is a ConfigError now, not later."""
     from tunekd import plan
+    from tunekd.checks import check_trial
 
     t_layers = family.num_layers(teacher_config)
     t_width = family.hidden_size(teacher_config)
@@ -71,6 +72,7 @@ def preflight(study, teacher_config, family) -> int:
         trial = study.trial(point)
         try:
             plan.resolve(trial, t_layers, family.match_embeddings_default)
+            check_trial(trial, teacher_config, family)
         except ConfigError as exc:
             where = ", ".join(f"{k}={v!r}" for k, v in point.items())
             raise ConfigError(f"{exc}" + (f" (trial {where})" if where else "")) from None
@@ -348,8 +350,10 @@ def run(args) -> int:
     log(f"study {study.name!r}: {len(study.search)} search dimensions, grid of {grid_size(study)} x "
         f"{study.tune.num_samples} samples; scheduler {study.tune.scheduler}, searcher {study.tune.searcher}")
 
+    from tunekd.checks import check_outputs
     from tunekd.tracking import check_uri
 
+    check_outputs(study, num_cpus=args.num_cpus, address=args.address)  # paths, tracking URI, teacher files, CPUs/GPUs
     check_uri(study.tracking.uri)
     quiet_libraries()
     spec, base, config, family, raw, tokenizer = prepare(study)
@@ -399,53 +403,53 @@ def _run_study(study, args, spec, base, config, family, raw, tokenizer, t_start)
     metric = f"eval/{spec.primary_metric}"
     tracker = StudyTracker(study.tracking.uri, study.experiment)
     storage = Path(study.tune.storage_path).expanduser().resolve()
-    if args.resume:
-        parent, ray_path = tracker.resumable_parent(None if args.resume == "latest" else args.resume)
-        if not (Path(ray_path) / "tuner.pkl").is_file():
-            raise ConfigError(f"--resume: the study's Ray state {ray_path!r} is missing; cannot resume")
-        tracker.start_parent("", {}, "", resume_id=parent)
-        log(f"mlflow: resuming parent run {parent} ({len(tracker.trials)} trials recorded) from {ray_path}")
-    else:
-        run_name = f"{study.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-        ray_path = str(storage / run_name)
-        parent = tracker.start_parent(run_name, {
-            "study_file": str(Path(args.study).resolve()), "overrides": args.overrides, "teacher.path": info.path,
-            "teacher.cached": info.cached, "task.train_rows": len(encoded["train"]),
-            "teacher.cache_mode": cache_info.mode, "teacher.cache_reason": cache_info.reason,
-            "data.padding_random": round(pad["random"], 4), "data.padding_bucketed": round(pad["bucketed"], 4),
-        }, Path(args.study).read_text(), tags={"tunekd.ray_path": ray_path})
-        tracker.log_parent_metrics({f"teacher/{k}": v for k, v in info.metrics.items()})
-        log(f"mlflow: experiment {study.experiment!r}, parent run {parent}")
+    with tracker.parent_guard():  # a crash from here on ends the parent run FAILED, Ctrl-C KILLED
+        if args.resume:
+            parent, ray_path = tracker.resumable_parent(None if args.resume == "latest" else args.resume)
+            if not (Path(ray_path) / "tuner.pkl").is_file():
+                raise ConfigError(f"--resume: the study's Ray state {ray_path!r} is missing; cannot resume")
+            tracker.start_parent("", {}, "", resume_id=parent)
+            log(f"mlflow: resuming parent run {parent} ({len(tracker.trials)} trials recorded) from {ray_path}")
+        else:
+            run_name = f"{study.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+            ray_path = str(storage / run_name)
+            parent = tracker.start_parent(run_name, {
+                "study_file": str(Path(args.study).resolve()), "overrides": args.overrides, "teacher.path": info.path,
+                "teacher.cached": info.cached, "task.train_rows": len(encoded["train"]),
+                "teacher.cache_mode": cache_info.mode, "teacher.cache_reason": cache_info.reason,
+                "data.padding_random": round(pad["random"], 4), "data.padding_bucketed": round(pad["bucketed"], 4),
+            }, Path(args.study).read_text(), tags={"tunekd.ray_path": ray_path})
+            tracker.log_parent_metrics({f"teacher/{k}": v for k, v in info.metrics.items()})
+            log(f"mlflow: experiment {study.experiment!r}, parent run {parent}")
 
-    StudyContext.tracker, StudyContext.study, StudyContext.family = tracker, study, family
-    StudyContext.teacher_layers = t_layers
-    StudyContext.teacher_config, StudyContext.teacher_path = teacher_config, info.path
-    StudyContext.total = grid_size(study) * study.tune.num_samples
-    StudyContext.started = {}
-    trainable = tune.with_resources(tune.with_parameters(tune_trainable, shared=shared),
-                                    {"cpu": study.tune.resources.cpu, "gpu": study.tune.resources.gpu})
-    if args.resume:
-        tuner = tune.Tuner.restore(ray_path, trainable, resume_unfinished=True, resume_errored=False,
-                                   restart_errored=False)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space(study),
-            tune_config=tune_config(study, metric),
-            run_config=tune.RunConfig(
-                name=Path(ray_path).name, storage_path=str(storage), verbose=0,
-                callbacks=[_trial_callback_class()()],
-                checkpoint_config=tune.CheckpointConfig(
-                    num_to_keep=study.tune.checkpoint_keep, checkpoint_score_attribute=metric,
-                    checkpoint_score_order="max"),
-                failure_config=tune.FailureConfig(max_failures=study.tune.max_failures)),
-        )
-    status = "FAILED"
-    try:
+        StudyContext.tracker, StudyContext.study, StudyContext.family = tracker, study, family
+        StudyContext.teacher_layers = t_layers
+        StudyContext.teacher_config, StudyContext.teacher_path = teacher_config, info.path
+        StudyContext.total = grid_size(study) * study.tune.num_samples
+        StudyContext.started = {}
+        trainable = tune.with_resources(tune.with_parameters(tune_trainable, shared=shared),
+                                        {"cpu": study.tune.resources.cpu, "gpu": study.tune.resources.gpu})
+        if args.resume:
+            tuner = tune.Tuner.restore(ray_path, trainable, resume_unfinished=True, resume_errored=False,
+                                       restart_errored=False)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space=param_space(study),
+                tune_config=tune_config(study, metric),
+                run_config=tune.RunConfig(
+                    name=Path(ray_path).name, storage_path=str(storage), verbose=0,
+                    callbacks=[_trial_callback_class()()],
+                    checkpoint_config=tune.CheckpointConfig(
+                        num_to_keep=study.tune.checkpoint_keep, checkpoint_score_attribute=metric,
+                        checkpoint_score_order="max"),
+                    failure_config=tune.FailureConfig(max_failures=study.tune.max_failures)),
+            )
         results = tuner.fit()
-        status = "FINISHED"
-    finally:
-        tracker.end_parent(status)
+    # Tune catches the first Ctrl-C itself and returns with unfinished trials
+    interrupted = results.num_terminated + results.num_errors < len(results)
+    tracker.end_parent("KILLED" if interrupted else "FINISHED",
+                       error="interrupted (Ctrl-C); continue with --resume" if interrupted else None)
     for result in results:  # trials that ended while no driver was listening (a killed driver)
         trial_id = (result.metrics or {}).get("trial_id")
         rec = tracker.trials.get(trial_id)
@@ -462,7 +466,7 @@ def _run_study(study, args, spec, base, config, family, raw, tokenizer, t_start)
     log(f"teacher {metric}: {info.metrics.get(spec.primary_metric, float('nan')):.2f}; trials: "
         + ", ".join(f"{v} {k}" for k, v in counts.items()) + f"; wall time {time.perf_counter() - t_start:.0f} s")
     log(f"browse it: {tracker.ui_command()}")
-    return 0
+    return 130 if interrupted else 0
 
 
 def main(argv=None) -> int:

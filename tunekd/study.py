@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
 from tunekd import losses, mapping
-from tunekd.errors import ConfigError, unknown
+from tunekd.errors import ConfigError, not_utf8, unknown
 
 SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 
@@ -528,9 +528,7 @@ def read_study_text(path: str | Path) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = data[:exc.start].count(b"\n") + 1
-        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at line {line}); "
-                          "save the study file as UTF-8") from None
+        raise not_utf8(path, exc, data) from None
 
 
 def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
