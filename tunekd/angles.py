@@ -516,14 +516,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="'random' or 'copy' (a fresh student built from the teacher, see --layers), "
                         "'run:<mlflow_run_id>' (the trained student logged by that trial as artifact student/), or a "
                         "local transformers folder (default: %(default)s)")
-    p.add_argument("--layers", type=int, default=3, help="depth of a random/copy student (default: %(default)s)")
+    p.add_argument("--layers", type=int, default=3, help="depth of a random/copy student, 1..1024 (default: %(default)s)")
     p.add_argument("--copy-layers", default="forward", choices=("forward", "spread"),
                    help="which teacher layers a copy student copies (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the student init and the data sample (default: 0)")
     p.add_argument("--task", default=None,
                    help="task whose first eval split is sampled (default: the run's task for run:ID, else synthetic)")
     p.add_argument("--data-dir", default=None, help="local data folder of the task (default: hub / generated)")
-    p.add_argument("--samples", type=int, default=64, help="number of examples (default: %(default)s)")
+    p.add_argument("--samples", type=int, default=64, help="number of examples, 1..100000 (default: %(default)s)")
     p.add_argument("--max-length", type=int, default=None,
                    help="max tokens per example (default: the run's task.max_length, else 128)")
     p.add_argument("--batch-size", type=int, default=16, help="examples per forward pass (default: %(default)s)")
