@@ -56,6 +56,10 @@ def _weightless_teacher(tmp_path, tiny_bert_dir):
     return d
 
 
+def _cpus():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def _dir(path):
     path.mkdir()
 
@@ -181,10 +185,10 @@ def cases(tmp_path, tiny_bert_dir):
         ("num_cpus_negative", {}, ["--num-cpus", "-1"], ["--num-cpus must be >= 1, got -1"]),
         ("cpu_10000", {"tune": {"resources": {"cpu": 10000}}}, [],
          ["tune.resources.cpu", "less than or equal to 4096"]),
-        ("cpu_more_than_machine", {"tune": {"resources": {"cpu": os.cpu_count() + 1}}}, [],
-         [f"tune.resources.cpu is {os.cpu_count() + 1}", f"this machine has {os.cpu_count()} CPUs"]),
+        ("cpu_more_than_machine", {"tune": {"resources": {"cpu": _cpus() + 1}}}, [],
+         [f"tune.resources.cpu is {_cpus() + 1}", f"this machine has {_cpus()} CPUs"]),
         ("cpu_more_than_num_cpus", {"tune": {"resources": {"cpu": 2}}}, ["--num-cpus", "1"],
-         ["tune.resources.cpu is 2", "--num-cpus 1"]),
+         ["tune.resources.cpu is 2", "--num-cpus gives Ray 1 CPUs"]),
         ("epochs_bool", {"train": {"epochs": True}}, [], ["train.epochs", "valid integer", "True"]),
         ("layers_string", {"student": {"layers": "2"}}, [], ["student.layers", "valid integer", "'2'"]),
         ("trust_remote_code_string", {"teacher": {"trust_remote_code": "yes"}}, [],
@@ -210,6 +214,8 @@ def tool_cases(tmp_path, tiny_bert_dir):
         ("report_margin_nan", report.main, ["--experiment", "e", "--margin", "nan"],
          ["--margin must be a finite number > 0, got nan"]),
         ("report_margin_zero", report.main, ["--experiment", "e", "--margin", "0"], ["--margin", "got 0.0"]),
+        ("report_tracking_ftp", report.main, ["--experiment", "e", "--tracking-uri", "ftp://example.org/x"],
+         ["scheme 'ftp' is not supported"]),
         ("report_alpha_nan", report.main, ["--experiment", "e", "--alpha", "nan"], ["--alpha must be in (0, 0.5)"]),
         ("angles_samples_huge", angles.main, ["--samples", "100000000"], ["--samples must be in 1..100000"]),
         ("angles_out_is_file", angles.main, ["--out", str(a_file)], ["--out", "is a file"]),
@@ -313,3 +319,17 @@ def test_yaml12_exponent_floats_are_floats():
     raw["train"]["lr"] = "1e-4"
     with pytest.raises(Exception, match="train.lr: Input should be a valid number"):
         validate(raw)
+
+
+@pytest.mark.parametrize("key", ["tune.storage_path", "teacher.cache_dir"])
+def test_unwritable_folder_is_one_line(key, tmp_path, monkeypatch):
+    """Read-only folders cannot be made as root (root writes anywhere), so the permission answer is
+    replaced: an existing folder and a folder still to be created under it are both refused."""
+    from tunekd.checks import check_writable_dir
+    from tunekd.errors import ConfigError
+
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(ConfigError, match=rf"^{key} '.*' is not writable; give a folder you can write to$"):
+        check_writable_dir(tmp_path, key)
+    with pytest.raises(ConfigError, match=r"is not writable \(its existing parent '.*' is not\)"):
+        check_writable_dir(tmp_path / "new" / "runs", key)

@@ -132,10 +132,13 @@ def check_resources(study, *, num_cpus: int | None = None, address: str | None =
     if address:
         return  # a cluster's resources are checked once connected (run.check_resources)
     res = study.tune.resources
-    cpus = num_cpus if num_cpus is not None else (os.cpu_count() or 1)
+    if num_cpus is not None:
+        cpus, source = num_cpus, f"--num-cpus gives Ray {num_cpus} CPUs"
+    else:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        source = f"this machine has {cpus} CPUs"
     if res.cpu > cpus:
-        source = f"--num-cpus {num_cpus}" if num_cpus is not None else "this machine has"
-        raise ConfigError(f"tune.resources.cpu is {res.cpu:g} but {source} {cpus} CPUs; allowed: up to {cpus}")
+        raise ConfigError(f"tune.resources.cpu is {res.cpu:g} (per trial) but {source}; allowed: up to {cpus}")
     if res.gpu > 0:
         import torch
 

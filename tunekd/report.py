@@ -507,8 +507,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _client(uri: str):
+    from tunekd.checks import check_tracking_uri
     from tunekd.tracking import check_uri
 
+    check_tracking_uri(uri)
     check_uri(uri)
     if uri.startswith("sqlite:///") and not os.path.isfile(uri[len("sqlite:///"):]):
         raise ConfigError(f"tracking URI {uri!r}: no MLflow database at {uri[len('sqlite:///'):]!r}")

@@ -193,12 +193,24 @@ def load_checkpoint(folder: str | Path, distiller: distill.Distiller, state: dis
 # --- one trial ---------------------------------------------------------------------------------
 
 
+def _injected_fault(overrides: dict[str, Any]) -> None:
+    """Fault injection for the fault-tolerance tests: with TUNEKD_INJECT_FAULT='KEY=VALUE' in the driver's
+    environment, the trials whose override KEY is VALUE raise inside the trial (every impossibility of a
+    configuration is refused before the study starts, so no study value can make a trial raise)."""
+    spec = os.environ.get("TUNEKD_INJECT_FAULT")
+    if spec:
+        key, _, value = spec.partition("=")
+        if key in overrides and str(overrides[key]) == value:
+            raise RuntimeError(f"injected fault: TUNEKD_INJECT_FAULT={spec}")
+
+
 def run_trial(overrides: dict[str, Any], shared: Shared, *, report=None, restore_dir: str | None = None) -> list[dict]:
     """Train one trial. `report(metrics, checkpoint_dir)` is called after every epoch."""
     started = time.perf_counter()
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
+    _injected_fault(overrides)
     study = Study.model_validate_json(shared.study_json).trial(overrides)
     spec = get_task(study.task.name)
     family = FAMILIES[shared.family]
