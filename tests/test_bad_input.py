@@ -1,15 +1,24 @@
-"""Bad input is caught before any trial starts: one clear line naming the problem, exit code 2, and no
-MLflow run created. Table-driven, through the real CLI entry point (`tunekd.run.main`)."""
+"""Bad input is caught before any trial starts: one clear line naming the problem, exit code 2, Ray not
+started and nothing written (no mlflow.db, ray_results/ or teacher cache: the working folder is left as
+it was). Table-driven, through the real CLI entry points (`tunekd.run.main`, `tunekd.report.main`,
+`tunekd.angles.main`)."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tunekd import angles
+from tunekd import report
 from tunekd import run as cli
+
+INF = float("inf")
+NOT_UTF8 = b"caf\xe9"  # Latin-1 bytes, invalid as UTF-8
 
 BASE = {
     "name": "bad",
@@ -25,14 +34,50 @@ def _folder_with(tmp_path, name, files):
     d = tmp_path / name
     d.mkdir()
     for fname, text in files.items():
-        (d / fname).write_text(text)
+        if isinstance(text, bytes):
+            (d / fname).write_bytes(text)
+        else:
+            (d / fname).write_text(text)
     return d
+
+
+def _file(tmp_path, name, text="x"):
+    f = tmp_path / name
+    f.write_text(text)
+    return f
+
+
+def _weightless_teacher(tmp_path, tiny_bert_dir):
+    d = tmp_path / "no_weights"
+    d.mkdir()
+    for f in Path(tiny_bert_dir).iterdir():
+        if f.is_file() and not f.name.endswith((".safetensors", ".bin")):
+            shutil.copy(f, d / f.name)
+    return d
+
+
+def _cpus():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def _dir(path):
+    path.mkdir()
+
+
+def _fifo(path):
+    os.mkfifo(path)
+
+
+def _base_yaml(extra=""):
+    return ("name: bad\ntask: {name: synthetic, synthetic: {train_size: 16, eval_size: 16}, max_length: 16}\n"
+            "teacher: {model: TINY}\nstudent: {layers: 2}\ntrain: {epochs: 1}\n" + extra)
 
 
 def cases(tmp_path, tiny_bert_dir):
     vit = tmp_path / "vit"
     vit.mkdir()
     (vit / "config.json").write_text(json.dumps({"model_type": "vit", "hidden_size": 32}))
+    (vit / "model.safetensors").write_bytes(b"")  # a model folder has weights (else: teacher_without_weights)
     sst_header = "sentence\tlabel\n"
     good_dev = sst_header + "a fine film \t1\n"
     return [
@@ -73,18 +118,137 @@ def cases(tmp_path, tiny_bert_dir):
         ("ray_unreachable", {}, ["--address", "127.0.0.1:9"], ["cannot reach the Ray cluster"]),
         ("gpu_where_none", {"tune": {"resources": {"cpu": 1, "gpu": 1}}}, ["--num-cpus", "1"],
          ["tune.resources.gpu", "0 GPUs"]),
+        # --- issue 12: values that passed validation or failed late -----------------------------
+        ("lr_inf", {"train": {"lr": INF}}, [], ["train.lr", "finite number"]),
+        ("lambda_hid_inf", {"distill": {"lambda_hid": INF}}, [], ["distill.lambda_hid", "finite number"]),
+        ("max_grad_norm_inf", {"train": {"max_grad_norm": INF}}, [], ["train.max_grad_norm", "finite number"]),
+        ("max_grad_norm_nan", {"train": {"max_grad_norm": float("nan")}}, [], ["train.max_grad_norm", "finite number"]),
+        ("uniform_bound_inf", {"tune": {"searcher": "random"}, "search": {"train.lr": {"uniform": [0, INF]}}}, [],
+         ["search.train.lr.uniform", "finite number"]),
+        ("grid_value_inf", {"search": {"distill.temperature": {"grid": [1.0, INF]}}}, [],
+         ["search.distill.temperature", "value inf", "finite number"]),
+        ("epochs_huge", {"train": {"epochs": 10**30}}, [], ["train.epochs", "less than or equal to 1000"]),
+        ("synthetic_train_size_huge", {"task": {"synthetic": {"train_size": 10**15}}}, [],
+         ["task.synthetic.train_size", "less than or equal to 1000000"]),
+        ("seed_huge", {"seed": 2**70}, [], ["seed", "less than or equal to 4294967295"]),
+        ("seed_negative", {"seed": -1}, [], ["seed", "greater than or equal to 0"]),
+        ("trials_over_cap", {"tune": {"num_samples": 100_000}, "search": {"seed": {"grid": [0, 1]}}}, [],
+         ["200000 trials", "at most 100000"]),
+        ("grace_period_above_epochs", {"tune": {"asha": {"grace_period": 3}}}, [],
+         ["tune.asha.grace_period 3", "allowed: 1..1"]),
+        ("fp16_on_cpu", {"train": {"precision": "fp16"}}, [], ["train.precision 'fp16' needs a GPU", "'bf16'"]),
+        ("heads_not_dividing_width", {"student": {"init": "random", "hidden_size": 30, "num_attention_heads": 7}}, [],
+         ["width 30", "not divisible by 7 attention heads"]),
+        ("lora_targets_absent", {"student": {"lora": {"target_modules": ["query", "nope"]}}}, [],
+         ["student.lora.target_modules ['nope']", "allowed: ", "query"]),
+        ("lora_random_init", {"student": {"init": "random", "lora": {"rank": 2}}}, [],
+         ["lora adapts a copy-initialised student", "init 'copy'"]),
+        ("study_not_utf8", _base_yaml("# ").encode() + NOT_UTF8 + b"\n", [], ["not UTF-8 text", "at line 6"]),
+        ("tsv_not_utf8", {"task": {"name": "sst2", "data_dir": str(_folder_with(tmp_path, "latin1", {
+            "train.tsv": sst_header.encode() + NOT_UTF8 + b" \t1\n", "dev.tsv": good_dev}))}}, [],
+         ["train.tsv: not UTF-8 text"]),
+        ("json_not_utf8", {"task": {"name": "mnli", "data_dir": str(_folder_with(tmp_path, "latin1json", {
+            "train_sample_8999.json": b'{"0": {"text_a": "' + NOT_UTF8 + b'", "text_b": "x", "label": 0}}',
+            "train_sample_1000.json": '{"0": {"text_a": "a", "text_b": "b", "label": 0}}'}))}},
+         [], ["train_sample_8999.json: not UTF-8 text"]),
+        ("jsonl_not_utf8", {"task": {"name": "hellaswag", "data_dir": str(_folder_with(tmp_path, "latin1jsonl", {
+            "hellaswag_val_full.jsonl": b'{"ctx": "' + NOT_UTF8 + b'"}\n'}))}},
+         [], ["hellaswag_val_full.jsonl: not UTF-8 text"]),
+        ("yaml_nested_too_deep", _base_yaml("extra: " + "[" * 200 + "]" * 200 + "\n"), [],
+         ["nested deeper than 32 levels"]),
+        ("duplicate_key", _base_yaml("train: {epochs: 2}\n"), [], ["duplicate key 'train'", "line 6"]),
+        ("duplicate_nested_key", _base_yaml("distill: {lambda_hid: 1, lambda_hid: 2}\n"), [],
+         ["duplicate key 'lambda_hid'"]),
+        ("name_too_long", {"name": "a" * 300}, [], ["name: ", "1-64 letters"]),
+        ("name_with_slash", {"name": "a/b"}, [], ["name: 'a/b' is not allowed"]),
+        ("name_dotdot", {"name": ".."}, [], ["name: '..' is not allowed", "without '..'"]),
+        ("storage_is_file", {"tune": {"storage_path": str(_file(tmp_path, "a_file"))}}, [],
+         ["tune.storage_path", "is a file"]),
+        ("storage_under_file", {"tune": {"storage_path": str(_file(tmp_path, "b_file") / "runs")}}, [],
+         ["tune.storage_path", "lies under the file"]),
+        ("storage_in_proc", {"tune": {"storage_path": "/proc/tunekd_runs"}}, [],
+         ["tune.storage_path", "pseudo file system"]),
+        ("cache_dir_is_file", {"teacher": {"cache_dir": str(_file(tmp_path, "c_file"))}}, [],
+         ["teacher.cache_dir", "is a file"]),
+        ("tracking_ftp", {}, ["--tracking-uri", "ftp://example.org/mlflow"], ["scheme 'ftp' is not supported",
+                                                                             "sqlite:///"]),
+        ("tracking_sqlite_two_slashes", {}, ["--tracking-uri", "sqlite://x.db"], ["three slashes"]),
+        ("tracking_postgresql_no_driver", {}, ["--tracking-uri", "postgresql://u@localhost/db"],
+         ["database driver", "not installed"]),
+        ("tracking_sqlite_directory", {}, ["--tracking-uri", f"sqlite:///{tmp_path}"], ["is a directory"]),
+        ("tracking_sqlite_in_proc", {}, ["--tracking-uri", "sqlite:////proc/mlflow.db"], ["pseudo file system"]),
+        ("tracking_sqlite_no_folder", {"tracking": {"uri": f"sqlite:///{tmp_path}/nope/mlflow.db"}}, [],
+         ["does not exist"]),
+        ("teacher_without_weights", {"teacher": {"model": str(_weightless_teacher(tmp_path, tiny_bert_dir))}}, [],
+         ["has a config.json but no weights"]),
+        ("num_cpus_zero", {}, ["--num-cpus", "0"], ["--num-cpus must be >= 1, got 0"]),
+        ("num_cpus_negative", {}, ["--num-cpus", "-1"], ["--num-cpus must be >= 1, got -1"]),
+        ("cpu_10000", {"tune": {"resources": {"cpu": 10000}}}, [],
+         ["tune.resources.cpu", "less than or equal to 4096"]),
+        ("cpu_more_than_machine", {"tune": {"resources": {"cpu": _cpus() + 1}}}, [],
+         [f"tune.resources.cpu is {_cpus() + 1}", f"this machine has {_cpus()} CPUs"]),
+        ("cpu_more_than_num_cpus", {"tune": {"resources": {"cpu": 2}}}, ["--num-cpus", "1"],
+         ["tune.resources.cpu is 2", "--num-cpus gives Ray 1 CPUs"]),
+        ("epochs_bool", {"train": {"epochs": True}}, [], ["train.epochs", "valid integer", "True"]),
+        ("layers_string", {"student": {"layers": "2"}}, [], ["student.layers", "valid integer", "'2'"]),
+        ("trust_remote_code_string", {"teacher": {"trust_remote_code": "yes"}}, [],
+         ["teacher.trust_remote_code", "valid boolean"]),
+        ("set_bool_as_int", {}, ["--set", "train.epochs=true"], ["train.epochs", "valid integer"]),
+        ("strategy_empty_list", {"distill": {"strategy": []}}, [], ["distill.strategy", "at least one"]),
+        ("strategy_pair_bool", {"distill": {"strategy": [[1, True]]}}, [], ["distill.strategy.0.1", "valid integer"]),
+        ("copy_layers_decreasing", {"student": {"copy_layers": [3, 0]}}, [],
+         ["student.copy_layers", "strictly increasing", "[3, 0]"]),
+        ("copy_layers_repeated", {"student": {"copy_layers": [1, 1]}}, [], ["student.copy_layers", "no repeats"]),
+        ("study_is_directory", _dir, [], ["is a directory"]),
+        ("study_is_fifo", _fifo, [], ["not a regular file"]),
     ]
 
 
-def _case_ids():
-    import shutil
+def tool_cases(tmp_path, tiny_bert_dir):
+    """(id, the tool's main, its arguments, words expected in the message): report and angles."""
+    a_file = _file(tmp_path, "a_file")
+    latin1 = _folder_with(tmp_path, "latin1", {"train.tsv": b"sentence\tlabel\n" + NOT_UTF8 + b" \t1\n",
+                                               "dev.tsv": b"sentence\tlabel\n" + NOT_UTF8 + b" \t1\n"})
+    return [
+        ("report_out_is_file", report.main, ["--experiment", "e", "--out", str(a_file)], ["--out", "is a file"]),
+        ("report_margin_nan", report.main, ["--experiment", "e", "--margin", "nan"],
+         ["--margin must be a finite number > 0, got nan"]),
+        ("report_margin_zero", report.main, ["--experiment", "e", "--margin", "0"], ["--margin", "got 0.0"]),
+        ("report_tracking_ftp", report.main, ["--experiment", "e", "--tracking-uri", "ftp://example.org/x"],
+         ["scheme 'ftp' is not supported"]),
+        ("report_alpha_nan", report.main, ["--experiment", "e", "--alpha", "nan"], ["--alpha must be in (0, 0.5)"]),
+        ("angles_samples_huge", angles.main, ["--samples", "100000000"], ["--samples must be in 1..100000"]),
+        ("angles_out_is_file", angles.main, ["--out", str(a_file)], ["--out", "is a file"]),
+        ("angles_layers_zero", angles.main, ["--layers", "0"], ["--layers must be in 1..1024, got 0"]),
+        ("angles_data_not_utf8", angles.main, ["--teacher", str(tiny_bert_dir), "--task", "sst2", "--data-dir",
+                                               str(latin1), "--samples", "4"], ["not UTF-8 text", ".tsv"]),
+    ]
+
+
+def _case_ids(table=None):
     import tempfile
 
     scratch = Path(tempfile.mkdtemp())
+    (scratch / "model").mkdir()
     try:
-        return [c[0] for c in cases(scratch, scratch)]
+        return [c[0] for c in (table or cases)(scratch, scratch / "model")]
     finally:
         shutil.rmtree(scratch)
+
+
+def _listing(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Every bad input fails before Ray starts."""
+    import ray
+
+    def refuse(*args, **kwargs):
+        pytest.fail("ray.init was called: the bad input was not caught before Ray starts")
+
+    monkeypatch.setattr(ray, "init", refuse)
 
 
 def _merge(base, edits):
@@ -97,23 +261,75 @@ def _merge(base, edits):
     return out
 
 
+def _assert_one_line(code, err, words):
+    assert code == 2, err
+    assert err.startswith("tunekd: error: ") and "\n" not in err, err
+    for w in words:
+        assert w in err, err
+
+
 @pytest.mark.parametrize("case_id", _case_ids())
-def test_bad_input(case_id, tmp_path, tiny_bert_dir, capsys, monkeypatch):
+def test_bad_input(case_id, tmp_path, tiny_bert_dir, capsys, monkeypatch, no_ray):
     monkeypatch.chdir(tmp_path)
     (case,) = [c for c in cases(tmp_path, tiny_bert_dir) if c[0] == case_id]
     _, edits, extra, words = case
     study = tmp_path / "study.yaml"
-    if isinstance(edits, str):
-        study.write_text(edits)
+    if callable(edits):  # the study path itself is the problem (a folder, a FIFO)
+        edits(study)
+    elif isinstance(edits, (str, bytes)):
+        text = edits.replace(b"TINY", str(tiny_bert_dir).encode()) if isinstance(edits, bytes) \
+            else edits.replace("TINY", str(tiny_bert_dir))
+        study.write_bytes(text) if isinstance(text, bytes) else study.write_text(text)
     else:
         raw = _merge(BASE, edits)
         if raw["teacher"]["model"] == "TINY":
             raw["teacher"]["model"] = str(tiny_bert_dir)
         study.write_text(yaml.safe_dump(raw))
+    before = _listing(tmp_path)
     code = cli.main([str(study), *extra])
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert err.startswith("tunekd: error: ") and "\n" not in err, err
-    for w in words:
-        assert w in err, err
-    assert not (tmp_path / "mlflow.db").exists()  # nothing was recorded
+    _assert_one_line(code, capsys.readouterr().err.strip(), words)
+    assert _listing(tmp_path) == before  # nothing written: no mlflow.db, ray_results/, .tunekd_cache/
+
+
+@pytest.mark.parametrize("case_id", _case_ids(tool_cases))
+def test_bad_tool_input(case_id, tmp_path, tiny_bert_dir, capsys, monkeypatch, no_ray):
+    monkeypatch.chdir(tmp_path)
+    (case,) = [c for c in tool_cases(tmp_path, tiny_bert_dir) if c[0] == case_id]
+    _, main, argv, words = case
+    before = _listing(tmp_path)
+    code = main(argv)
+    _assert_one_line(code, capsys.readouterr().err.strip(), words)
+    assert _listing(tmp_path) == before
+
+
+def test_duplicate_keys_through_merge_keys_are_allowed():
+    """A YAML merge key (`<<: *base`) may be overridden by the keys next to it; that is not a duplicate."""
+    from tunekd.study import load_yaml
+
+    assert load_yaml("base: &b {x: 1, y: 2}\nc: {<<: *b, x: 3}\n")["c"] == {"x": 3, "y": 2}
+
+
+def test_yaml12_exponent_floats_are_floats():
+    """`lr: 1e-4` is a float (YAML 1.2), not the string PyYAML's YAML 1.1 rules make of it, so the strict
+    float fields accept it; a quoted '1e-4' stays a string and is refused."""
+    from tunekd.study import load_yaml, validate
+
+    raw = load_yaml("name: x\ntask: {name: synthetic}\nteacher: {model: minilm}\ntrain: {lr: 1e-4}\n")
+    assert raw["train"]["lr"] == pytest.approx(1e-4) and validate(raw).train.lr == pytest.approx(1e-4)
+    raw["train"]["lr"] = "1e-4"
+    with pytest.raises(Exception, match="train.lr: Input should be a valid number"):
+        validate(raw)
+
+
+@pytest.mark.parametrize("key", ["tune.storage_path", "teacher.cache_dir"])
+def test_unwritable_folder_is_one_line(key, tmp_path, monkeypatch):
+    """Read-only folders cannot be made as root (root writes anywhere), so the permission answer is
+    replaced: an existing folder and a folder still to be created under it are both refused."""
+    from tunekd.checks import check_writable_dir
+    from tunekd.errors import ConfigError
+
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(ConfigError, match=rf"^{key} '.*' is not writable; give a folder you can write to$"):
+        check_writable_dir(tmp_path, key)
+    with pytest.raises(ConfigError, match=r"is not writable \(its existing parent '.*' is not\)"):
+        check_writable_dir(tmp_path / "new" / "runs", key)

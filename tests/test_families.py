@@ -11,7 +11,7 @@ from tunekd.data import encode_splits
 from tunekd.errors import ConfigError
 from tunekd.models import FAMILIES, family_for
 from tunekd.students import build_student
-from tunekd.study import StudentConfig
+from tunekd.study import LoraConfig, StudentConfig
 from tunekd.tasks import get_task
 
 GEN_ROWS = {"source": ["a : b : c", "Mars Hill College : JOINED : 1973 | x : y : z"],
@@ -212,8 +212,11 @@ def test_lora_student_trains_only_its_adapters_and_exports_merged(tiny_model, tm
 
 def test_lora_needs_a_copied_student(tiny_model):
     family, teacher, spec, _ = _setup(tiny_model, "qwen3", "hellaswag")
-    with pytest.raises(ConfigError, match="student.lora"):
-        build_student(teacher, family, spec, StudentConfig(layers=2, init="random", lora={"rank": 4}), seed=0)
+    with pytest.raises(ValueError, match="lora adapts a copy-initialised student"):  # the study refuses it
+        StudentConfig(layers=2, init="random", lora={"rank": 4})
+    unvalidated = StudentConfig.model_construct(layers=2, init="random", lora=LoraConfig(rank=4))
+    with pytest.raises(ConfigError, match="student.lora"):  # and so does build_student
+        build_student(teacher, family, spec, unvalidated, seed=0)
     with pytest.raises(ConfigError, match="match no module"):
         build_student(teacher, family, spec, StudentConfig(layers=2, lora={"target_modules": ["nope"]}), seed=0)
 

@@ -23,12 +23,12 @@ def teacher(tiny_bert_dir):
 
 def test_copy_init_copies_exactly_the_chosen_layers(teacher):
     family = family_for(teacher.config)
-    st = build_student(teacher, family, SPEC, StudentConfig(layers=2, init="copy", copy_layers=[3, 1]), seed=0)
-    assert st.copied_layers == [3, 1]
+    st = build_student(teacher, family, SPEC, StudentConfig(layers=2, init="copy", copy_layers=[1, 3]), seed=0)
+    assert st.copied_layers == [1, 3]
     s_layers = st.model.bert.encoder.layer
     t_layers = teacher.bert.encoder.layer
     assert len(s_layers) == 2
-    for i, t_idx in enumerate([3, 1]):
+    for i, t_idx in enumerate([1, 3]):
         s_params = dict(s_layers[i].named_parameters())
         t_params = dict(t_layers[t_idx].named_parameters())
         assert s_params.keys() == t_params.keys()
@@ -40,7 +40,7 @@ def test_copy_init_copies_exactly_the_chosen_layers(teacher):
     assert torch.equal(st.model.bert.pooler.dense.weight, teacher.bert.pooler.dense.weight)
     # the classification head is not
     assert not torch.equal(st.model.classifier.weight, teacher.classifier.weight)
-    assert st.model.config.tunekd_copied_layers == [3, 1]
+    assert st.model.config.tunekd_copied_layers == [1, 3]
 
 
 def test_copy_forward_default_uses_forward_targets(teacher):

@@ -497,14 +497,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="'random' or 'copy' (a fresh student built from the teacher, see --layers), "
                         "'run:<mlflow_run_id>' (the trained student logged by that trial as artifact student/), or a "
                         "local transformers folder (default: %(default)s)")
-    p.add_argument("--layers", type=int, default=3, help="depth of a random/copy student (default: %(default)s)")
+    p.add_argument("--layers", type=int, default=3, help="depth of a random/copy student, 1..1024 (default: %(default)s)")
     p.add_argument("--copy-layers", default="forward", choices=("forward", "spread"),
                    help="which teacher layers a copy student copies (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the student init and the data sample (default: 0)")
     p.add_argument("--task", default=None,
                    help="task whose first eval split is sampled (default: the run's task for run:ID, else synthetic)")
     p.add_argument("--data-dir", default=None, help="local data folder of the task (default: hub / generated)")
-    p.add_argument("--samples", type=int, default=64, help="number of examples (default: %(default)s)")
+    p.add_argument("--samples", type=int, default=64, help="number of examples, 1..100000 (default: %(default)s)")
     p.add_argument("--max-length", type=int, default=None,
                    help="max tokens per example (default: the run's task.max_length, else 128)")
     p.add_argument("--batch-size", type=int, default=16, help="examples per forward pass (default: %(default)s)")
@@ -514,16 +514,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--experiment", default=None,
                    help="log to this MLflow experiment: a run (tag tunekd.role=angles) with metrics angles/mean_cos, "
                         "angles/frac_acute (overall and per student state) and the files as artifacts")
-    args = p.parse_args(argv)
-    for name in ("layers", "samples", "batch_size"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.max_length is not None and args.max_length < 2:
-        p.error("--max-length must be >= 2")
-    return args
+    return p.parse_args(argv)
+
+
+# bounds of the numeric options: a typo must not become an hour-long forward pass or a MemoryError
+ARG_BOUNDS = {"layers": (1, 1024), "samples": (1, 100_000), "batch_size": (1, 65536), "max_length": (2, 131072),
+              "seed": (0, 2**32 - 1)}
+
+
+def check_args(args) -> None:
+    """Each numeric option within its bounds and --out a folder that can be written: one ConfigError line."""
+    from tunekd.checks import check_writable_dir
+
+    for name, (low, high) in ARG_BOUNDS.items():
+        value = getattr(args, name)
+        if value is not None and not low <= value <= high:
+            raise ConfigError(f"--{name.replace('_', '-')} must be in {low}..{high}, got {value}")
+    if args.out is not None:
+        check_writable_dir(args.out, "--out")
 
 
 def run(args) -> int:
+    check_args(args)
     _quiet()
     from transformers import AutoTokenizer
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -32,7 +33,7 @@ from typing import Any
 
 from tunekd import plan
 from tunekd.errors import ConfigError
-from tunekd.study import Study, grid_size
+from tunekd.study import Study, grid_size, max_epochs
 
 
 def log(msg: str) -> None:
@@ -78,6 +79,7 @@ class StudyDriver:
         self.results = None  # tune.ResultGrid
         self.started: set[str] = set()
         self.owns_ray = False  # connect started or attached Ray (and disconnect shuts it down)
+        self.interrupted = False  # Ctrl-C stopped the trials (Tune returns with unfinished ones)
 
     # --- the study, top to bottom ------------------------------------------------------------------
 
@@ -95,13 +97,14 @@ class StudyDriver:
             self.setup_data()
             self.setup_teacher()
             self.setup_cache()
-            self.setup_tracking()
-            self.setup_tuner()
-            self.fit()
+            with self.guard():  # from here on a crash ends the parent run FAILED, Ctrl-C KILLED
+                self.setup_tracking()
+                self.setup_tuner()
+                self.fit()
             self.summarise()
         finally:
             self.disconnect()
-        return 0
+        return 130 if self.interrupted else 0
 
     # --- the steps ---------------------------------------------------------------------------------
 
@@ -120,9 +123,11 @@ class StudyDriver:
         from tunekd.models import family_for
         from tunekd.tasks import get_task, load_task
         from tunekd.teacher import resolve_model
+        from tunekd.checks import check_outputs
         from tunekd.tracking import check_uri
 
         study = self.study
+        check_outputs(study, num_cpus=self.options.num_cpus, address=self.options.address)  # paths, URI, CPUs/GPUs
         self.log(f"study {study.name!r}: {len(study.search)} search dimensions, grid of {grid_size(study)} x "
                  f"{study.tune.num_samples} samples; scheduler {study.tune.scheduler}, searcher {study.tune.searcher}")
         if self.options.track:
@@ -148,13 +153,16 @@ class StudyDriver:
         self.trials = plan.Trials(study, family.num_layers(self.teacher_config), family.match_embeddings_default)
 
     def preflight(self) -> None:
-        """Resolve every trial the study can produce; a bad combination is a ConfigError now, not later."""
+        """Resolve and check every trial the study can produce; a bad combination is a ConfigError now, not later."""
+        from tunekd.checks import check_trial
+
         family, config = self.family, self.teacher_config
         t_width = family.hidden_size(config)
         self.points = list(plan.trial_points(self.study))
         for point in self.points:
             try:
                 trial = self.trials(point)
+                check_trial(trial.study, config, family)
             except ConfigError as exc:
                 where = ", ".join(f"{k}={v!r}" for k, v in point.items())
                 raise ConfigError(f"{exc}" + (f" (trial {where})" if where else "")) from None
@@ -229,7 +237,9 @@ class StudyDriver:
         from tunekd.tracking import StudyTracker
 
         study, opts, info = self.study, self.options, self.teacher
-        self.tracker = tracker = StudyTracker(study.tracking.uri, study.experiment)
+        if self.tracker is None:
+            self.tracker = StudyTracker(study.tracking.uri, study.experiment)
+        tracker = self.tracker
         if opts.resume:
             parent, self.ray_path = tracker.resumable_parent(None if opts.resume == "latest" else opts.resume)
             if not (Path(self.ray_path) / "tuner.pkl").is_file():
@@ -277,16 +287,27 @@ class StudyDriver:
                 failure_config=tune.FailureConfig(max_failures=study.tune.max_failures)),
         )
 
+    @contextmanager
+    def guard(self):
+        """Around the parent run's life: a crash ends it FAILED with the error, Ctrl-C KILLED (`parent_guard`)."""
+        if not self.options.track:
+            yield
+            return
+        from tunekd.tracking import StudyTracker
+
+        self.tracker = StudyTracker(self.study.tracking.uri, self.study.experiment)
+        with self.tracker.parent_guard():
+            yield
+
     def fit(self) -> None:
-        status = "FAILED"
-        try:
-            self.results = self.tuner.fit()
-            status = "FINISHED"
-        finally:
-            if self.tracker is not None:
-                self.tracker.end_parent(status)
+        """Run the trials; end the parent run FINISHED, or KILLED when Ctrl-C stopped them (Tune catches the first
+        Ctrl-C itself and returns with unfinished trials); settle trials no driver saw finish."""
+        self.results = self.tuner.fit()
+        self.interrupted = self.results.num_terminated + self.results.num_errors < len(self.results)
         if self.tracker is None:
             return
+        self.tracker.end_parent("KILLED" if self.interrupted else "FINISHED",
+                                error="interrupted (Ctrl-C); continue with --resume" if self.interrupted else None)
         for result in self.results:  # trials that ended while no driver was listening (a killed driver)
             trial_id = (result.metrics or {}).get("trial_id")
             rec = self.tracker.trials.get(trial_id)
@@ -453,11 +474,6 @@ def tune_config(study: Study, metric: str):
     return tune.TuneConfig(metric=metric, mode="max", scheduler=scheduler, search_alg=search_alg,
                            num_samples=study.tune.num_samples, max_concurrent_trials=study.tune.max_concurrent_trials,
                            reuse_actors=study.tune.reuse_actors)
-
-
-def max_epochs(study: Study) -> int:
-    dim = study.search.get("train.epochs")
-    return int(max(plan.dimension_values(dim))) if dim else study.train.epochs
 
 
 # --- Ray -----------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 import sys
 from collections.abc import Callable, Iterable
 
@@ -21,6 +22,26 @@ def unknown(kind: str, name: object, known: Iterable[str]) -> ConfigError:
     if close:
         msg += f" (did you mean {close[0]!r}?)"
     return ConfigError(msg)
+
+
+def not_utf8(path: str | os.PathLike, exc: UnicodeDecodeError, data: bytes | None = None) -> ConfigError:
+    """`data/train.tsv: not UTF-8 text (byte 0xe9 at line 3); save it as UTF-8`. `data` (the whole file)
+    locates the byte; without it (a streamed file) the position is left out."""
+    where = ""
+    if data is not None:
+        line = data[:exc.start].count(b"\n") + 1
+        where = f" (byte 0x{data[exc.start]:02x} at line {line})"
+    return ConfigError(f"{os.fspath(path)}: not UTF-8 text{where}; save it as UTF-8")
+
+
+def read_utf8(path: str | os.PathLike) -> str:
+    """A text file's contents; bytes that are not UTF-8 are one ConfigError naming the file."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise not_utf8(path, exc, data) from None
 
 
 def run_cli(run: Callable[..., int], *args) -> int:

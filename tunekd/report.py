@@ -507,8 +507,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _client(uri: str):
+    from tunekd.checks import check_tracking_uri
     from tunekd.tracking import check_uri
 
+    check_tracking_uri(uri)
     check_uri(uri)
     if uri.startswith("sqlite:///") and not os.path.isfile(uri[len("sqlite:///"):]):
         raise ConfigError(f"tracking URI {uri!r}: no MLflow database at {uri[len('sqlite:///'):]!r}")
@@ -538,15 +540,19 @@ def _resolve_metrics(requested, runs: pd.DataFrame) -> list[str]:
     return out
 
 
+def check_levels(margin: float, alpha: float) -> None:
+    if not (math.isfinite(margin) and margin > 0):
+        raise ConfigError(f"--margin must be a finite number > 0, got {margin}")
+    if not 0 < alpha < 0.5:  # false for nan too
+        raise ConfigError(f"--alpha must be in (0, 0.5), got {alpha}")
+
+
 def build_report(df: pd.DataFrame, *, experiment: str, out: Path, metrics: list[str] | None = None,
                  reference: str = "forward", margin: float = 1.0, alpha: float = 0.05,
                  teacher: dict[str, float] | None = None, source: str = "") -> tuple[str, list[Path]]:
     """Write report.md, table.csv, paired.csv and the PNGs for the runs `df` into `out`; return the
     Markdown and the written files."""
-    if margin <= 0:
-        raise ConfigError(f"--margin must be > 0, got {margin}")
-    if not 0 < alpha < 0.5:
-        raise ConfigError(f"--alpha must be in (0, 0.5), got {alpha}")
+    check_levels(margin, alpha)
     counts = df["status"].value_counts().to_dict() if len(df) else {}
     runs, keys = comparable(df)
     if runs.empty:
@@ -635,6 +641,11 @@ def _with_last_steps(client, df: pd.DataFrame) -> pd.DataFrame:
 
 
 def run(args) -> int:
+    from tunekd.checks import check_writable_dir
+
+    check_levels(args.margin, args.alpha)
+    if args.out is not None:
+        check_writable_dir(args.out, "--out")
     client = _client(args.tracking_uri)
     exp = get_experiment(client, args.experiment)
     df = load_runs(client, args.experiment, args.parent)

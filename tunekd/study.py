@@ -1,6 +1,8 @@
 """The study file: a typed, validated schema, `--set` overrides and the search space.
 
-A study file is YAML read with `yaml.safe_load` only; nothing in it is executed or imported.
+A study file is UTF-8 YAML read with a safe loader only (`StudyLoader`: `yaml.SafeLoader` that also
+refuses duplicate keys and deep nesting); nothing in it is executed or imported. Types are strict (no
+boolean or quoted string where a number or a boolean is expected), floats finite, sizes bounded.
 Every problem is reported as one `ConfigError` line naming the key and what is allowed.
 """
 
@@ -8,82 +10,103 @@ from __future__ import annotations
 
 import copy
 import math
+import re
+import stat
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
 from tunekd import losses, mapping
-from tunekd.errors import ConfigError, unknown
+from tunekd.errors import ConfigError, not_utf8, unknown
 
 SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 
+# Strict scalars: `epochs: true`, `layers: "2"`, `trust_remote_code: "yes"` are refused, not coerced.
+# (Floats accept integers; every float must be finite, see `_Section.model_config`.)
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]
+Bool = Annotated[bool, Strict()]
+
+# Bounds that keep a typo from becoming a month-long run or a MemoryError.
+MAX_SEED = 2**32 - 1  # numpy's seed range; torch and Python accept it too
+MAX_EPOCHS = 1000
+MAX_ROWS = 10**9  # caps on rows kept from a data set
+MAX_SYNTHETIC_ROWS = 1_000_000
+MAX_BATCH = 65536
+MAX_TRIALS = 100_000  # grid points x num_samples
+MAX_STUDY_BYTES = 1 << 20
+MAX_YAML_DEPTH = 32
+MAX_NAME = 64
+Seed = Annotated[int, Strict(), Field(ge=0, le=MAX_SEED)]
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=False, allow_inf_nan=False)
 
 
 class SyntheticSpec(_Section):
-    train_size: int = Field(2000, ge=8)
-    eval_size: int = Field(500, ge=8)
-    max_words: int = Field(12, ge=4)
+    train_size: Int = Field(2000, ge=8, le=MAX_SYNTHETIC_ROWS)
+    eval_size: Int = Field(500, ge=8, le=MAX_SYNTHETIC_ROWS)
+    max_words: Int = Field(12, ge=4, le=512)
 
 
 class GenerationConfig(_Section):
     """How generation tasks are evaluated: greedy (num_beams 1) or beam search, on the first
     `eval_samples` rows of each eval split (null: all) so that ASHA's rungs stay cheap."""
 
-    num_beams: int = Field(1, ge=1)
-    max_new_tokens: int = Field(64, ge=1)
-    eval_samples: int | None = Field(None, ge=1)
+    num_beams: Int = Field(1, ge=1, le=64)
+    max_new_tokens: Int = Field(64, ge=1, le=8192)
+    eval_samples: Int | None = Field(None, ge=1, le=MAX_ROWS)
 
 
 class TaskConfig(_Section):
     name: str
     data_dir: str | None = None
-    max_train_samples: int | None = Field(None, ge=1)
-    max_eval_samples: int | None = Field(None, ge=1)
-    max_length: int = Field(128, ge=8)
+    max_train_samples: Int | None = Field(None, ge=1, le=MAX_ROWS)
+    max_eval_samples: Int | None = Field(None, ge=1, le=MAX_ROWS)
+    max_length: Int = Field(128, ge=8, le=131072)
     synthetic: SyntheticSpec = SyntheticSpec()
     generation: GenerationConfig = GenerationConfig()
 
 
 class FinetuneConfig(_Section):
-    epochs: int = Field(3, ge=1)
-    lr: float = Field(5e-5, gt=0)
-    batch_size: int = Field(32, ge=1)
-    weight_decay: float = Field(0.01, ge=0)
-    warmup_ratio: float = Field(0.1, ge=0, le=1)
-    seed: int = 0
+    epochs: Int = Field(3, ge=1, le=MAX_EPOCHS)
+    lr: Float = Field(5e-5, gt=0)
+    batch_size: Int = Field(32, ge=1, le=MAX_BATCH)
+    weight_decay: Float = Field(0.01, ge=0)
+    warmup_ratio: Float = Field(0.1, ge=0, le=1)
+    seed: Seed = 0
 
 
 class TeacherConfig(_Section):
     model: str
     finetune: FinetuneConfig | None = None
     cache_dir: str = ".tunekd_cache"
-    cache_budget_gb: float = Field(2.0, ge=0)  # teacher-output cache: full, logits-only or off (0) by size
+    cache_budget_gb: Float = Field(2.0, ge=0)  # teacher-output cache: full, logits-only or off (0) by size
     cache_dtype: Literal["fp16", "bf16"] = "fp16"
-    trust_remote_code: bool = False
+    trust_remote_code: Bool = False
 
 
 class LoraConfig(_Section):
     """Train low-rank adapters (PEFT LoRA) instead of the student's weights: for large copy-initialised
     students (the paper's Qwen3 runs). `target_modules` null: the family's default projections."""
 
-    rank: int = Field(8, ge=1)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] | None = None
+    rank: Int = Field(8, ge=1, le=4096)
+    alpha: Float = Field(16.0, gt=0)
+    dropout: Float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | None = Field(None, min_length=1)
 
 
 class StudentConfig(_Section):
-    layers: int = Field(3, ge=1)
+    layers: Int = Field(3, ge=1, le=1024)
     init: Literal["random", "copy"] = "copy"
-    copy_layers: str | list[int] = "forward"
-    hidden_size: int | None = Field(None, ge=8)
-    num_attention_heads: int | None = Field(None, ge=1)
-    intermediate_size: int | None = Field(None, ge=8)
+    copy_layers: str | list[Int] = "forward"
+    hidden_size: Int | None = Field(None, ge=8, le=65536)
+    num_attention_heads: Int | None = Field(None, ge=1, le=1024)
+    intermediate_size: Int | None = Field(None, ge=8, le=262144)
     lora: LoraConfig | None = None  # null: every student weight trains
     # the paper's `--freeze_embeds` (BART, T5): token (and learned position) embeddings do not train
     freeze_embeddings: bool = False
@@ -93,16 +116,29 @@ class StudentConfig(_Section):
     def _copy_layers(cls, v):
         if isinstance(v, str) and v not in ("forward", "spread"):
             raise unknown("copy_layers", v, ("forward", "spread"))
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("an explicit list needs one teacher layer index per student layer, got []")
+            if any(b <= a for a, b in zip(v, v[1:])):
+                raise ValueError(f"an explicit list must be strictly increasing teacher layer indices "
+                                 f"(no repeats), got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _lora_needs_copy(self):
+        if self.lora is not None and self.init != "copy":
+            raise ValueError("lora adapts a copy-initialised student; with init 'random' its frozen "
+                             "weights would be random: use init 'copy' or lora null")
+        return self
 
 
 class DistillConfig(_Section):
-    strategy: str | list[tuple[int, int]] = "forward"
-    match_embeddings: bool | None = None  # None: the model family's default
-    lambda_hid: float = Field(3.0, ge=0)
-    alpha_ce: float = Field(1.0, ge=0)
-    alpha_kl: float = Field(1.0, ge=0)
-    temperature: float = Field(1.0, gt=0)
+    strategy: str | list[tuple[Int, Int]] = "forward"
+    match_embeddings: Bool | None = None  # None: the model family's default
+    lambda_hid: Float = Field(3.0, ge=0)
+    alpha_ce: Float = Field(1.0, ge=0)
+    alpha_kl: Float = Field(1.0, ge=0)
+    temperature: Float = Field(1.0, gt=0)
     hidden_loss: Literal[losses.HIDDEN_LOSSES] = "mse"
     reduction: Literal[losses.REDUCTIONS] = "element_mean"
     hidden_normalize: Literal[losses.NORMALIZE] = "none"
@@ -120,6 +156,9 @@ class DistillConfig(_Section):
     def _strategy(cls, v):
         if isinstance(v, str) and v not in mapping.STRATEGIES:
             raise unknown("strategy", v, mapping.STRATEGIES)
+        if isinstance(v, list) and not v:
+            raise ValueError("an explicit layer map needs at least one [student, teacher] pair; "
+                             "for no hidden-state supervision use strategy 'none'")
         return v
 
     @model_validator(mode="after")
@@ -131,52 +170,52 @@ class DistillConfig(_Section):
 
 
 class TrainConfig(_Section):
-    epochs: int = Field(3, ge=1)
-    batch_size: int = Field(32, ge=1)
-    eval_batch_size: int = Field(128, ge=1)
-    lr: float = Field(5e-5, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    warmup_ratio: float = Field(0.1, ge=0, le=1)
-    max_grad_norm: float = Field(1.0, gt=0)
+    epochs: Int = Field(3, ge=1, le=MAX_EPOCHS)
+    batch_size: Int = Field(32, ge=1, le=MAX_BATCH)
+    eval_batch_size: Int = Field(128, ge=1, le=MAX_BATCH)
+    lr: Float = Field(5e-5, gt=0)
+    weight_decay: Float = Field(0.01, ge=0)
+    warmup_ratio: Float = Field(0.1, ge=0, le=1)
+    max_grad_norm: Float = Field(1.0, gt=0)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    bucket_by_length: bool = True  # batches from length-sorted buckets (less padding)
-    save_model: bool = False  # log each trial's final student as an MLflow artifact `student/` (transformers format)
+    bucket_by_length: Bool = True  # batches from length-sorted buckets (less padding)
+    save_model: Bool = False  # log each trial's final student as an MLflow artifact `student/` (transformers format)
 
 
 class AshaConfig(_Section):
-    grace_period: int = Field(1, ge=1)
-    reduction_factor: float = Field(2, gt=1)
+    grace_period: Int = Field(1, ge=1, le=MAX_EPOCHS)
+    reduction_factor: Float = Field(2, gt=1, le=1000)
 
 
 class ResourcesConfig(_Section):
-    cpu: float = Field(1, gt=0)
-    gpu: float = Field(0, ge=0)
+    cpu: Float = Field(1, gt=0, le=4096)
+    gpu: Float = Field(0, ge=0, le=1024)
 
 
 class TuneConfig(_Section):
     scheduler: Literal["asha", "fifo"] = "asha"
     asha: AshaConfig = AshaConfig()
     searcher: Literal["grid", "random", "optuna"] = "grid"
-    num_samples: int = Field(1, ge=1)
-    max_concurrent_trials: int | None = Field(None, ge=1)
+    num_samples: Int = Field(1, ge=1, le=MAX_TRIALS)
+    max_concurrent_trials: Int | None = Field(None, ge=1, le=MAX_TRIALS)
     resources: ResourcesConfig = ResourcesConfig()
-    reuse_actors: bool = True
-    storage_path: str = "ray_results"
-    max_failures: int = Field(0, ge=0)
-    checkpoint_keep: int = Field(1, ge=1)
+    reuse_actors: Bool = True
+    storage_path: str = Field("ray_results", min_length=1)
+    max_failures: Int = Field(0, ge=0, le=1000)
+    checkpoint_keep: Int = Field(1, ge=1, le=1000)
 
 
 class TrackingConfig(_Section):
     uri: str = "sqlite:///mlflow.db"
-    experiment: str | None = None  # default: the study name
+    experiment: str | None = Field(None, min_length=1, max_length=256)  # default: the study name
 
 
 class SearchDim(_Section):
     grid: list[Any] | None = None
     choice: list[Any] | None = None
-    uniform: tuple[float, float] | None = None
-    loguniform: tuple[float, float] | None = None
-    randint: tuple[int, int] | None = None
+    uniform: tuple[Float, Float] | None = None
+    loguniform: tuple[Float, Float] | None = None
+    randint: tuple[Int, Int] | None = None
 
     @model_validator(mode="after")
     def _one_kind(self):
@@ -207,8 +246,8 @@ class SearchDim(_Section):
 
 
 class Study(_Section):
-    name: str = Field(min_length=1)
-    seed: int = 0
+    name: str
+    seed: Seed = 0
     task: TaskConfig
     teacher: TeacherConfig
     student: StudentConfig = StudentConfig()
@@ -217,6 +256,16 @@ class Study(_Section):
     search: dict[str, SearchDim] = {}
     tune: TuneConfig = TuneConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v):
+        # the name becomes a folder (ray_results/<name>-<time>), a run name and an experiment name:
+        # only what every file system and store accepts, no path separators, no '..'
+        if not (NAME_PATTERN.fullmatch(v) and ".." not in v and len(v) <= MAX_NAME):
+            raise ValueError(f"{v[:80]!r}{'...' if len(v) > 80 else ''} is not allowed; use 1-{MAX_NAME} letters, digits, '_', '.' or '-', "
+                             "starting with a letter or digit, without '..'")
+        return v
 
     @property
     def experiment(self) -> str:
@@ -284,12 +333,26 @@ SEARCHABLE = tuple(_known_paths())
 # --- loading and errors -------------------------------------------------------------------------
 
 
+def _is_union_label(part) -> bool:
+    """pydantic names the member of a union in an error's location (`str`, `list[tuple[int,int]]`)."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part)
+
+
+def _first_error(exc: ValidationError) -> dict:
+    """The error to report: the most specific one (a union reports one error per member; the member
+    the value got furthest into names the real problem, e.g. `distill.strategy.0.1` for `[[1, true]]`)."""
+    errors = exc.errors()
+    return max(errors, key=lambda e: len([p for p in e["loc"] if not _is_union_label(p)]))
+
+
 def _format_error(err: dict) -> str:
-    loc = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p in ("str", "list[tuple[int,int]]")))
+    loc = ".".join(str(p) for p in err["loc"] if not _is_union_label(p))
     kind = err["type"]
     msg = err["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
+    if kind == "value_error":  # our own validators' messages say what they got
+        return f"{loc}: {msg}"
     if kind == "extra_forbidden":
         parent, _, key = loc.rpartition(".")
         allowed = _allowed_keys(err["loc"][:-1])
@@ -328,11 +391,27 @@ def validate(raw: Any, source: str = "study") -> Study:
     try:
         study = Study.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"{source}: {_format_error(exc.errors()[0])}") from None
+        raise ConfigError(f"{source}: {_format_error(_first_error(exc))}") from None
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     _check_search(study, raw, source)
+    _check_schedule(study, source)
     return study
+
+
+def max_epochs(study: Study) -> int:
+    """The most epochs any trial of the study runs (ASHA's max_t)."""
+    dim = study.search.get("train.epochs")
+    return int(max(dim.sample_points())) if dim else study.train.epochs
+
+
+def _check_schedule(study: Study, source: str) -> None:
+    n = grid_size(study) * study.tune.num_samples
+    if n > MAX_TRIALS:
+        raise ConfigError(f"{source}: the study has {n} trials (grid points x tune.num_samples); at most {MAX_TRIALS}")
+    if study.tune.scheduler == "asha" and study.tune.asha.grace_period > max_epochs(study):
+        raise ConfigError(f"{source}: tune.asha.grace_period {study.tune.asha.grace_period} is more than the "
+                          f"{max_epochs(study)} epochs a trial runs (train.epochs); allowed: 1..{max_epochs(study)}")
 
 
 def _check_search(study: Study, raw: dict, source: str) -> None:
@@ -356,9 +435,57 @@ def _check_search(study: Study, raw: dict, source: str) -> None:
             try:
                 Study.model_validate(trial)
             except ValidationError as exc:
-                raise ConfigError(f"{source}: search.{path}: value {point!r}: {_format_error(exc.errors()[0])}") from None
+                raise ConfigError(f"{source}: search.{path}: value {point!r}: {_format_error(_first_error(exc))}") from None
             except ConfigError as exc:
                 raise ConfigError(f"{source}: search.{path}: value {point!r}: {exc}") from None
+
+
+class StudyYAMLError(yaml.MarkedYAMLError):
+    """A YAML document that parses but is refused: a duplicate key or too deep a nesting."""
+
+
+class StudyLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses duplicate mapping keys (YAML says they are an error; PyYAML keeps
+    the last) and nesting deeper than MAX_YAML_DEPTH (which would exhaust the recursion limit)."""
+
+    _depth = 0
+
+    def compose_node(self, parent, index):
+        if self._depth >= MAX_YAML_DEPTH:
+            raise StudyYAMLError(None, None, f"nested deeper than {MAX_YAML_DEPTH} levels",
+                                 self.peek_event().start_mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *base` may be overridden by the keys next to it
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    dup = key in seen
+                    seen.add(key)
+                except TypeError:  # an unhashable key: SafeConstructor reports it
+                    continue
+                if dup:
+                    raise StudyYAMLError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.2 floats without a dot (`1e-4`, `5E3`): PyYAML (YAML 1.1) reads them as strings, which the
+# strict float fields would refuse.
+StudyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def load_yaml(text: str):
+    """`yaml.load` with `StudyLoader` (safe: plain data only)."""
+    return yaml.load(text, Loader=StudyLoader)  # noqa: S506 - StudyLoader is a SafeLoader
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -366,7 +493,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key:
         raise ConfigError(f"--set {text!r}: expected key=value")
     try:
-        parsed = yaml.safe_load(value) if value != "" else ""
+        parsed = load_yaml(value) if value != "" else ""
+    except StudyYAMLError as exc:
+        raise ConfigError(f"--set {text[:80]!r}: {exc.problem}") from None
     except yaml.YAMLError:
         parsed = value
     return key.strip(), parsed
@@ -392,12 +521,37 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def read_study_text(path: str | Path) -> str:
+    """The text of a study file: a regular file of at most MAX_STUDY_BYTES of UTF-8."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ConfigError(f"study file {str(path)!r} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"study file {str(path)!r} cannot be read ({exc.strerror})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"study file {str(path)!r} is a directory; give a YAML file")
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"study file {str(path)!r} is not a regular file (a FIFO, socket or device); "
+                          "give a YAML file")
+    if st.st_size > MAX_STUDY_BYTES:
+        raise ConfigError(f"study file {str(path)!r} is {st.st_size} bytes; at most {MAX_STUDY_BYTES}")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"study file {str(path)!r} cannot be read ({exc.strerror})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise not_utf8(path, exc, data) from None
+
+
 def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"study file {str(path)!r} does not exist")
+    text = read_study_text(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

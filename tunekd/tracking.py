@@ -10,8 +10,10 @@ import json
 import math
 import os
 import time
+import traceback
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +22,7 @@ from tunekd.errors import ConfigError
 STATUS_TAG = "tunekd.status"
 TRIAL_TAG = "tunekd.trial_id"
 PARENT_TAG = "mlflow.parentRunId"
+ERROR_TAG = "tunekd.error"
 
 
 def _param_value(v: Any) -> str:
@@ -109,9 +112,33 @@ class StudyTracker:
     def log_parent_metrics(self, metrics: dict[str, float]) -> None:
         self._log_metrics(self.parent_id, metrics, step=0)
 
-    def end_parent(self, status: str = "FINISHED") -> None:
+    def end_parent(self, status: str = "FINISHED", error: str | None = None) -> None:
         if self.parent_id:
+            if error:
+                self.client.set_tag(self.parent_id, ERROR_TAG, error[-5000:])
             self.client.set_terminated(self.parent_id, status=status)
+
+    @contextmanager
+    def parent_guard(self):
+        """Wrap everything from the parent run's creation to the end of the study: a crash ends the
+        parent run FAILED with the error (tag `tunekd.error`), Ctrl-C ends it KILLED; either way the
+        exception goes on. Without it, a crash leaves the parent run RUNNING forever. Does nothing while
+        no parent run exists."""
+        try:
+            yield self
+        except KeyboardInterrupt:
+            self._end_parent_after_error("KILLED", "interrupted (KeyboardInterrupt); continue with --resume")
+            raise
+        except BaseException as exc:
+            text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            self._end_parent_after_error("FAILED", text)
+            raise
+
+    def _end_parent_after_error(self, status: str, error: str) -> None:
+        try:
+            self.end_parent(status, error=error)
+        except Exception:  # noqa: BLE001 - the store may be what failed; the original error matters more
+            pass
 
     def _load_children(self) -> None:
         runs = self.client.search_runs([self.experiment_id], f"tags.`{PARENT_TAG}` = '{self.parent_id}'",
@@ -167,7 +194,7 @@ class StudyTracker:
         rec.status = status
         self.client.set_tag(rec.run_id, STATUS_TAG, status)
         if error:
-            self.client.set_tag(rec.run_id, "tunekd.error", error[-5000:])
+            self.client.set_tag(rec.run_id, ERROR_TAG, error[-5000:])
         self.client.set_terminated(rec.run_id, status="FAILED" if status == "failed" else "FINISHED")
 
     # helpers ------------------------------------------------------------------------------------

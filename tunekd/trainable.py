@@ -52,6 +52,8 @@ class Shared:
     encoded: dict[str, Encoded]
     cache: tcache.CacheInfo | None = None  # the driver's teacher-cache decision (folder, mode, reason)
     cache_arrays: tcache.TeacherCache | None = None  # the cache in memory, for nodes without its folder
+    # fault injection for the fault-tolerance tests: TUNEKD_INJECT_FAULT in the driver's environment
+    inject_fault: str | None = field(default_factory=lambda: os.environ.get("TUNEKD_INJECT_FAULT") or None)
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def _memo(self) -> dict[str, Any]:
@@ -202,12 +204,24 @@ def load_checkpoint(folder: str | Path, distiller: distill.Distiller, state: dis
 # --- one trial ---------------------------------------------------------------------------------
 
 
+def _injected_fault(overrides: dict[str, Any], spec: str | None) -> None:
+    """Fault injection for the fault-tolerance tests: with TUNEKD_INJECT_FAULT='KEY=VALUE' in the driver's
+    environment (carried to the trials in `Shared.inject_fault`), the trials whose override KEY is VALUE
+    raise inside the trial (every impossibility of a configuration is refused before the study starts,
+    so no study value can make a trial raise)."""
+    if spec:
+        key, _, value = spec.partition("=")
+        if key in overrides and str(overrides[key]) == value:
+            raise RuntimeError(f"injected fault: TUNEKD_INJECT_FAULT={spec}")
+
+
 def run_trial(overrides: dict[str, Any], shared: Shared, *, report=None, restore_dir: str | None = None) -> list[dict]:
     """Train one trial. `report(metrics, checkpoint_dir)` is called after every epoch."""
     started = time.perf_counter()
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
+    _injected_fault(overrides, shared.inject_fault)
     trial = shared.trials()(overrides)
     study, the_plan = trial.study, trial.plan
     spec = get_task(study.task.name)

@@ -18,7 +18,7 @@ import json
 import re
 from pathlib import Path
 
-from tunekd.errors import ConfigError
+from tunekd.errors import ConfigError, read_utf8
 
 from .base import TaskSpec
 from .generation import _folder, _hub, _take, split_local
@@ -99,15 +99,15 @@ LOCAL_FILES = {"hellaswag": ("hellaswag_val_full.jsonl", "hellaswag_train.jsonl"
 
 def _read_jsonl(spec: TaskSpec, path: Path):
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}, line {i}: invalid JSON ({e.msg})") from None
-            rows.append(ROWS[spec.name](rec, f"{path}, line {i}"))
+    lines = read_utf8(path).split("\n")  # not splitlines(): U+2028 may stand unescaped in a JSON string
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}, line {i}: invalid JSON ({e.msg})") from None
+        rows.append(ROWS[spec.name](rec, f"{path}, line {i}"))
     if not rows:
         raise ConfigError(f"{path} has no rows")
     return rows

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tunekd.errors import ConfigError
+from tunekd.errors import ConfigError, read_utf8
 
 from .base import TaskSpec
 
@@ -110,7 +110,7 @@ def _dart_entry(rec, where: str) -> tuple[str, list[str]]:
 
 def _read_dart(path: Path) -> tuple[list[str], list[list[str]]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_utf8(path))
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from e
     if not isinstance(data, list):
@@ -154,8 +154,8 @@ def load_local_dart(data_dir):
 
 def _read_lines(folder: Path, stem: str) -> tuple[list[str], list[list[str]]]:
     en, ro = folder / f"{stem}.en", folder / f"{stem}.ro"
-    src = en.read_text(encoding="utf-8").splitlines()
-    tgt = ro.read_text(encoding="utf-8").splitlines()
+    src = read_utf8(en).splitlines()
+    tgt = read_utf8(ro).splitlines()
     if len(src) != len(tgt):
         raise ConfigError(f"{en} has {len(src)} lines but {ro} has {len(tgt)}; they must be aligned")
     keep = [i for i, (s, t) in enumerate(zip(src, tgt)) if s.strip() and t.strip()]

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from tunekd.errors import ConfigError
+from tunekd.errors import ConfigError, not_utf8, read_utf8
 
 from .base import TaskSpec
 
@@ -207,10 +207,12 @@ def _read_tsv(spec: TaskSpec, path: Path) -> Iterator[tuple[str, dict[str, Any]]
                 yield f"{path}, line {line}", {canon: rec[src] for canon, src in mapping.items()}
         except csv.Error as e:
             raise ConfigError(f"{path}, line {reader.line_num}: cannot parse TSV ({e})") from e
+        except UnicodeDecodeError as e:
+            raise not_utf8(path, e) from None
 
 
 def _json_records(path: Path) -> Iterator[tuple[str, Any]]:
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path)
     if path.suffix == ".jsonl":
         for i, line in enumerate(text.splitlines(), start=1):
             if line.strip():
