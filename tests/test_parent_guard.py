@@ -65,16 +65,6 @@ def test_no_parent_yet_is_a_no_op(tracker):
 # --- through tunekd.run.main: Ray and Tune replaced by stand-ins, the rest real -------------------
 
 
-class _FakeRay:
-    @staticmethod
-    def cluster_resources():
-        return {"CPU": 1.0}
-
-    @staticmethod
-    def shutdown():
-        pass
-
-
 class _Result:
     metrics: dict = {}
     error = None
@@ -115,7 +105,9 @@ def test_run_ends_parent(fit, code, status, tag, store, tmp_path, tiny_bert_dir,
                 raise RuntimeError("tune exploded")
             return _Results([_Result()])
 
-    monkeypatch.setattr(cli, "connect_ray", lambda address, num_cpus: _FakeRay)
+    from tunekd.driver import StudyDriver
+
+    monkeypatch.setattr(StudyDriver, "connect", lambda self: None)  # no Ray: the Tuner below is a stand-in
     monkeypatch.setattr(tune, "Tuner", FakeTuner)
     monkeypatch.setattr(tune, "with_parameters", lambda trainable, **kw: trainable)
     monkeypatch.setattr(tune, "with_resources", lambda trainable, resources: trainable)
