@@ -244,7 +244,7 @@ def save_trained_student(trial) -> None:
 
     from tunekd import plan
     from tunekd.students import export_student
-    from tunekd.tasks import get_task
+    from tunekd.tasks import spec_for
 
     ctx = StudyContext
     t_study = ctx.study.trial(trial.config)
@@ -253,7 +253,7 @@ def save_trained_student(trial) -> None:
         tensors = load_file(str(Path(folder) / "model.safetensors"))
     state = {k[len("student."):]: v for k, v in tensors.items() if k.startswith("student.")}
     with tempfile.TemporaryDirectory(prefix="tunekd-student-") as out:
-        export_student(state, ctx.teacher_config, ctx.family, get_task(t_study.task.name), t_study.student, out,
+        export_student(state, ctx.teacher_config, ctx.family, spec_for(t_study.task), t_study.student, out,
                        copied_layers=p.copied_layers, tokenizer_dir=ctx.teacher_path)
         rec = ctx.tracker.trials[trial.trial_id]
         ctx.tracker.client.log_artifacts(rec.run_id, out, "student")
@@ -282,10 +282,10 @@ def prepare(study):
     from transformers import AutoConfig, AutoTokenizer
 
     from tunekd.models import family_for
-    from tunekd.tasks import get_task, load_task
+    from tunekd.tasks import load_configured, spec_for
     from tunekd.teacher import resolve_model
 
-    spec = get_task(study.task.name)
+    spec = spec_for(study.task)
     base = resolve_model(study.teacher.model)
     try:
         config = AutoConfig.from_pretrained(base, trust_remote_code=study.teacher.trust_remote_code)
@@ -295,11 +295,10 @@ def prepare(study):
     if spec.kind not in family.task_kinds:
         raise ConfigError(f"task {spec.name!r} ({spec.kind}) cannot be run by the {family.name} family "
                           f"(it runs: {', '.join(family.task_kinds)})")
-    source = study.task.data_dir or ("the hub" if spec.hub else "the built-in generator")
-    log(f"task {spec.name}: loading from {source}")
-    raw = load_task(spec.name, study.task.data_dir, max_train_samples=study.task.max_train_samples,
-                    max_eval_samples=study.task.max_eval_samples, seed=study.seed,
-                    synthetic=study.task.synthetic.model_dump())
+    source = (study.task.data_dir or (study.task.data and study.task.data.path)
+              or ("the hub" if spec.hub else "the built-in generator"))
+    log(f"task {spec.name} ({spec.kind}): loading from {source}")
+    spec, raw = load_configured(study.task, seed=study.seed)
     tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=study.teacher.trust_remote_code)
     return spec, base, config, family, raw, tokenizer
 
@@ -353,6 +352,8 @@ def run(args) -> int:
     check_uri(study.tracking.uri)
     quiet_libraries()
     spec, base, config, family, raw, tokenizer = prepare(study)
+    if spec.label_names and study.task.kind is not None:  # labels read from the data travel with the study
+        study = study.model_copy(update={"task": study.task.model_copy(update={"labels": list(spec.label_names)})})
     n_points = preflight(study, config, family)
     log(f"validated {n_points} trial configurations against the teacher ({family.name}, "
         f"{family.num_layers(config)} layers, width {family.hidden_size(config)})")
@@ -376,6 +377,7 @@ def _run_study(study, args, spec, base, config, family, raw, tokenizer, t_start)
     from tunekd.study import grid_size
     from tunekd.teacher import prepare_teacher
     from tunekd.tracking import StudyTracker
+    from tunekd.tasks import task_params
     from tunekd.trainable import make_shared, tune_trainable
 
     encoded = encode_splits(raw, tokenizer, spec, study.task.max_length, family=family)
@@ -413,6 +415,7 @@ def _run_study(study, args, spec, base, config, family, raw, tokenizer, t_start)
             "teacher.cached": info.cached, "task.train_rows": len(encoded["train"]),
             "teacher.cache_mode": cache_info.mode, "teacher.cache_reason": cache_info.reason,
             "data.padding_random": round(pad["random"], 4), "data.padding_bucketed": round(pad["bucketed"], 4),
+            **task_params(spec),
         }, Path(args.study).read_text(), tags={"tunekd.ray_path": ray_path})
         tracker.log_parent_metrics({f"teacher/{k}": v for k, v in info.metrics.items()})
         log(f"mlflow: experiment {study.experiment!r}, parent run {parent}")
