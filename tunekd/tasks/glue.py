@@ -269,6 +269,11 @@ def call_load_dataset(spec: TaskSpec, data: dict[str, Any], *, hint: str):
     import datasets
 
     kwargs = {k: v for k, v in data.items() if v is not None}
+    if Path(str(kwargs.get("path", ""))).expanduser().is_dir():
+        # a local folder: datasets keys its cache by the folder's name and file patterns, not by the files,
+        # so another folder of the same name (or edited files) would read stale data; rebuild it instead
+        kwargs["download_mode"] = "force_redownload"
+        kwargs["verification_mode"] = "no_checks"  # split sizes recorded for the old files do not apply
     try:
         return datasets.load_dataset(**kwargs)
     except Exception as e:  # network, auth, offline mode, missing cache, missing files ...
