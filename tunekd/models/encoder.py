@@ -24,8 +24,10 @@ class EncoderFamily(Family):
     def load(self, path, spec, *, trust_remote_code=False):
         if spec.kind == "multiple_choice":
             return AutoModelForMultipleChoice.from_pretrained(path, trust_remote_code=trust_remote_code)
+        # a checkpoint whose head has another number of outputs (a 2-class model for a regression or
+        # 3-class task) gets a new random head, as a base model to fine-tune does
         return AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=spec.num_labels, trust_remote_code=trust_remote_code
+            path, num_labels=spec.num_labels, trust_remote_code=trust_remote_code, ignore_mismatched_sizes=True
         )
 
     def from_config(self, config, spec):

@@ -73,7 +73,10 @@ class TaskSpec:
             out["task.labels"] = list(self.label_names)
         if self.data is not None:
             for k, v in self.data.items():
-                out[f"task.data.{k}"] = v
+                if isinstance(v, Mapping):  # data_files per split
+                    out.update({f"task.data.{k}.{split}": files for split, files in v.items()})
+                else:
+                    out[f"task.data.{k}"] = v
         elif self.hub is not None:
             out["task.hub"] = "/".join(x for x in self.hub if x)
         return out

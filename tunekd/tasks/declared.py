@@ -95,7 +95,7 @@ def _class_id(spec: TaskSpec, key: Any, where: str) -> int:
     if isinstance(key, int) and not isinstance(key, bool) and 0 <= key < len(names):
         return key
     raise ConfigError(f"{where}: label {key!r} is not in the task's labels {list(names)} "
-                      "(names, or ids 0..{})".format(len(names) - 1))
+                      f"(names, or ids 0..{len(names) - 1})")
 
 
 def load_declared(spec: TaskSpec):

@@ -24,6 +24,7 @@ import csv
 import json
 import logging
 import math
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -278,6 +279,9 @@ def call_load_dataset(spec: TaskSpec, data: dict[str, Any], *, hint: str):
         return datasets.load_dataset(**kwargs)
     except Exception as e:  # network, auth, offline mode, missing cache, missing files ...
         detail = (str(e).strip().splitlines() or [""])[0][:300]
+        empty = re.search(r'Instruction "([^"]+)" corresponds to no data', detail)
+        if empty:  # datasets' words for a split whose files hold no rows
+            raise ConfigError(f"task {spec.name!r} ({describe(data)}), split {empty.group(1)!r} has no rows") from e
         where = "the hub" if spec.builtin and data.get("path") == (spec.hub or (None,))[0] else describe(data)
         raise ConfigError(f"could not load task {spec.name!r} from {where} ({type(e).__name__}: {detail}); {hint}") from e
 
