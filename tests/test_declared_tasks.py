@@ -272,3 +272,59 @@ def test_regression_finetune_and_evaluate(regression, tiny_bert_dir):
         scores = model(**{k: b[k] for k in ("input_ids", "attention_mask", "token_type_ids")}).logits[:, 0].double().numpy()
     assert out["pearson"] == pytest.approx(100 * np.corrcoef(scores, [1.0, 4.5, 0.0])[0, 1], abs=1e-4)
     assert out == pytest.approx({k[5:]: v for k, v in history[-1].items() if k.startswith("eval/")}, abs=1e-4)
+
+
+def test_tsv_through_loader_options(tmp_path):
+    """GLUE-style TSVs (quotes inside texts) through the csv loader's own options."""
+    for split in ("train", "validation"):
+        (tmp_path / f"{split}.tsv").write_text('index\tsentence\tlabel\n0\tHe said "hi.\t1\n1\tNo "quote\t0\n')
+    data = {"path": "csv", "data_files": {s: str(tmp_path / f"{s}.tsv") for s in ("train", "validation")},
+            "options": {"sep": "\t", "quoting": 3}}
+    spec, dsd = load_configured(task_cfg(kind="classification", data=data, text_fields=["sentence"]))
+    assert dsd["train"]["text_a"] == ['He said "hi.', 'No "quote'] and dsd["train"]["label"] == [1, 0]
+    with pytest.raises(ConfigError, match=r"task\.data\.options: 'trust_remote_code' cannot be set here"):
+        task_cfg(kind="classification", data=dict(data, options={"trust_remote_code": True}), text_fields=["s"])
+
+
+@pytest.mark.slow
+def test_declared_csv_study_through_the_cli(tmp_path):
+    """One tiny study on a declared regression task from CSV files, through `python -m tunekd.run`:
+    the teacher is fine-tuned (one output, MSE), its outputs cached, one KD trial runs and the task's
+    resolved definition and metrics land in MLflow."""
+    import subprocess
+    import sys
+
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    data = write(tmp_path, "csv", {"train": pd.concat([TRAIN] * 4), "validation": TRAIN})
+    study = {
+        "name": "declared_csv", "seed": 0,
+        "task": {"name": "similarity", "kind": "regression", "data": data, "text_fields": ["premise", "hypothesis"],
+                 "label_field": "score", "max_length": 24},
+        "teacher": {"model": "tiny:bert", "finetune": {"epochs": 1, "batch_size": 8, "lr": 1e-3}},
+        "student": {"layers": 2, "init": "copy"},
+        "distill": {"strategy": "forward", "lambda_hid": 1.0, "alpha_kl": 1.0},
+        "train": {"epochs": 1, "batch_size": 8, "lr": 1e-3},
+        "tune": {"scheduler": "fifo", "resources": {"cpu": 1}},
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TUNEKD_TINY_DIR=str(tmp_path / "tiny"))
+    proc = subprocess.run([sys.executable, "-m", "tunekd.run", str(path), "--num-cpus", "1"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "task similarity (regression)" in proc.stdout
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("declared_csv").experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("tunekd.role") == "study")
+    (child,) = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    p = parent.data.params
+    assert (p["task.kind"], p["task.name"], p["task.label_field"], p["task.data.path"]) == \
+        ("regression", "similarity", "score", "csv")
+    assert p["task.metrics"] == '["pearson", "spearman"]' and p["teacher.cache_mode"] != "off"
+    assert {"teacher/pearson", "teacher/spearman"} <= set(parent.data.metrics)
+    m = child.data.metrics
+    assert child.data.tags["tunekd.status"] == "completed"
+    assert -100.0 <= m["eval/pearson"] <= 100.0 and m["train/loss_kl"] > 0 and m["train/loss_hid"] > 0
+    assert m["perf/cache_hit"] == 1.0

@@ -50,6 +50,20 @@ class DataSpec(_Section):
     data_dir: str | None = None
     data_files: str | list[str] | dict[str, str | list[str]] | None = None
     revision: str | None = None
+    # further options of the loader, plain values only, e.g. {sep: "\t", quoting: 3} for GLUE-style TSVs
+    options: dict[str, str | int | float | bool] | None = None
+
+    @field_validator("options")
+    @classmethod
+    def _options(cls, v):
+        reserved = {"path", "name", "data_dir", "data_files", "revision", "split", "trust_remote_code", "token",
+                    "download_mode", "cache_dir", "verification_mode", "storage_options", "streaming", "num_proc",
+                    "keep_in_memory", "download_config", "features"}
+        bad = sorted(set(v or ()) & reserved)
+        if bad:
+            raise ConfigError(f"task.data.options: {bad[0]!r} cannot be set here (options are the loader's own "
+                              "settings, e.g. sep, quoting, field)")
+        return v
 
 
 TASK_KINDS = ("classification", "regression", "multiple_choice", "generation")

@@ -269,7 +269,8 @@ def call_load_dataset(spec: TaskSpec, data: dict[str, Any], *, hint: str):
     """``datasets.load_dataset(**data)`` (only the keys given), any failure one ConfigError line."""
     import datasets
 
-    kwargs = {k: v for k, v in data.items() if v is not None}
+    kwargs = {k: v for k, v in data.items() if v is not None and k != "options"}
+    kwargs.update(data.get("options") or {})
     if Path(str(kwargs.get("path", ""))).expanduser().is_dir():
         # a local folder: datasets keys its cache by the folder's name and file patterns, not by the files,
         # so another folder of the same name (or edited files) would read stale data; rebuild it instead
