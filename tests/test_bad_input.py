@@ -80,6 +80,11 @@ def cases(tmp_path, tiny_bert_dir):
     (vit / "model.safetensors").write_bytes(b"")  # a model folder has weights (else: teacher_without_weights)
     sst_header = "sentence\tlabel\n"
     good_dev = sst_header + "a fine film \t1\n"
+    csv_dir = _folder_with(tmp_path, "csv", {"train.csv": "text,label\ngood,pos\nbad,neg\n",
+                                             "dev.csv": "text,label\nfine,pos\nmeh,so-so\n"})
+    declared = {"name": "mine", "kind": "classification", "text_fields": ["text"],
+                "data": {"path": "csv", "data_files": {"train": str(csv_dir / "train.csv"),
+                                                       "validation": str(csv_dir / "dev.csv")}}}
     return [
         # (id, study edits or raw text, extra CLI args, words expected in the message)
         ("malformed_yaml", "name: bad\ntask: {name: synthetic\n", [], ["malformed YAML at line"]),
@@ -112,6 +117,12 @@ def cases(tmp_path, tiny_bert_dir):
             "train.tsv": sst_header + "good \t7\n", "dev.tsv": good_dev}))}}, [], ["label '7'", "not one of the labels"]),
         ("empty_dataset", {"task": {"name": "sst2", "data_dir": str(_folder_with(tmp_path, "empty", {
             "train.tsv": sst_header, "dev.tsv": good_dev}))}}, [], ["no rows"]),
+        ("declared_unknown_metric", {"task": dict(declared, metrics=["matthew"])}, [],
+         ["task.metrics: unknown metric 'matthew'", "did you mean 'matthews'"]),
+        ("declared_missing_column", {"task": dict(declared, text_fields=["sentence"])}, [],
+         ["column 'sentence' is missing", "columns found: text, label"]),
+        ("declared_label_outside_list", {"task": dict(declared, labels=["neg", "pos"])}, [],
+         ["label 'so-so' is not in the task's labels ['neg', 'pos']"]),
         ("teacher_path_missing", {"teacher": {"model": str(tmp_path / "no_model")}}, [], ["does not exist"]),
         ("tracking_unreachable", {}, ["--tracking-uri", "http://127.0.0.1:9"], ["unreachable"]),
         ("tracking_file_store", {}, ["--tracking-uri", str(tmp_path / "mlruns")], ["sqlite"]),

@@ -42,7 +42,8 @@ def _check_columns(dsd, spec):
 
 
 def test_registry_and_specs():
-    assert set(TASKS) == {"sst2", "mnli", "qqp", "qnli", "synthetic", "dart", "wmt16_en_ro", "hellaswag", "commonsenseqa"}
+    assert set(TASKS) == {"sst2", "mnli", "qqp", "qnli", "cola", "stsb", "mrpc", "rte", "wnli", "synthetic", "dart",
+                          "wmt16_en_ro", "hellaswag", "commonsenseqa"}
     mnli = get_task("mnli")
     assert mnli.label_names == ("entailment", "neutral", "contradiction")
     assert mnli.num_labels == 3
@@ -55,7 +56,7 @@ def test_registry_and_specs():
     assert get_task("qnli").label_names == ("entailment", "not_entailment")
     assert get_task("synthetic").hub is None
     kinds = {"dart": "generation", "wmt16_en_ro": "generation", "hellaswag": "multiple_choice",
-             "commonsenseqa": "multiple_choice"}
+             "commonsenseqa": "multiple_choice", "stsb": "regression"}
     for spec in TASKS.values():
         assert spec.kind == kinds.get(spec.name, "classification")
 

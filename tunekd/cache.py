@@ -363,12 +363,13 @@ def for_study(study, family, teacher, encoded: dict[str, Encoded], points: Itera
     dtype `teacher.cache_dtype`. Returns the decision; its `reason` is the line to print and log."""
     from tunekd.device import device_for
     from tunekd.plan import Trials
-    from tunekd.tasks import get_task
+    from tunekd.tasks import spec_for
 
-    kind = get_task(study.task.name).kind
-    if kind != "classification":
-        info = CacheInfo(mode="off", reason=f"the teacher cache holds classification outputs only; task "
-                                            f"{study.task.name!r} is {kind}: the teacher runs online")
+    spec = spec_for(study.task)
+    kind = spec.kind
+    if kind not in ("classification", "regression"):
+        info = CacheInfo(mode="off", reason=f"the teacher cache holds classification and regression outputs "
+                                            f"only; task {spec.name!r} is {kind}: the teacher runs online")
         if log:
             log(f"teacher cache: off: {info.reason}")
         return info

@@ -177,7 +177,7 @@ def check_trial(trial, teacher_config, family) -> None:
     if heads and getattr(config, "head_dim", None) is None and config.model_type != "t5" and width % heads:
         raise ConfigError(f"student width {width} (student.hidden_size) is not divisible by {heads} attention heads "
                           f"(student.num_attention_heads); allowed: a head count that divides the width")
-    names = _module_names(family, trial.task.name, config)
+    names = _module_names(family, trial.task, config)
     if s.lora is not None:
         _check_lora(s.lora, family, names)
 
@@ -197,25 +197,25 @@ def _check_lora(lora, family, names: dict[str, str]) -> None:
 _MODULES: dict[tuple[str, str, str], dict[str, str]] = {}
 
 
-def _module_names(family, task_name: str, config) -> dict[str, str]:
+def _module_names(family, task, config) -> dict[str, str]:
     """{last name component: the kind PEFT can adapt ('' if none)} of the student built on the meta
     device (no memory, no weights), once per distinct config; a config that cannot build a model is a
     ConfigError."""
-    key = (family.name, task_name, config.to_json_string())
+    key = (family.name, task.model_dump_json(), config.to_json_string())
     if key not in _MODULES:
-        _MODULES[key] = _build_names(family, task_name, config)
+        _MODULES[key] = _build_names(family, task, config)
     return _MODULES[key]
 
 
-def _build_names(family, task_name: str, config) -> dict[str, str]:
+def _build_names(family, task, config) -> dict[str, str]:
     import torch
     from transformers.pytorch_utils import Conv1D
 
-    from tunekd.tasks import get_task
+    from tunekd.tasks import spec_for
 
     try:
         with torch.device("meta"):
-            model = family.from_config(config, get_task(task_name))
+            model = family.from_config(config, spec_for(task))
     except (ValueError, AssertionError, RuntimeError, TypeError) as exc:
         raise ConfigError(f"the student config cannot build a {family.name} model: {str(exc).splitlines()[0]}") from None
     kinds = ((torch.nn.Linear, "linear"), (Conv1D, "linear"), (torch.nn.Embedding, "embedding"),

@@ -25,7 +25,8 @@ BUCKET_POOL = 64
 
 @dataclass
 class Encoded:
-    """One split: `arrays` holds [N, ...] int arrays (input_ids, attention_mask, token_type_ids, labels, ...).
+    """One split: `arrays` holds [N, ...] arrays (input_ids, attention_mask, token_type_ids, labels, ...): int,
+    except the float32 labels of a regression task (batched as float tensors, the rest as int64).
 
     An array with two or more axes is trimmed on its last axis to the batch's longest row, measured
     by `lengths` unless `lengths_of[key]` gives that array its own length vector (e.g. a seq2seq
@@ -56,7 +57,8 @@ class Encoded:
                         rows = rows[..., :int(own[index].max())]
                 else:
                     rows = rows[..., :width]
-            out[key] = torch.from_numpy(np.ascontiguousarray(rows)).long()
+            t = torch.from_numpy(np.ascontiguousarray(rows))
+            out[key] = t.float() if t.is_floating_point() else t.long()  # regression labels stay real
         out["index"] = torch.from_numpy(index.copy())
         return out
 
@@ -71,21 +73,23 @@ class Encoded:
 
 
 def encode(dataset, tokenizer, text_fields, max_length: int) -> Encoded:
-    """Tokenize a `datasets.Dataset` with columns `text_fields` + `label`."""
+    """Tokenize a `datasets.Dataset` with columns `text_fields` + `label` (int class ids, or float
+    regression targets, kept as float32)."""
     texts = [list(dataset[f]) for f in text_fields]
     enc = tokenizer(*texts, truncation=True, max_length=max_length, padding="longest", return_tensors="np")
     arrays = {k: np.asarray(v, dtype=np.int32) for k, v in enc.items()
               if k in ("input_ids", "attention_mask", "token_type_ids")}
-    arrays["labels"] = np.asarray(list(dataset["label"]), dtype=np.int64)
+    labels = np.asarray(list(dataset["label"]))
+    arrays["labels"] = labels.astype(np.float32 if labels.dtype.kind == "f" else np.int64)
     lengths = arrays["attention_mask"].sum(axis=1).astype(np.int64)
     return Encoded(arrays=arrays, lengths=lengths)
 
 
 def encode_splits(dsd, tokenizer, task: TaskSpec, max_length: int, *, family=None) -> dict[str, Encoded]:
-    """Tokenize every split of `task`. Classification is encoded here; other task kinds by the model
-    family (`family.encode`), which knows its input layout: split `train` in the training layout, the
-    others in the eval layout."""
-    if task.kind == "classification":
+    """Tokenize every split of `task`. Classification and regression are encoded here; other task kinds
+    by the model family (`family.encode`), which knows its input layout: split `train` in the training
+    layout, the others in the eval layout."""
+    if task.kind in ("classification", "regression"):
         return {name: encode(ds, tokenizer, task.text_fields, max_length) for name, ds in dsd.items()}
     if family is None:
         raise ValueError(f"encoding a {task.kind!r} task needs the model family")

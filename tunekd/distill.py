@@ -222,7 +222,10 @@ class Distiller:
                 if t_logits.shape[-1] != s_out.logits.shape[-1]:
                     raise ConfigError(f"teacher and student vocabularies differ ({t_logits.shape[-1]} vs "
                                       f"{s_out.logits.shape[-1]} logits): KD needs one shared vocabulary")
-                kl = losses.kl_loss(s_out.logits, t_logits, d.temperature, kl_mask(s_out, d))
+                if s_out.logits.shape[-1] == 1 and s_out.logits_mask is None:  # regression: MSE of the outputs
+                    kl = losses.regression_logit_loss(s_out.logits, t_logits)
+                else:
+                    kl = losses.kl_loss(s_out.logits, t_logits, d.temperature, kl_mask(s_out, d))
             if self.uses_hidden:
                 hid = sum(
                     losses.hidden_loss(
@@ -272,7 +275,7 @@ def evaluate(family: Family, model: nn.Module, spec, splits: dict[str, Encoded],
     decode and BLEU; multiple choice: scores per choice) by `family.evaluate`. `generation` is the
     study's `task.generation`."""
     model.eval()
-    if spec.kind != "classification":
+    if spec.kind not in ("classification", "regression"):
         return family.evaluate(model, spec, splits, batch_size=batch_size, precision=precision,
                                generation=generation)
     device = next(model.parameters()).device

@@ -121,7 +121,7 @@ class StudyDriver:
         from transformers import AutoConfig, AutoTokenizer
 
         from tunekd.models import family_for
-        from tunekd.tasks import get_task, load_task
+        from tunekd.tasks import load_configured, spec_for
         from tunekd.teacher import resolve_model
         from tunekd.checks import check_outputs
         from tunekd.tracking import check_uri
@@ -133,7 +133,7 @@ class StudyDriver:
         if self.options.track:
             check_uri(study.tracking.uri)
         quiet_libraries()
-        self.spec = spec = get_task(study.task.name)
+        self.spec = spec = spec_for(study.task)
         self.base = resolve_model(study.teacher.model)
         try:
             self.teacher_config = AutoConfig.from_pretrained(self.base, trust_remote_code=study.teacher.trust_remote_code)
@@ -144,11 +144,14 @@ class StudyDriver:
         if spec.kind not in family.task_kinds:
             raise ConfigError(f"task {spec.name!r} ({spec.kind}) cannot be run by the {family.name} family "
                               f"(it runs: {', '.join(family.task_kinds)})")
-        source = study.task.data_dir or ("the hub" if spec.hub else "the built-in generator")
-        self.log(f"task {spec.name}: loading from {source}")
-        self.raw = load_task(spec.name, study.task.data_dir, max_train_samples=study.task.max_train_samples,
-                             max_eval_samples=study.task.max_eval_samples, seed=study.seed,
-                             synthetic=study.task.synthetic.model_dump())
+        source = (study.task.data_dir or (study.task.data and study.task.data.path)
+                  or ("the hub" if spec.hub else "the built-in generator"))
+        self.log(f"task {spec.name} ({spec.kind}): loading from {source}")
+        spec, self.raw = load_configured(study.task, seed=study.seed)
+        self.spec = spec
+        if spec.label_names and study.task.kind is not None:  # labels read from the data travel with the study
+            self.study = study = study.model_copy(
+                update={"task": study.task.model_copy(update={"labels": list(spec.label_names)})})
         self.tokenizer = AutoTokenizer.from_pretrained(self.base, trust_remote_code=study.teacher.trust_remote_code)
         self.trials = plan.Trials(study, family.num_layers(self.teacher_config), family.match_embeddings_default)
 
@@ -234,6 +237,7 @@ class StudyDriver:
         if not self.options.track:
             self.ray_path = str(storage / f"{self.study.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
             return
+        from tunekd.tasks import task_params
         from tunekd.tracking import StudyTracker
 
         study, opts, info = self.study, self.options, self.teacher
@@ -255,7 +259,7 @@ class StudyDriver:
             "teacher.path": info.path, "teacher.cached": info.cached, "task.train_rows": len(self.encoded["train"]),
             "teacher.cache_mode": self.cache.mode, "teacher.cache_reason": self.cache.reason,
             "data.padding_random": round(self.padding["random"], 4),
-            "data.padding_bucketed": round(self.padding["bucketed"], 4),
+            "data.padding_bucketed": round(self.padding["bucketed"], 4), **task_params(self.spec),
         }, study_file.read_text() if study_file else study.model_dump_json(), tags={"tunekd.ray_path": self.ray_path})
         tracker.log_parent_metrics({f"teacher/{k}": v for k, v in info.metrics.items()})
         self.log(f"mlflow: experiment {study.experiment!r}, parent run {parent}")

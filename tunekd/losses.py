@@ -270,3 +270,10 @@ def total_loss(
 ) -> Tensor:
     """``α_ce · CE + α_kl · KL + λ · L_hid``."""
     return alpha_ce * ce + alpha_kl * kl + lambda_hid * hid
+
+
+def regression_logit_loss(student_out: torch.Tensor, teacher_out: torch.Tensor) -> torch.Tensor:
+    """The logit-level KD term of a regression task (a one-output head, e.g. STS-B): the mean squared
+    difference of the student's and the teacher's outputs, mean over the batch. It takes the place of
+    the temperature KL (there is no distribution to soften; the temperature is not used)."""
+    return ((student_out.float() - teacher_out.float().detach()) ** 2).mean()

@@ -140,10 +140,10 @@ def describe_loss(study: Study, family=None) -> str:
     """One line: the loss this trial config computes, with its formula (SPEC.md "Loss"). `family` (a
     `models.Family`, or None) decides whether logits are per example or per token (None: from the
     task kind alone) and the default for matching embeddings."""
-    from tunekd.tasks import get_task
+    from tunekd.tasks import spec_for
 
     d = study.distill
-    kind = get_task(study.task.name).kind
+    kind = spec_for(study.task).kind
     name = getattr(family, "name", None)
     token_level = name in ("seq2seq", "decoder") if name is not None else kind == "generation"
     if not token_level:

@@ -12,6 +12,7 @@ import copy
 import math
 import re
 import stat
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -62,14 +63,101 @@ class GenerationConfig(_Section):
     eval_samples: Int | None = Field(None, ge=1, le=MAX_ROWS)
 
 
+class DataSpec(_Section):
+    """Where a declared task's data come from: arguments to `datasets.load_dataset` (a hub id and
+    config, or a packaged loader such as csv / json / parquet with `data_files`). Nothing that runs
+    code (no loading scripts, no trust_remote_code)."""
+
+    path: str = Field(min_length=1)
+    name: str | None = None
+    data_dir: str | None = None
+    data_files: str | list[str] | dict[str, str | list[str]] | None = None
+    revision: str | None = None
+    # further options of the loader, plain values only, e.g. {sep: "\t", quoting: 3} for GLUE-style TSVs
+    options: dict[str, str | int | float | bool] | None = None
+
+    @field_validator("options")
+    @classmethod
+    def _options(cls, v):
+        reserved = {"path", "name", "data_dir", "data_files", "revision", "split", "trust_remote_code", "token",
+                    "download_mode", "cache_dir", "verification_mode", "storage_options", "streaming", "num_proc",
+                    "keep_in_memory", "download_config", "features"}
+        bad = sorted(set(v or ()) & reserved)
+        if bad:
+            raise ConfigError(f"task.data.options: {bad[0]!r} cannot be set here (options are the loader's own "
+                              "settings, e.g. sep, quoting, field)")
+        return v
+
+
+TASK_KINDS = ("classification", "regression", "multiple_choice", "generation")
+# keys that only a declared task (task.kind set) takes
+_DECLARATION_KEYS = ("text_fields", "labels", "metrics", "eval_splits")
+
+
 class TaskConfig(_Section):
-    name: str
+    """A built-in task (`name`), or a task declared here (`kind`, `data`, `text_fields`, ...)."""
+
+    name: str | None = None
+    kind: Literal[TASK_KINDS] | None = None
+    data: DataSpec | None = None  # declared: required; built-in GLUE task: a copy of its hub layout
+    text_fields: list[str] | None = None
+    label_field: str = "label"
+    labels: list[str | int] | None = None
+    metrics: list[str] | None = None
+    eval_splits: list[str] | None = None
+    train_split: str = "train"
     data_dir: str | None = None
     max_train_samples: Int | None = Field(None, ge=1, le=MAX_ROWS)
     max_eval_samples: Int | None = Field(None, ge=1, le=MAX_ROWS)
     max_length: Int = Field(128, ge=8, le=131072)
     synthetic: SyntheticSpec = SyntheticSpec()
     generation: GenerationConfig = GenerationConfig()
+
+    @model_validator(mode="after")
+    def _declaration(self):
+        from tunekd import metrics as metric_registry
+        from tunekd.tasks import TASKS
+
+        if self.kind is None:  # a built-in task
+            if self.name is None:
+                raise ConfigError("task: give a built-in task (task.name) or declare one (task.kind, task.data, "
+                                  "task.text_fields, ...)")
+            if self.name not in TASKS:
+                raise ConfigError(f"task.name: {unknown('task', self.name, TASKS)}")
+            given = [k for k in _DECLARATION_KEYS if getattr(self, k) is not None]
+            if given:
+                raise ConfigError(f"task.{given[0]}: only a declared task (task.kind set) takes it; built-in task "
+                                  f"{self.name!r} has its own")
+            return self
+        if self.name in TASKS:
+            raise ConfigError(f"task.name {self.name!r} is a built-in task; name a declared task otherwise "
+                              "(or drop task.kind to use the built-in)")
+        if self.data is None:
+            raise ConfigError("task.data: a declared task needs it (datasets.load_dataset arguments, e.g. "
+                              "{path: csv, data_files: {train: train.csv, validation: dev.csv}})")
+        if self.data_dir is not None:
+            raise ConfigError("task.data_dir: a declared task reads its files through task.data (data_files)")
+        if not self.text_fields:
+            raise ConfigError(f"task.text_fields: a declared {self.kind} task needs its text column(s)")
+        for name in self.metrics or ():
+            metric = metric_registry.METRICS.get(name)
+            if metric is None:
+                raise ConfigError(f"task.metrics: {unknown('metric', name, metric_registry.METRICS)}")
+            if self.kind not in metric.kinds:
+                fits = [m for m, v in metric_registry.METRICS.items() if self.kind in v.kinds]
+                raise ConfigError(f"task.metrics: {name!r} does not apply to a {self.kind} task; "
+                                  f"{self.kind} metrics: {', '.join(fits)}")
+        if self.metrics is not None and not self.metrics:
+            raise ConfigError("task.metrics: give at least one metric (the first is the primary one)")
+        if self.eval_splits is not None and not self.eval_splits:
+            raise ConfigError("task.eval_splits: give at least one eval split")
+        if self.labels is not None:
+            if self.kind in ("regression", "generation"):
+                raise ConfigError(f"task.labels: a {self.kind} task has no label list")
+            names = [str(x) for x in self.labels]
+            if len(set(names)) != len(names) or len(names) < 2:
+                raise ConfigError(f"task.labels: give at least two distinct labels, got {self.labels}")
+        return self
 
 
 class FinetuneConfig(_Section):
@@ -360,6 +448,8 @@ def _format_error(err: dict) -> str:
         e = unknown("key", key, allowed)
         suggestion = str(e).partition(" (did you mean")[2]
         return f"{base}; allowed: {', '.join(allowed)}" + (f" (did you mean{suggestion}" if suggestion else "")
+    if kind == "value_error" and isinstance(err.get("input"), dict) and isinstance(err.get("ctx", {}).get("error"), ConfigError):
+        return msg  # a section's own check: the message names its keys
     if kind == "missing":
         return f"{loc}: required key is missing"
     if kind == "literal_error":
@@ -374,8 +464,11 @@ def _allowed_keys(loc: tuple) -> list[str]:
         if field is None:
             return []
         ann = field.annotation
+        inner = [a for a in typing.get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)]
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             model = ann
+        elif len(inner) == 1:  # an optional section (X | None)
+            model = inner[0]
         elif str(part) == "finetune":
             model = FinetuneConfig
         elif str(part) == "search":

@@ -31,7 +31,7 @@ from tunekd.data import Encoded
 from tunekd.models import FAMILIES
 from tunekd.students import build_projections, build_student
 from tunekd.study import Study
-from tunekd.tasks import get_task
+from tunekd.tasks import spec_for
 
 
 # a worker's builds for the study it is serving (keyed by `Shared.token`): config, teacher, tensors
@@ -224,7 +224,7 @@ def run_trial(overrides: dict[str, Any], shared: Shared, *, report=None, restore
     _injected_fault(overrides, shared.inject_fault)
     trial = shared.trials()(overrides)
     study, the_plan = trial.study, trial.plan
-    spec = get_task(study.task.name)
+    spec = spec_for(study.task)
     family = FAMILIES[shared.family]
     threads = os.environ.get("TUNEKD_THREADS")
     torch.set_num_threads(int(threads) if threads else max(1, int(study.tune.resources.cpu)))

@@ -18,14 +18,16 @@ class EncoderFamily(Family):
     name = "encoder"
     model_types = ("bert", "roberta", "electra", "xlm-roberta")
     match_embeddings_default = True
-    task_kinds = ("classification", "multiple_choice")
+    task_kinds = ("classification", "regression", "multiple_choice")
     lora_targets = ("query", "key", "value", "dense")
 
     def load(self, path, spec, *, trust_remote_code=False):
         if spec.kind == "multiple_choice":
             return AutoModelForMultipleChoice.from_pretrained(path, trust_remote_code=trust_remote_code)
+        # a checkpoint whose head has another number of outputs (a 2-class model for a regression or
+        # 3-class task) gets a new random head, as a base model to fine-tune does
         return AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=spec.num_labels, trust_remote_code=trust_remote_code
+            path, num_labels=spec.num_labels, trust_remote_code=trust_remote_code, ignore_mismatched_sizes=True
         )
 
     def from_config(self, config, spec):
@@ -66,9 +68,13 @@ class EncoderFamily(Family):
         return Output(logits=out.logits, hidden={"encoder": hs}, masks={"encoder": mask})
 
     def ce_loss(self, out, batch):
+        if out.logits.shape[-1] == 1:  # a regression head (num_labels 1, as in transformers): MSE
+            return F.mse_loss(out.logits.float()[:, 0], batch["labels"].float())
         return F.cross_entropy(out.logits.float(), batch["labels"])
 
     def predict(self, out, batch):
+        if out.logits.shape[-1] == 1:  # regression: the score itself
+            return out.logits.float()[:, 0]
         return out.logits.argmax(dim=-1)
 
     # --- multiple choice -----------------------------------------------------------------------

@@ -1,16 +1,21 @@
-"""GLUE classification tasks (SST-2, MNLI, QQP, QNLI): specs, local-folder readers, hub loading.
+"""Loading GLUE-like tasks (classification and regression entries of the task table,
+``tunekd.tasks.table``): local folders in the GLUE layout, and hub copies.
 
-Local folders (``task.data_dir``) are read by a per-task, per-split list of alternatives; each
+Everything task-specific is data in the task's entry (``TaskSpec.local_files``, ``local_columns``,
+``headerless``, ``hub``, ``hub_columns``); this module is the same code for every such task. Local folders (``task.data_dir``) are read by a per-task, per-split list of alternatives; each
 alternative is a list of file names, the first alternative whose files all exist is used, and
 its files are concatenated in order. Two kinds of files are read:
 
 * ``.tsv`` (GLUE layout): tab-separated, read with ``quoting=csv.QUOTE_NONE``. A header row is
-  recognised by known GLUE column names (``sentence``, ``sentence1``, ``gold_label``, ...);
-  without one only MNLI is accepted, as TextFooler's ``label<TAB>premise<TAB>hypothesis``.
+  recognised by known GLUE column names (``sentence``, ``sentence1``, ``gold_label``, ...); a file
+  without one is read by the task's ``headerless`` layout (MNLI: TextFooler's
+  ``label<TAB>premise<TAB>hypothesis``; CoLA: GLUE's ``source<TAB>label<TAB>mark<TAB>sentence``), and
+  is an error for a task without one. A UTF-8 byte-order mark (GLUE's MRPC) is skipped.
 * ``.json`` / ``.jsonl`` (PowerfulPromptFT layout): ``{"0": {"text_a", "text_b", "label"}, ...}``,
   a JSON list of such records, or one record per line.
 
 String labels are mapped through ``TaskSpec.label_names``; digit strings and ints are ids.
+Regression labels (STS-B) are read as floats.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,109 +35,27 @@ from .base import TaskSpec
 
 log = logging.getLogger(__name__)
 
-SST2 = TaskSpec(
-    name="sst2",
-    kind="classification",
-    label_names=("negative", "positive"),
-    text_fields=("text_a",),
-    eval_splits=("validation",),
-    metrics=("accuracy",),
-    hub=("nyu-mll/glue", "sst2"),
-)
-MNLI = TaskSpec(
-    name="mnli",
-    kind="classification",
-    label_names=("entailment", "neutral", "contradiction"),
-    text_fields=("text_a", "text_b"),
-    eval_splits=("validation_matched", "validation_mismatched"),
-    metrics=("accuracy", "accuracy_mm"),
-    hub=("nyu-mll/glue", "mnli"),
-)
-QQP = TaskSpec(
-    name="qqp",
-    kind="classification",
-    label_names=("not_duplicate", "duplicate"),
-    text_fields=("text_a", "text_b"),
-    eval_splits=("validation",),
-    metrics=("accuracy", "f1"),
-    hub=("nyu-mll/glue", "qqp"),
-)
-QNLI = TaskSpec(
-    name="qnli",
-    kind="classification",
-    label_names=("entailment", "not_entailment"),
-    text_fields=("text_a", "text_b"),
-    eval_splits=("validation",),
-    metrics=("accuracy",),
-    hub=("nyu-mll/glue", "qnli"),
-)
-
-GLUE_TASKS: dict[str, TaskSpec] = {t.name: t for t in (SST2, MNLI, QQP, QNLI)}
-
-# Per task and split: ordered alternatives, each a list of files that are concatenated.
-LAYOUTS: dict[str, dict[str, list[list[str]]]] = {
-    "sst2": {
-        "train": [["train.tsv"]],
-        "validation": [["dev.tsv"]],
-    },
-    "mnli": {
-        "train": [["train.tsv"], ["train_sample_8999.json", "train_sample_1000.json"]],
-        "validation_matched": [["dev_matched.tsv"], ["dev_matched_textfooler_1k.tsv"]],
-        "validation_mismatched": [["dev_mismatched.tsv"], ["dev_mismatched_textfooler_1k.tsv"]],
-    },
-    "qqp": {
-        "train": [["train.tsv"], ["train_sample_8999.json"]],
-        # train_sample_1000.json is a held-out sample of QQP *train*, not the official dev set
-        # (which is not in the shared data); dev_first9.tsv is far too small to evaluate on.
-        "validation": [["dev.tsv"], ["train_sample_1000.json"]],
-    },
-    "qnli": {
-        "train": [["train.tsv"], ["train_sample_8999.json", "train_sample_1000.json"]],
-        "validation": [["dev.tsv"]],
-    },
-}
-
-# Per task, canonical column -> accepted source column names, in order of preference. The first
-# name is the GLUE TSV header name, used in error messages.
-COLUMNS: dict[str, dict[str, list[str]]] = {
-    "sst2": {"text_a": ["sentence", "text_a", "text"], "label": ["label"]},
-    "mnli": {
-        "text_a": ["sentence1", "premise", "text_a"],
-        "text_b": ["sentence2", "hypothesis", "text_b"],
-        "label": ["gold_label", "label"],
-    },
-    "qqp": {
-        "text_a": ["question1", "text_a"],
-        "text_b": ["question2", "text_b"],
-        "label": ["is_duplicate", "label"],
-    },
-    "qnli": {"text_a": ["question", "text_a"], "text_b": ["sentence", "text_b"], "label": ["label"]},
-}
-
-# Header-less TSV layouts (canonical column per position): TextFooler's MNLI files.
-HEADERLESS: dict[str, tuple[str, ...]] = {"mnli": ("label", "text_a", "text_b")}
-
-# Any of these in the first row of a TSV marks it as a header row.
-_KNOWN_HEADER_NAMES = {name for cols in COLUMNS.values() for names in cols.values() for name in names} | {
-    "index", "id", "idx", "qid1", "qid2", "promptID", "pairID", "genre", "label1",
+# Any of these in the first row of a TSV marks it as a header row (with the tasks' own column names).
+_HEADER_NAMES = {
+    "index", "id", "idx", "qid1", "qid2", "promptID", "pairID", "genre", "label1", "filename", "year",
+    "old_index", "source1", "source2", "#1 ID", "#2 ID",
     "sentence1_binary_parse", "sentence2_binary_parse", "sentence1_parse", "sentence2_parse",
 }  # fmt: skip
 
-# Hub (nyu-mll/glue) column -> canonical column.
-HUB_COLUMNS: dict[str, dict[str, str]] = {
-    "sst2": {"sentence": "text_a", "label": "label"},
-    "mnli": {"premise": "text_a", "hypothesis": "text_b", "label": "label"},
-    "qqp": {"question1": "text_a", "question2": "text_b", "label": "label"},
-    "qnli": {"question": "text_a", "sentence": "text_b", "label": "label"},
-}
+
+def _header_names(spec: TaskSpec) -> set[str]:
+    return _HEADER_NAMES | {name for names in spec.local_columns.values() for name in names}
 
 
 # ---------------------------------------------------------------------------------------------
 # labels
 
 
-def parse_label(spec: TaskSpec, raw: Any, where: str) -> int:
-    """A label id from a label name (``"entailment"``), a digit string (``"1"``) or an int."""
+def parse_label(spec: TaskSpec, raw: Any, where: str) -> int | float:
+    """A label id from a label name (``"entailment"``), a digit string (``"1"``) or an int; for a
+    regression task a finite float."""
+    if spec.kind == "regression":
+        return parse_score(spec, raw, where)
     if isinstance(raw, bool):
         raw = int(raw)
     if isinstance(raw, int):
@@ -147,6 +72,16 @@ def parse_label(spec: TaskSpec, raw: Any, where: str) -> int:
     return value
 
 
+def parse_score(spec: TaskSpec, raw: Any, where: str) -> float:
+    try:
+        value = float(raw.strip() if isinstance(raw, str) else raw)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if isinstance(raw, bool) or not math.isfinite(value):
+        raise ConfigError(f"{where}: label {raw!r} of regression task {spec.name!r} is not a finite number")
+    return value
+
+
 # ---------------------------------------------------------------------------------------------
 # readers: each yields (where, record) with record keyed by source column names
 
@@ -156,7 +91,7 @@ def _resolve_columns(spec: TaskSpec, available: Iterable[str], path: Path) -> di
     available = list(available)
     resolved: dict[str, str] = {}
     for canon in (*spec.text_fields, "label"):
-        names = COLUMNS[spec.name][canon]
+        names = spec.local_columns[canon]
         found = next((n for n in names if n in available), None)
         if found is None:
             also = f" (or {', '.join(repr(n) for n in names[1:])})" if len(names) > 1 else ""
@@ -168,7 +103,7 @@ def _resolve_columns(spec: TaskSpec, available: Iterable[str], path: Path) -> di
 
 
 def _read_tsv(spec: TaskSpec, path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    with path.open(encoding="utf-8", newline="") as f:
+    with path.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         try:
             first = next(reader, None)
@@ -176,17 +111,17 @@ def _read_tsv(spec: TaskSpec, path: Path) -> Iterator[tuple[str, dict[str, Any]]
                 first = next(reader, None)
             if first is None:
                 return
-            header_like = any(cell.strip() in _KNOWN_HEADER_NAMES for cell in first)
+            header_like = any(cell.strip() in _header_names(spec) for cell in first)
             if header_like:
                 header = [cell.strip() for cell in first]
                 mapping = _resolve_columns(spec, header, path)
                 pending: list[tuple[int, list[str]]] = []
-            elif spec.name in HEADERLESS:
-                header = list(HEADERLESS[spec.name])
-                mapping = {c: c for c in header}
+            elif spec.headerless is not None:
+                header = list(spec.headerless)
+                mapping = {c: c for c in (*spec.text_fields, "label")}
                 pending = [(reader.line_num, first)]
             else:
-                expected = ", ".join(COLUMNS[spec.name][c][0] for c in (*spec.text_fields, "label"))
+                expected = ", ".join(spec.local_columns[c][0] for c in (*spec.text_fields, "label"))
                 raise ConfigError(
                     f"{path}: the first row is not a GLUE header; expected a header with columns {expected}"
                 )
@@ -271,12 +206,9 @@ def read_file(spec: TaskSpec, path: Path) -> dict[str, list]:
 def _features(spec: TaskSpec):
     import datasets
 
-    return datasets.Features(
-        {
-            **{f: datasets.Value("string") for f in spec.text_fields},
-            "label": datasets.ClassLabel(names=list(spec.label_names)),
-        }
-    )
+    label = (datasets.Value("float32") if spec.kind == "regression"
+             else datasets.ClassLabel(names=list(spec.label_names)))
+    return datasets.Features({**{f: datasets.Value("string") for f in spec.text_fields}, "label": label})
 
 
 def _resolve_folder(spec: TaskSpec, data_dir: str | Path) -> Path:
@@ -285,7 +217,7 @@ def _resolve_folder(spec: TaskSpec, data_dir: str | Path) -> Path:
         raise ConfigError(f"data folder {str(folder)!r} for task {spec.name!r} does not exist")
 
     def has_any(d: Path) -> bool:
-        return any(all((d / f).is_file() for f in alt) for alts in LAYOUTS[spec.name].values() for alt in alts)
+        return any(all((d / f).is_file() for f in alt) for alts in spec.local_files.values() for alt in alts)
 
     # Convenience: a folder holding one sub-folder per task (like shared/data) is accepted too.
     sub = folder / spec.name
@@ -297,7 +229,7 @@ def _resolve_folder(spec: TaskSpec, data_dir: str | Path) -> Path:
 def load_local(spec: TaskSpec, data_dir: str | Path):
     """Load ``train`` and the eval splits of a GLUE task from a local folder.
 
-    For each split the first alternative in ``LAYOUTS[task][split]`` whose files all exist is
+    For each split the first alternative in ``spec.local_files[split]`` whose files all exist is
     used. With the shared sample data this means:
 
     * MNLI: train = the two PowerfulPromptFT train samples (9,999 rows); eval = the TextFooler
@@ -308,6 +240,9 @@ def load_local(spec: TaskSpec, data_dir: str | Path):
       with published QQP dev results.
     * QNLI: train = the two train samples; validation = the full official ``dev.tsv``.
     * SST-2: the full official ``train.tsv`` / ``dev.tsv``.
+    * CoLA, MRPC, RTE: train = the two PowerfulPromptFT ``train_part_*.json`` files (together the
+      GLUE train split, less one row for MRPC and RTE); validation = the full official ``dev.tsv``.
+    * STS-B, WNLI: only GLUE's ``train.tsv`` / ``dev.tsv`` (not in the shared data).
     """
     import datasets
 
@@ -315,7 +250,7 @@ def load_local(spec: TaskSpec, data_dir: str | Path):
     features = _features(spec)
     splits = {}
     for split in ("train", *spec.eval_splits):
-        alternatives = LAYOUTS[spec.name][split]
+        alternatives = spec.local_files[split]
         chosen = next((alt for alt in alternatives if all((folder / f).is_file() for f in alt)), None)
         if chosen is None:
             looked = " or ".join(" + ".join(alt) for alt in alternatives)
@@ -332,39 +267,77 @@ def load_local(spec: TaskSpec, data_dir: str | Path):
     return datasets.DatasetDict(splits)
 
 
-def load_hub(spec: TaskSpec):
-    """Load a GLUE task with ``datasets.load_dataset(*spec.hub)`` and map it to canonical columns."""
+def call_load_dataset(spec: TaskSpec, data: dict[str, Any], *, hint: str):
+    """``datasets.load_dataset(**data)`` (only the keys given), any failure one ConfigError line."""
     import datasets
 
-    if spec.hub is None:
-        raise ConfigError(f"task {spec.name!r} has no hub copy; set task.data_dir to a local folder")
-    path, name = spec.hub
+    kwargs = {k: v for k, v in data.items() if v is not None and k != "options"}
+    kwargs.update(data.get("options") or {})
+    if Path(str(kwargs.get("path", ""))).expanduser().is_dir():
+        # a local folder: datasets keys its cache by the folder's name and file patterns, not by the files,
+        # so another folder of the same name (or edited files) would read stale data; rebuild it instead
+        kwargs["download_mode"] = "force_redownload"
+        kwargs["verification_mode"] = "no_checks"  # split sizes recorded for the old files do not apply
     try:
-        raw = datasets.load_dataset(path, name)
-    except Exception as e:  # network, auth, offline mode, missing cache ...
+        return datasets.load_dataset(**kwargs)
+    except Exception as e:  # network, auth, offline mode, missing cache, missing files ...
         detail = (str(e).strip().splitlines() or [""])[0][:300]
-        raise ConfigError(
-            f"could not load task {spec.name!r} from the hub ({type(e).__name__}: {detail}); "
-            "set task.data_dir to a local folder"
-        ) from e
-    rename = HUB_COLUMNS[spec.name]
+        empty = re.search(r'Instruction "([^"]+)" corresponds to no data', detail)
+        if empty:  # datasets' words for a split whose files hold no rows
+            raise ConfigError(f"task {spec.name!r} ({describe(data)}), split {empty.group(1)!r} has no rows") from e
+        where = "the hub" if spec.builtin and data.get("path") == (spec.hub or (None,))[0] else describe(data)
+        raise ConfigError(f"could not load task {spec.name!r} from {where} ({type(e).__name__}: {detail}); {hint}") from e
+
+
+def describe(data: dict[str, Any]) -> str:
+    """``nyu-mll/glue/cola`` or ``csv {'train': 'a.csv'}``: a data spec in a few words."""
+    bits = [str(data.get("path"))]
+    if data.get("name"):
+        bits.append(f"config {data['name']!r}")
+    if data.get("data_files") is not None:
+        bits.append(f"files {data['data_files']}")
+    if data.get("data_dir"):
+        bits.append(f"data_dir {data['data_dir']!r}")
+    return " ".join(bits)
+
+
+def load_hub(spec: TaskSpec, data: dict[str, Any] | None = None):
+    """Load a GLUE-like task with ``datasets.load_dataset(*spec.hub)`` (or ``data``: other
+    ``load_dataset`` arguments giving the same layout, e.g. a local copy of the hub's files) and map
+    ``spec.hub_columns`` to canonical columns. Hub labels are ids (``ClassLabel``) or, for regression,
+    floats."""
+    if data is None:
+        if spec.hub is None:
+            raise ConfigError(f"task {spec.name!r} has no hub copy; set task.data_dir to a local folder")
+        data = {"path": spec.hub[0], "name": spec.hub[1]}
+    raw = call_load_dataset(spec, data, hint="set task.data_dir to a local folder")
+    where = describe(data)
+    rename = dict(spec.hub_columns)
     features = _features(spec)
     splits = {}
     for split in ("train", *spec.eval_splits):
         if split not in raw:
-            raise ConfigError(f"hub dataset {path}/{name} has no split {split!r}; it has {', '.join(raw)}")
+            raise ConfigError(f"dataset {where} has no split {split!r}; it has {', '.join(raw)}")
         ds = raw[split]
         missing = [c for c in rename if c not in ds.column_names]
         if missing:
             raise ConfigError(
-                f"hub dataset {path}/{name}, split {split!r}: missing column(s) {', '.join(missing)}; "
+                f"dataset {where}, split {split!r}: missing column(s) {', '.join(missing)}; "
                 f"columns found: {', '.join(ds.column_names)}"
             )
+        if len(ds) == 0:
+            raise ConfigError(f"dataset {where}, split {split!r} has no rows")
         ds = ds.select_columns(list(rename)).rename_columns({k: v for k, v in rename.items() if k != v})
         labels = ds["label"]
-        bad = sorted({int(x) for x in labels if not 0 <= int(x) < spec.num_labels})
-        if bad:
-            raise ConfigError(f"hub dataset {path}/{name}, split {split!r}: label ids {bad} outside 0..{spec.num_labels - 1}")
+        if spec.kind == "regression":
+            for i, x in enumerate(labels):
+                parse_score(spec, x, f"dataset {where}, split {split!r}, row {i}")
+        else:
+            bad = sorted({int(x) for x in labels if not 0 <= int(x) < spec.num_labels})
+            if bad:
+                raise ConfigError(f"dataset {where}, split {split!r}: label ids {bad} outside 0..{spec.num_labels - 1}")
         ds = ds.select_columns([*spec.text_fields, "label"]).cast(features)
         splits[split] = ds
+    import datasets
+
     return datasets.DatasetDict(splits)
