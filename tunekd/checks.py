@@ -148,14 +148,17 @@ def check_resources(study, *, num_cpus: int | None = None, address: str | None =
                               f"allowed: up to {gpus}")
 
 
-def check_outputs(study, *, num_cpus: int | None = None, address: str | None = None) -> None:
+def check_outputs(study, *, num_cpus: int | None = None, address: str | None = None,
+                  resources: bool = True) -> None:
     """Everything about where a study writes and what it runs on that can be checked without loading
-    anything: storage and cache folders, the tracking URI, the teacher folder, local resources."""
+    anything: storage and cache folders, the tracking URI, the teacher folder, local resources (unless
+    `resources` is false: a --dry-run of a cluster study on a laptop runs nothing)."""
     check_writable_dir(study.tune.storage_path, "tune.storage_path")
     check_writable_dir(study.teacher.cache_dir, "teacher.cache_dir")
     check_tracking_uri(study.tracking.uri)
     check_teacher_files(study.teacher.model)
-    check_resources(study, num_cpus=num_cpus, address=address)
+    if resources:
+        check_resources(study, num_cpus=num_cpus, address=address)
 
 
 # --- one trial ---------------------------------------------------------------------------------

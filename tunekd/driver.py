@@ -127,7 +127,8 @@ class StudyDriver:
         from tunekd.tracking import check_uri
 
         study = self.study
-        check_outputs(study, num_cpus=self.options.num_cpus, address=self.options.address)  # paths, URI, CPUs/GPUs
+        check_outputs(study, num_cpus=self.options.num_cpus, address=self.options.address,  # paths, URI, CPUs/GPUs
+                      resources=not self.options.dry_run)
         self.log(f"study {study.name!r}: {len(study.search)} search dimensions, grid of {grid_size(study)} x "
                  f"{study.tune.num_samples} samples; scheduler {study.tune.scheduler}, searcher {study.tune.searcher}")
         if self.options.track:
