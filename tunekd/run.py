@@ -415,7 +415,7 @@ def _run_study(study, args, spec, base, config, family, raw, tokenizer, t_start)
             "teacher.cached": info.cached, "task.train_rows": len(encoded["train"]),
             "teacher.cache_mode": cache_info.mode, "teacher.cache_reason": cache_info.reason,
             "data.padding_random": round(pad["random"], 4), "data.padding_bucketed": round(pad["bucketed"], 4),
-            **task_params(spec),
+            **task_params(spec, study.task),
         }, Path(args.study).read_text(), tags={"tunekd.ray_path": ray_path})
         tracker.log_parent_metrics({f"teacher/{k}": v for k, v in info.metrics.items()})
         log(f"mlflow: experiment {study.experiment!r}, parent run {parent}")
