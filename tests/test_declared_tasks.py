@@ -186,6 +186,9 @@ def test_resolved_definition_is_flat_params(tmp_path):
 
     cola = task_params(get_task("cola"))
     assert cola["task.hub"] == "nyu-mll/glue/cola" and cola["task.metrics"] == ["matthews"]
+    assert task_params(get_task("cola"), task_cfg(name="cola", data_dir="/d/cola"))["task.source"] == "/d/cola"
+    assert task_params(get_task("cola"), task_cfg(name="cola"))["task.source"] == "hub"
+    assert task_params(spec, task_cfg(kind="classification", data=data, text_fields=["premise"]))["task.source"] == "csv"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,6 +325,7 @@ def test_declared_csv_study_through_the_cli(tmp_path):
     p = parent.data.params
     assert (p["task.kind"], p["task.name"], p["task.label_field"], p["task.data.path"]) == \
         ("regression", "similarity", "score", "csv")
+    assert p["task.source"] == "csv" and p["task.data.data_files.train"] == data["data_files"]["train"]
     assert p["task.metrics"] == '["pearson", "spearman"]' and p["teacher.cache_mode"] != "off"
     assert {"teacher/pearson", "teacher/spearman"} <= set(parent.data.metrics)
     m = child.data.metrics

@@ -260,7 +260,7 @@ class StudyDriver:
             "teacher.path": info.path, "teacher.cached": info.cached, "task.train_rows": len(self.encoded["train"]),
             "teacher.cache_mode": self.cache.mode, "teacher.cache_reason": self.cache.reason,
             "data.padding_random": round(self.padding["random"], 4),
-            "data.padding_bucketed": round(self.padding["bucketed"], 4), **task_params(self.spec),
+            "data.padding_bucketed": round(self.padding["bucketed"], 4), **task_params(self.spec, self.study.task),
         }, study_file.read_text() if study_file else study.model_dump_json(), tags={"tunekd.ray_path": self.ray_path})
         tracker.log_parent_metrics({f"teacher/{k}": v for k, v in info.metrics.items()})
         self.log(f"mlflow: experiment {study.experiment!r}, parent run {parent}")

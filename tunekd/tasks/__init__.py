@@ -128,9 +128,16 @@ def load_configured(task, *, seed: int = 0):
                         task.max_train_samples, task.max_eval_samples, seed, synthetic)
 
 
-def task_params(spec: TaskSpec) -> dict[str, Any]:
-    """The task's resolved definition as flat MLflow parameters (for the study's parent run)."""
-    return spec.definition()
+def task_params(spec: TaskSpec, task=None) -> dict[str, Any]:
+    """The task's resolved definition as flat MLflow parameters (for the study's parent run). Given the
+    study's ``task`` section, ``task.source`` says where this run read the data: the local folder
+    (``task.data_dir``), the ``datasets.load_dataset`` path (``task.data``), the hub or the generator."""
+    out = spec.definition()
+    if task is not None:
+        data = getattr(task, "data", None)
+        out["task.source"] = str(getattr(task, "data_dir", None) or (data.path if hasattr(data, "path") else
+                                 (data or {}).get("path")) or ("hub" if spec.hub else "generated"))
+    return out
 
 
 __all__ = [
