@@ -56,6 +56,20 @@ def _weightless_teacher(tmp_path, tiny_bert_dir):
     return d
 
 
+def _three_label_teacher(tmp_path, tiny_bert_dir):
+    """The tiny BERT classifier with its config saying 3 labels (the synthetic task has 2)."""
+    d = tmp_path / "three_labels"
+    if not (Path(tiny_bert_dir) / "config.json").is_file():  # collecting the case ids: no model yet
+        return d
+    shutil.copytree(tiny_bert_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    assert any(a.endswith("ForSequenceClassification") for a in cfg["architectures"])
+    cfg["id2label"] = {str(i): f"L{i}" for i in range(3)}
+    cfg["label2id"] = {f"L{i}": i for i in range(3)}
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
 def _cpus():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
@@ -210,6 +224,8 @@ def cases(tmp_path, tiny_bert_dir):
         ("copy_layers_decreasing", {"student": {"copy_layers": [3, 0]}}, [],
          ["student.copy_layers", "strictly increasing", "[3, 0]"]),
         ("copy_layers_repeated", {"student": {"copy_layers": [1, 1]}}, [], ["student.copy_layers", "no repeats"]),
+        ("teacher_head_of_another_size", {"teacher": {"model": str(_three_label_teacher(tmp_path, tiny_bert_dir))}},
+         [], ["has a 3-output head", "needs 2", "teacher.finetune"]),
         ("study_is_directory", _dir, [], ["is a directory"]),
         ("study_is_fifo", _fifo, [], ["not a regular file"]),
     ]

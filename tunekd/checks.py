@@ -161,6 +161,18 @@ def check_outputs(study, *, num_cpus: int | None = None, address: str | None = N
         check_resources(study, num_cpus=num_cpus, address=address)
 
 
+def check_teacher_head(study, teacher_config, spec) -> None:
+    """A teacher used as it is (`teacher.finetune` null) must already have the task's head: a checkpoint
+    with a classification head of another size would otherwise get a new random head, silently."""
+    archs = getattr(teacher_config, "architectures", None) or []
+    if study.teacher.finetune is not None or spec.kind not in ("classification", "regression"):
+        return
+    if any(a.endswith("ForSequenceClassification") for a in archs) and teacher_config.num_labels != spec.num_labels:
+        raise ConfigError(f"teacher.model {study.teacher.model!r} has a {teacher_config.num_labels}-output head but "
+                          f"task {spec.name!r} needs {spec.num_labels}; with teacher.finetune null the teacher is used "
+                          "as it is: set teacher.finetune, or give a teacher trained for this task")
+
+
 # --- one trial ---------------------------------------------------------------------------------
 
 

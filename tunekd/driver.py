@@ -123,7 +123,7 @@ class StudyDriver:
         from tunekd.models import family_for
         from tunekd.tasks import load_configured, spec_for
         from tunekd.teacher import resolve_model
-        from tunekd.checks import check_outputs
+        from tunekd.checks import check_outputs, check_teacher_head
         from tunekd.tracking import check_uri
 
         study = self.study
@@ -150,6 +150,7 @@ class StudyDriver:
         self.log(f"task {spec.name} ({spec.kind}): loading from {source}")
         spec, self.raw = load_configured(study.task, seed=study.seed)
         self.spec = spec
+        check_teacher_head(study, self.teacher_config, spec)
         if spec.label_names and study.task.kind is not None:  # labels read from the data travel with the study
             self.study = study = study.model_copy(
                 update={"task": study.task.model_copy(update={"labels": list(spec.label_names)})})
