@@ -72,14 +72,13 @@ def test_failing_and_non_finite_trials_are_marked_failed_and_others_go_on(tmp_pa
     assert "failed" in out
 
 
-@pytest.mark.xdist_group("own_ray")
 def test_killed_worker_is_retried_from_its_checkpoint(tmp_path, tiny_bert_dir, mlflow_uri):
     study = write_study(tmp_path, tiny_bert_dir, name="faults_worker",
-                        task={"synthetic": {"train_size": 1200, "eval_size": 32}},
+                        task={"synthetic": {"train_size": 600, "eval_size": 32}},
                         train={"epochs": 4}, tune={"max_failures": 2, "checkpoint_keep": 1})
     proc = start_cli(study, tmp_path, mlflow_uri)
     try:
-        ckpt = wait_for(lambda: sorted(tmp_path.glob("ray_results/*/*/checkpoint_000000")), timeout=300)
+        ckpt = wait_for(lambda: sorted(tmp_path.glob("ray_results/*/*/checkpoint_000000")), timeout=300, every=0.2)
         assert ckpt
         workers = [p for p in descendants(proc.pid) if "ImplicitFunc" in cmdline(p) or "tune_trainable" in cmdline(p)]
         assert workers, [cmdline(p)[:80] for p in descendants(proc.pid)]
@@ -100,10 +99,9 @@ def test_killed_worker_is_retried_from_its_checkpoint(tmp_path, tiny_bert_dir, m
         assert len(list(d.glob("checkpoint_*"))) <= 2, list(d.glob("checkpoint_*"))
 
 
-@pytest.mark.xdist_group("own_ray")
 def test_killed_driver_resumes(tmp_path, tiny_bert_dir, mlflow_uri):
     study = write_study(tmp_path, tiny_bert_dir, name="faults_driver",
-                        task={"synthetic": {"train_size": 600, "eval_size": 32}},
+                        task={"synthetic": {"train_size": 400, "eval_size": 32}},
                         train={"epochs": 3},
                         tune={"max_concurrent_trials": 1},
                         search={"distill.strategy": {"grid": ["forward", "reverse", "all_to_one"]}})
@@ -118,7 +116,7 @@ def test_killed_driver_resumes(tmp_path, tiny_bert_dir, mlflow_uri):
         return len(done) >= 1 and len(children) >= 2 and sorted(tmp_path.glob("ray_results/*/*/checkpoint_*"))
 
     try:
-        wait_for(one_done_one_started, timeout=400, every=1)
+        wait_for(one_done_one_started, timeout=400, every=0.5)
         tree = descendants(proc.pid)
         kill_tree([proc.pid])  # the driver dies mid-study
         proc.wait(timeout=30)
