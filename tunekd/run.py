@@ -22,20 +22,33 @@ from tunekd.errors import ConfigError, run_cli
 
 
 def log(msg: str) -> None:
-    print(f"[tunekd] {msg}", flush=True)
+    from tunekd.progress import write  # issue 13: above any progress bar
+
+    write(f"[tunekd] {msg}")
+
+
+def _epilog() -> str:  # issue 13: examples and output locations
+    from tunekd.describe import OUTPUTS_HELP
+
+    return ("examples:\n"
+            "  tunekd run search_spaces/quickstart.yaml\n"
+            "  tunekd run STUDY.yaml --set train.epochs=2 --set search.distill.lambda_hid.grid=[0,1,3]\n"
+            "  tunekd run STUDY.yaml --dry-run        # every trial: name, layer map, epochs; where it writes\n"
+            "  tunekd run STUDY.yaml --resume\n\n" + OUTPUTS_HELP)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m tunekd.run",
         description="Run a knowledge-distillation study (a YAML study file) on Ray Tune; every trial is "
-                    "recorded as a nested MLflow run.")
+                    "recorded as a nested MLflow run.",
+        epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("study", help="the study file, e.g. search_spaces/quickstart.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a value (dotted key, YAML value), e.g. --set train.epochs=2 "
                         "--set task.data_dir=../shared/data/sst2 --set search.distill.strategy.grid=[forward]; "
                         "repeatable")
-    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+    p.add_argument("--address", default=None,
                    help="attach to a running Ray cluster (default: $RAY_ADDRESS; unset: a local Ray on 127.0.0.1)")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: the study's tracking.uri, sqlite:///mlflow.db)")
@@ -133,21 +146,27 @@ def connect_ray(address: str | None, num_cpus: int | None):
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     import ray
 
+    source = "--address"  # issue 13: say where the address came from
+    if address is None and os.environ.get("RAY_ADDRESS"):
+        address, source = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
     try:
         if address:
-            check_address(address)
+            check_address(address, source)
             ray.init(address=address, log_to_driver=True, configure_logging=False)
             log(f"ray: attached to the cluster at {address}")
         else:
             ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
                      configure_logging=False, log_to_driver=True)
             log(f"ray: started locally on 127.0.0.1 with {int(ray.cluster_resources().get('CPU', 0))} CPUs")
+    except ConfigError:
+        raise
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise ConfigError(f"cannot reach the Ray cluster at {address!r}: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"cannot reach the Ray cluster at {address!r} (from {source}): "
+                          f"{str(exc).splitlines()[0]}") from None
     return ray
 
 
-def check_address(address: str) -> None:
+def check_address(address: str, source: str = "--address") -> None:
     """A TCP connect to host:port with a short timeout, so that a wrong address fails in seconds."""
     import socket
 
@@ -156,12 +175,12 @@ def check_address(address: str) -> None:
     hostport = address.split("://", 1)[-1]
     host, _, port = hostport.rpartition(":")
     if not host or not port.isdigit():
-        raise ConfigError(f"Ray address {address!r} is not host:port (or ray://host:port, auto)")
+        raise ConfigError(f"Ray address {address!r} (from {source}) is not host:port (or ray://host:port, auto)")
     try:
         with socket.create_connection((host, int(port)), timeout=5):
             pass
     except OSError as exc:
-        raise ConfigError(f"cannot reach the Ray cluster at {address!r}: {exc}") from None
+        raise ConfigError(f"cannot reach the Ray cluster at {address!r} (from {source}): {exc}") from None
 
 
 def check_resources(ray, study) -> None:
@@ -186,6 +205,7 @@ class StudyContext:
     family = None
     total = 0
     started: dict = {}
+    progress = None  # issue 13: tunekd.progress.StudyProgress
 
 
 def _trial_callback_class():
@@ -204,9 +224,11 @@ def _trial_callback_class():
             ctx = StudyContext
             t_study = ctx.study.trial(trial.config)
             p = plan.resolve(t_study, ctx.teacher_layers, ctx.family.match_embeddings_default)
-            ctx.tracker.start_trial(trial.trial_id, p.params(t_study))
+            rec = ctx.tracker.start_trial(trial.trial_id, p.params(t_study))
             ctx.started[trial.trial_id] = True
-            log(f"trial {len(ctx.started)}/{ctx.total} started: {self._label(trial)}")
+            if ctx.progress is not None:  # issue 13
+                ctx.progress.started(trial.trial_id)
+            log(f"trial {len(ctx.started)}/{ctx.total} started: {rec.name} ({trial.trial_id})")  # issue 13: name
 
         on_trial_restore = on_trial_start
 
@@ -225,11 +247,15 @@ def _trial_callback_class():
             if StudyContext.study.trial(trial.config).train.save_model and trial.checkpoint is not None:
                 save_trained_student(trial)
             StudyContext.tracker.end_trial(trial.trial_id, status)
-            log(f"  {trial.trial_id} {status} after {last}/{epochs} epochs")
+            if StudyContext.progress is not None:  # issue 13
+                StudyContext.progress.ended(trial.trial_id, status)
+            log(f"  {StudyContext.tracker.trials[trial.trial_id].name} {status} after {last}/{epochs} epochs")
 
         def on_trial_error(self, iteration, trials, trial, **info):
             text = trial_error_text(trial)
             StudyContext.tracker.end_trial(trial.trial_id, "failed", error=text)
+            if StudyContext.progress is not None:  # issue 13
+                StudyContext.progress.ended(trial.trial_id, "failed")
             lines = [ln for ln in text.strip().splitlines() if ln.strip()]
             log(f"  {trial.trial_id} failed: {lines[-1] if lines else text}")
 
@@ -309,7 +335,7 @@ def summarize(tracker, metric: str) -> str:
 
     rows = []
     for trial_id, rec in tracker.trials.items():
-        row = {"trial": trial_id}
+        row = {"trial": rec.name or trial_id}  # issue 13: the run name
         for key in ("distill.strategy", "student.init", "student.layers", "distill.lambda_hid", "train.lr", "seed"):
             row[key.split(".")[-1]] = rec.params.get(key)
         for k, v in sorted(rec.metrics.items()):
@@ -356,9 +382,13 @@ def run(args) -> int:
     n_points = preflight(study, config, family)
     log(f"validated {n_points} trial configurations against the teacher ({family.name}, "
         f"{family.num_layers(config)} layers, width {family.hidden_size(config)})")
-    if args.dry_run:
-        for point in trial_points(study):
-            print("  " + ", ".join(f"{k}={v}" for k, v in point.items()))
+    if args.dry_run:  # issue 13: names, resolved maps, epochs, output locations
+        from tunekd import plan
+        from tunekd.describe import dry_run_lines
+
+        t_layers, emb = family.num_layers(config), family.match_embeddings_default
+        trials = ((pt, study.trial(pt), plan.resolve(study.trial(pt), t_layers, emb)) for pt in trial_points(study))
+        print("\n".join(dry_run_lines(study, trials)))
         return 0
 
     ray = connect_ray(args.address, args.num_cpus)
@@ -387,6 +417,9 @@ def _run_study(study, args, spec, base, config, family, raw, tokenizer, t_start)
         f"{pad['bucketed']:.1%} with length buckets ({'on' if study.train.bucket_by_length else 'off'})")
     info = prepare_teacher(study, family, spec, encoded, base, tokenizer, log=log)
     log("teacher: " + ", ".join(f"{k}={v:.2f}" for k, v in info.metrics.items()))
+    from tunekd.teacher import check_teacher
+
+    sanity_tags = check_teacher(study, spec, encoded, info.metrics, log=log)  # issue 13
     teacher_model = family.load(info.path, spec, trust_remote_code=study.teacher.trust_remote_code)
     from tunekd import cache as tcache
 
@@ -403,7 +436,7 @@ def _run_study(study, args, spec, base, config, family, raw, tokenizer, t_start)
         parent, ray_path = tracker.resumable_parent(None if args.resume == "latest" else args.resume)
         if not (Path(ray_path) / "tuner.pkl").is_file():
             raise ConfigError(f"--resume: the study's Ray state {ray_path!r} is missing; cannot resume")
-        tracker.start_parent("", {}, "", resume_id=parent)
+        tracker.start_parent("", {}, "", resume_id=parent, study=study)
         log(f"mlflow: resuming parent run {parent} ({len(tracker.trials)} trials recorded) from {ray_path}")
     else:
         run_name = f"{study.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
@@ -413,7 +446,8 @@ def _run_study(study, args, spec, base, config, family, raw, tokenizer, t_start)
             "teacher.cached": info.cached, "task.train_rows": len(encoded["train"]),
             "teacher.cache_mode": cache_info.mode, "teacher.cache_reason": cache_info.reason,
             "data.padding_random": round(pad["random"], 4), "data.padding_bucketed": round(pad["bucketed"], 4),
-        }, Path(args.study).read_text(), tags={"tunekd.ray_path": ray_path})
+        }, Path(args.study).read_text(), tags={"tunekd.ray_path": ray_path, **sanity_tags},
+            study=study, study_file=args.study, command=_command_line())  # issue 13
         tracker.log_parent_metrics({f"teacher/{k}": v for k, v in info.metrics.items()})
         log(f"mlflow: experiment {study.experiment!r}, parent run {parent}")
 
@@ -422,6 +456,9 @@ def _run_study(study, args, spec, base, config, family, raw, tokenizer, t_start)
     StudyContext.teacher_config, StudyContext.teacher_path = teacher_config, info.path
     StudyContext.total = grid_size(study) * study.tune.num_samples
     StudyContext.started = {}
+    from tunekd.progress import StudyProgress
+
+    StudyContext.progress = StudyProgress(StudyContext.total, study.name)  # issue 13
     trainable = tune.with_resources(tune.with_parameters(tune_trainable, shared=shared),
                                     {"cpu": study.tune.resources.cpu, "gpu": study.tune.resources.gpu})
     if args.resume:
@@ -445,6 +482,7 @@ def _run_study(study, args, spec, base, config, family, raw, tokenizer, t_start)
         results = tuner.fit()
         status = "FINISHED"
     finally:
+        StudyContext.progress.close()
         tracker.end_parent(status)
     for result in results:  # trials that ended while no driver was listening (a killed driver)
         trial_id = (result.metrics or {}).get("trial_id")
@@ -456,13 +494,24 @@ def _run_study(study, args, spec, base, config, family, raw, tokenizer, t_start)
                 tracker.end_trial(trial_id, finished_status(result.config, result.metrics)[0])
     counts = {s: sum(1 for r in tracker.trials.values() if r.status == s)
               for s in ("completed", "early_stopped", "failed")}
+    summary = tracker.finish_parent(metric, wall_s=time.perf_counter() - t_start)  # issue 13
     print()
     print(summarize(tracker, spec.primary_metric))
     print()
     log(f"teacher {metric}: {info.metrics.get(spec.primary_metric, float('nan')):.2f}; trials: "
         + ", ".join(f"{v} {k}" for k, v in counts.items()) + f"; wall time {time.perf_counter() - t_start:.0f} s")
+    if "best_name" in summary:
+        log(f"best completed trial: {summary['best_name']} ({metric} {summary['best_value']:.2f}), "
+            f"run {summary['best_run_id']}")
     log(f"browse it: {tracker.ui_command()}")
     return 0
+
+
+def _command_line() -> list[str]:
+    """The command as typed: `python -m tunekd.run ...` or `tunekd run ...`."""
+    prog = Path(sys.argv[0]).name
+    head = ["python", "-m", "tunekd.run"] if prog.endswith(".py") else [prog]
+    return head + sys.argv[1:]
 
 
 def main(argv=None) -> int:
