@@ -104,7 +104,8 @@ def dry_run_lines(study, trials: Iterable[tuple[dict, Any, Any]]) -> list[str]:
         n += 1
         name = trial_name(p.params(t_study), varying)
         where = ", ".join(f"{k}={v}" for k, v in point.items())
-        copied = (", copies teacher layers " + ",".join(str(i) for i in p.copied_layers)) if p.copied_layers else ""
+        copied = (", copies teacher layers " + ",".join(str(i) for i in p.copied_layers) + " (0-based)"
+                  if p.copied_layers else "")
         lines.append(f"  {n:>3}. {name}" + (f"   ({where})" if where else ""))
         lines.append(f"       map {layer_map_text(p.layer_map)}; {t_study.student.layers}-layer {t_study.student.init} "
                      f"student{copied}; {t_study.train.epochs} epochs, lr {t_study.train.lr:g}, "

@@ -20,7 +20,7 @@ def enabled() -> bool:
 
 def bar(total: int | None, desc: str, unit: str = "it", **kw):
     """A tqdm bar on stderr (disabled — nothing printed — when `enabled()` is false)."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     b = tqdm(total=total, desc=desc, unit=unit, disable=not enabled(), leave=False, dynamic_ncols=True,
              file=sys.stderr, **kw)
@@ -40,7 +40,7 @@ def bar(total: int | None, desc: str, unit: str = "it", **kw):
 def write(line: str) -> None:
     """Print a log line on stdout, above any open bar."""
     if _BARS:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
 
         tqdm.write(line, file=sys.stdout)
         sys.stdout.flush()
@@ -57,6 +57,7 @@ class StudyProgress:
     def __init__(self, total: int, desc: str = "study"):
         self.total = total
         self.status: dict[str, str] = {}
+        self.done = 0  # trials ended
         self.bar = bar(total, desc, unit="trial")
 
     def counts(self) -> dict[str, int]:
@@ -78,6 +79,7 @@ class StudyProgress:
         if self.status.get(trial_id) not in (None, "running"):
             return  # reported before
         self.status[trial_id] = status
+        self.done += 1
         self.bar.update(1)
         self._refresh()
 

@@ -69,6 +69,11 @@ class TeacherConfig(_Section):
     # error (stop before any trial), or off
     sanity: Literal["warn", "error", "off"] = "warn"
 
+    @field_validator("sanity", mode="before")
+    @classmethod
+    def _sanity(cls, v):
+        return "off" if v is False else v  # YAML reads a bare `off` as false
+
 
 class LoraConfig(_Section):
     """Train low-rank adapters (PEFT LoRA) instead of the student's weights: for large copy-initialised
