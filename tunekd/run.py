@@ -252,6 +252,8 @@ def _trial_callback_class():
             log(f"  {StudyContext.tracker.trials[trial.trial_id].name} {status} after {last}/{epochs} epochs")
 
         def on_trial_error(self, iteration, trials, trial, **info):
+            if trial.trial_id not in StudyContext.tracker.trials:  # its actor died before it started (e.g. OOM)
+                self.on_trial_start(iteration, trials, trial)
             text = trial_error_text(trial)
             StudyContext.tracker.end_trial(trial.trial_id, "failed", error=text)
             if StudyContext.progress is not None:  # issue 13
