@@ -192,7 +192,8 @@ def check(out: Path, keep: bool = False) -> dict:
             results[name] = text
         runs_text = results["study"]
         names = {n: n in runs_text for n, _, _ in store["trials"]}
-        icons = {s: runs_text.count(s) for s in STATUSES}
+        cells = [c.strip() for c in re.split(r"[\t\n]", runs_text)]  # a table cell per line/tab
+        icons = {s: cells.count(s) for s in STATUSES}
         report = {
             "pages": {k: str(out / f"{k}.png") for k in pages},
             "names_shown": sum(names.values()), "trials": len(names), "missing": [n for n, v in names.items() if not v],
