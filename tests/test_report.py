@@ -277,7 +277,8 @@ def test_cli_writes_files_and_logs_artifacts(store, tmp_path, capsys):
     out = tmp_path / "rep"
     rc = report.main(["--experiment", "kd", "--tracking-uri", store.uri, "--out", str(out)])
     assert rc == 0
-    expected = {"report.md", "table.csv", "paired.csv", "strategies_accuracy.png", "strategies_f1.png"}
+    expected = {"report.md", "table.csv", "paired.csv", "table.tex", "strategies_accuracy.png", "strategies_f1.png",
+                "paired_accuracy.png", "paired_f1.png"}
     assert {p.name for p in out.iterdir()} == expected
     for png in out.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -304,7 +305,8 @@ def test_cli_lambda_and_depth_plots(store, tmp_path, capsys):
     rc = report.main(["--experiment", "kd-sweep", "--tracking-uri", store.uri, "--out", str(out),
                       "--metric", "accuracy", "--margin", "0.25", "--no-log"])
     assert rc == 0
-    assert {p.name for p in out.iterdir()} == {"report.md", "table.csv", "paired.csv", "strategies_accuracy.png",
+    assert {p.name for p in out.iterdir()} == {"report.md", "table.csv", "paired.csv", "table.tex",
+                                                "strategies_accuracy.png", "paired_accuracy.png",
                                                 "lambda_accuracy.png", "depth_accuracy.png"}
     paired = pd.read_csv(out / "paired.csv")
     assert set(paired["verdict"]) == {"different"}  # 0.5 exactly, outside a 0.25 margin

@@ -235,8 +235,13 @@ def build(family, teacher, data: Encoded, folder: str | Path, *, layers: Iterabl
     pos: dict[str, int] = {}
     files: dict[tuple[str, int], object] = {}
     width = None
+    from tunekd.progress import bar
+
+    batches = batch_indices(data.lengths, batch_size, shuffle=False, bucket=True)
+    rows = bar(n, "teacher cache", unit="row")
     try:
-        for index in batch_indices(data.lengths, batch_size, shuffle=False, bucket=True):
+        for index in batches:
+            rows.update(len(index))
             batch = {k: v.to(device) for k, v in data.batch(index).items() if k != "index"}
             if fingerprints is None:
                 fingerprints = np.zeros(n, dtype=np.int64)
@@ -270,6 +275,7 @@ def build(family, teacher, data: Encoded, folder: str | Path, *, layers: Iterabl
                         fh = files[(stack, k)] = open(folder / f"{stack}.h{k}.bin", "wb")
                     fh.write(np.ascontiguousarray(_to_stored(x, dtype)).tobytes())
     finally:
+        rows.close()
         for fh in files.values():
             fh.close()
         teacher.train(was_training)

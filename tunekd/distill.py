@@ -351,6 +351,7 @@ def fit(
     progress: Callable[[str], None] | None = None,
     started: float | None = None,
     generation: GenerationConfig | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> list[dict[str, float]]:
     """Train for `epochs` epochs (resuming after `state.epoch` when a state is given).
 
@@ -359,6 +360,7 @@ def fit(
     the teacher model ran on and those read from the cache (cumulative), and, given `started`
     (a `time.perf_counter()` value), `perf/startup_s`: from `started` to the first training step.
     `generation` (the study's `task.generation`) sets how generation tasks are evaluated.
+    `on_step()` is called after every optimizer step (a progress bar).
     """
     device = device_for(train_cfg.precision)
     distiller.to(device)
@@ -382,6 +384,8 @@ def fit(
             for k in sums:
                 sums[k] += float(parts[k].detach())
             n += 1
+            if on_step is not None:
+                on_step()
         state.epoch = epoch
         train_s = time.perf_counter() - t0
         metrics = {f"train/{k}": v / max(n, 1) for k, v in sums.items()}

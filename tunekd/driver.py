@@ -37,7 +37,9 @@ from tunekd.study import Study, grid_size, max_epochs
 
 
 def log(msg: str) -> None:
-    print(f"[tunekd] {msg}", flush=True)
+    from tunekd.progress import write  # above any progress bar
+
+    write(f"[tunekd] {msg}")
 
 
 @dataclass
@@ -47,10 +49,12 @@ class RunOptions:
     study_file: str | None = None  # recorded in MLflow (path and text)
     overrides: list[str] = field(default_factory=list)
     address: str | None = None  # attach to this Ray cluster; None: start a local one
+    address_source: str = "--address"  # where the address came from (--address or RAY_ADDRESS), for errors
     num_cpus: int | None = None  # CPUs of a local Ray (None: all)
     resume: str | None = None  # "latest" or a parent run id
     dry_run: bool = False
     track: bool = True  # False: no MLflow (the benchmarks)
+    command: list[str] = field(default_factory=list)  # the command line, for the parent run's description
 
 
 class StudyDriver:
@@ -69,6 +73,7 @@ class StudyDriver:
         self.encoded: dict | None = None
         self.padding: dict[str, float] = {}
         self.teacher = None  # teacher.TeacherInfo
+        self.sanity_tags: dict[str, str] = {}  # the teacher sanity check's verdict (tags of the parent run)
         self.cache = None  # cache.CacheInfo
         self.teacher_model_config = None  # the (fine-tuned) teacher's transformers config
         self.shared = None  # trainable.Shared
@@ -78,8 +83,10 @@ class StudyDriver:
         self.tuner = None
         self.results = None  # tune.ResultGrid
         self.started: set[str] = set()
+        self.progress = None  # progress.StudyProgress: the study's bar (trials running / done / stopped)
         self.owns_ray = False  # connect started or attached Ray (and disconnect shuts it down)
         self.interrupted = False  # Ctrl-C stopped the trials (Tune returns with unfinished ones)
+        self.summary: dict[str, Any] = {}  # tracking.StudyTracker.finish_parent's summary of the study
 
     # --- the study, top to bottom ------------------------------------------------------------------
 
@@ -87,8 +94,10 @@ class StudyDriver:
         self.setup_task()
         self.preflight()
         if self.options.dry_run:
-            for point in self.points:
-                print("  " + ", ".join(f"{k}={v}" for k, v in point.items()))
+            from tunekd.describe import dry_run_lines
+
+            trials = ((pt, self.trials(pt).study, self.trials(pt).plan) for pt in self.points)
+            print("\n".join(dry_run_lines(self.study, trials)))
             print("resolved loss settings:\n" + "\n".join(plan.describe_losses(self.trials, self.points,
                                                                                  self.family)))
             return 0
@@ -186,7 +195,7 @@ class StudyDriver:
         if ray.is_initialized() and not self.options.address:
             self.log(f"ray: using the Ray this process runs ({int(ray.cluster_resources().get('CPU', 0))} CPUs)")
         else:
-            connect_ray(self.options.address, self.options.num_cpus, log=self.log)
+            connect_ray(self.options.address, self.options.num_cpus, log=self.log, source=self.options.address_source)
             self.owns_ray = True
         try:
             check_resources(ray, self.study)
@@ -215,11 +224,12 @@ class StudyDriver:
                  f"{pad['bucketed']:.1%} with length buckets ({'on' if study.train.bucket_by_length else 'off'})")
 
     def setup_teacher(self) -> None:
-        from tunekd.teacher import prepare_teacher
+        from tunekd.teacher import check_teacher, prepare_teacher
 
         self.teacher = prepare_teacher(self.study, self.family, self.spec, self.encoded, self.base, self.tokenizer,
                                        log=self.log)
         self.log("teacher: " + ", ".join(f"{k}={v:.2f}" for k, v in self.teacher.metrics.items()))
+        self.sanity_tags = check_teacher(self.study, self.spec, self.encoded, self.teacher.metrics, log=self.log)
 
     def setup_cache(self) -> None:
         """The teacher-output cache for every trial at `points`, and the data every trial shares."""
@@ -250,7 +260,7 @@ class StudyDriver:
             parent, self.ray_path = tracker.resumable_parent(None if opts.resume == "latest" else opts.resume)
             if not (Path(self.ray_path) / "tuner.pkl").is_file():
                 raise ConfigError(f"--resume: the study's Ray state {self.ray_path!r} is missing; cannot resume")
-            tracker.start_parent("", {}, "", resume_id=parent)
+            tracker.start_parent("", {}, "", resume_id=parent, study=study)
             self.log(f"mlflow: resuming parent run {parent} ({len(tracker.trials)} trials recorded) from {self.ray_path}")
             return
         run_name = f"{study.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
@@ -262,7 +272,9 @@ class StudyDriver:
             "teacher.cache_mode": self.cache.mode, "teacher.cache_reason": self.cache.reason,
             "data.padding_random": round(self.padding["random"], 4),
             "data.padding_bucketed": round(self.padding["bucketed"], 4), **task_params(self.spec, self.study.task),
-        }, study_file.read_text() if study_file else study.model_dump_json(), tags={"tunekd.ray_path": self.ray_path})
+        }, study_file.read_text() if study_file else study.model_dump_json(),
+            tags={"tunekd.ray_path": self.ray_path, **self.sanity_tags}, study=study,
+            study_file=opts.study_file, command=opts.command)
         tracker.log_parent_metrics({f"teacher/{k}": v for k, v in info.metrics.items()})
         self.log(f"mlflow: experiment {study.experiment!r}, parent run {parent}")
 
@@ -275,6 +287,10 @@ class StudyDriver:
         trainable = tune.with_resources(tune.with_parameters(tune_trainable, shared=self.shared),
                                         {"cpu": study.tune.resources.cpu, "gpu": study.tune.resources.gpu})
         callbacks = [TrialCallback(self)] if self.tracker is not None else []
+        if self.tracker is not None:
+            from tunekd.progress import StudyProgress
+
+            self.progress = StudyProgress(self.total_trials, study.name)
         if self.options.resume:
             self.tuner = tune.Tuner.restore(self.ray_path, trainable, resume_unfinished=True, resume_errored=False,
                                             restart_errored=False)
@@ -308,12 +324,14 @@ class StudyDriver:
     def fit(self) -> None:
         """Run the trials; end the parent run FINISHED, or KILLED when Ctrl-C stopped them (Tune catches the first
         Ctrl-C itself and returns with unfinished trials); settle trials no driver saw finish."""
-        self.results = self.tuner.fit()
+        try:
+            self.results = self.tuner.fit()
+        finally:
+            if self.progress is not None:
+                self.progress.close()
         self.interrupted = self.results.num_terminated + self.results.num_errors < len(self.results)
         if self.tracker is None:
             return
-        self.tracker.end_parent("KILLED" if self.interrupted else "FINISHED",
-                                error="interrupted (Ctrl-C); continue with --resume" if self.interrupted else None)
         for result in self.results:  # trials that ended while no driver was listening (a killed driver)
             trial_id = (result.metrics or {}).get("trial_id")
             rec = self.tracker.trials.get(trial_id)
@@ -322,6 +340,9 @@ class StudyDriver:
                     self.tracker.end_trial(trial_id, "failed", error=str(result.error))
                 else:
                     self.tracker.end_trial(trial_id, self.finished_status(result.config, result.metrics)[0])
+        self.summary = self.tracker.finish_parent(  # best trial, counts, wall time, description; closes the run
+            self.metric, wall_s=time.perf_counter() - self.t_start, status="KILLED" if self.interrupted else "FINISHED",
+            error="interrupted (Ctrl-C); continue with --resume" if self.interrupted else None)
 
     def summarise(self) -> None:
         if self.tracker is None:
@@ -335,6 +356,9 @@ class StudyDriver:
         self.log(f"teacher {self.metric}: {self.teacher.metrics.get(self.spec.primary_metric, float('nan')):.2f}; "
                  "trials: " + ", ".join(f"{v} {k}" for k, v in counts.items())
                  + f"; wall time {time.perf_counter() - self.t_start:.0f} s")
+        if "best_name" in self.summary:
+            self.log(f"best completed trial: {self.summary['best_name']} ({self.metric} "
+                     f"{self.summary['best_value']:.2f}), run {self.summary['best_run_id']}")
         self.log(f"browse it: {tracker.ui_command()}")
 
     # --- per trial (called by TrialCallback) ---------------------------------------------------------
@@ -383,16 +407,13 @@ class TrialCallback(_callback_base()):
     def __setstate__(self, state):
         self.driver = None
 
-    @staticmethod
-    def _label(trial) -> str:
-        bits = [f"{k.split('.')[-1]}={v}" for k, v in trial.config.items()]
-        return f"{trial.trial_id} ({', '.join(bits)})"
-
     def on_trial_start(self, iteration, trials, trial, **info):
         d = self.driver
-        d.tracker.start_trial(trial.trial_id, d.trials(trial.config).params())
+        rec = d.tracker.start_trial(trial.trial_id, d.trials(trial.config).params())
         d.started.add(trial.trial_id)
-        d.log(f"trial {len(d.started)}/{d.total_trials} started: {self._label(trial)}")
+        if d.progress is not None:
+            d.progress.started(trial.trial_id)
+        d.log(f"trial {len(d.started)}/{d.total_trials} started: {rec.name} ({trial.trial_id})")
 
     on_trial_restore = on_trial_start
 
@@ -413,12 +434,18 @@ class TrialCallback(_callback_base()):
         if d.trials(trial.config).study.train.save_model and trial.checkpoint is not None:
             d.save_trained_student(trial)
         d.tracker.end_trial(trial.trial_id, status)
-        d.log(f"  {trial.trial_id} {status} after {last}/{epochs} epochs")
+        if d.progress is not None:
+            d.progress.ended(trial.trial_id, status)
+        d.log(f"  {d.tracker.trials[trial.trial_id].name} {status} after {last}/{epochs} epochs")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         d = self.driver
+        if trial.trial_id not in d.tracker.trials:  # its actor died before it started (e.g. killed for memory)
+            self.on_trial_start(iteration, trials, trial)
         text = trial_error_text(trial)
         d.tracker.end_trial(trial.trial_id, "failed", error=text)
+        if d.progress is not None:
+            d.progress.ended(trial.trial_id, "failed")
         lines = [ln for ln in text.strip().splitlines() if ln.strip()]
         d.log(f"  {trial.trial_id} failed: {lines[-1] if lines else text}")
 
@@ -485,7 +512,7 @@ def tune_config(study: Study, metric: str):
 # --- Ray -----------------------------------------------------------------------------------------
 
 
-def connect_ray(address: str | None, num_cpus: int | None, *, log=log):
+def connect_ray(address: str | None, num_cpus: int | None, *, log=log, source: str = "--address"):
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -494,19 +521,22 @@ def connect_ray(address: str | None, num_cpus: int | None, *, log=log):
 
     try:
         if address:
-            check_address(address)
+            check_address(address, source)
             ray.init(address=address, log_to_driver=True, configure_logging=False)
             log(f"ray: attached to the cluster at {address}")
         else:
             ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
                      configure_logging=False, log_to_driver=True)
             log(f"ray: started locally on 127.0.0.1 with {int(ray.cluster_resources().get('CPU', 0))} CPUs")
+    except ConfigError:
+        raise
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise ConfigError(f"cannot reach the Ray cluster at {address!r}: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"cannot reach the Ray cluster at {address!r} (from {source}): "
+                          f"{str(exc).splitlines()[0]}") from None
     return ray
 
 
-def check_address(address: str) -> None:
+def check_address(address: str, source: str = "--address") -> None:
     """A TCP connect to host:port with a short timeout, so that a wrong address fails in seconds."""
     import socket
 
@@ -515,12 +545,12 @@ def check_address(address: str) -> None:
     hostport = address.split("://", 1)[-1]
     host, _, port = hostport.rpartition(":")
     if not host or not port.isdigit():
-        raise ConfigError(f"Ray address {address!r} is not host:port (or ray://host:port, auto)")
+        raise ConfigError(f"Ray address {address!r} (from {source}) is not host:port (or ray://host:port, auto)")
     try:
         with socket.create_connection((host, int(port)), timeout=5):
             pass
     except OSError as exc:
-        raise ConfigError(f"cannot reach the Ray cluster at {address!r}: {exc}") from None
+        raise ConfigError(f"cannot reach the Ray cluster at {address!r} (from {source}): {exc}") from None
 
 
 def check_resources(ray, study: Study) -> None:
@@ -541,7 +571,7 @@ def summary_table(tracker, metric: str) -> str:
 
     rows = []
     for trial_id, rec in tracker.trials.items():
-        row = {"trial": trial_id}
+        row = {"trial": rec.name or trial_id}
         for key in ("distill.strategy", "student.init", "student.layers", "distill.lambda_hid", "train.lr", "seed"):
             row[key.split(".")[-1]] = rec.params.get(key)
         for k, v in sorted(rec.metrics.items()):

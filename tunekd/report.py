@@ -358,8 +358,11 @@ def plot_versus(table: pd.DataFrame, x: str, metric: str, path: Path, teacher: f
     for ax, (title, g) in zip(axes, facets):
         for strategy, s in g.groupby("strategy", sort=False):
             s = s.sort_values(x)
-            ax.errorbar(s[x].astype(float), s[f"{metric} mean"], yerr=s[f"{metric} sd"].fillna(0.0),
-                        marker="o", capsize=3, label=str(strategy))
+            line = ax.plot(s[x].astype(float), s[f"{metric} mean"], marker="o", label=str(strategy))[0]
+            spread = s[s[f"{metric} n"] > 1]  # no error bar where there is one seed
+            if len(spread):
+                ax.errorbar(spread[x].astype(float), spread[f"{metric} mean"], yerr=spread[f"{metric} sd"],
+                            fmt="none", capsize=3, color=line.get_color())
         if teacher is not None:
             ax.axhline(teacher, color="grey", ls="--", lw=1, label="teacher")
         ax.set_xticks(sorted(g[x].astype(float).unique()))
@@ -376,7 +379,8 @@ def plot_versus(table: pd.DataFrame, x: str, metric: str, path: Path, teacher: f
 
 def plot_strategies(table: pd.DataFrame, metric: str, path: Path, teacher: float | None = None) -> Path:
     """Bar chart of `metric` mean ± sd per strategy, bars grouped by init, one panel per value of
-    the other keys."""
+    the other keys. Bars start at zero; error bars only where n > 1 (the mean is written on each bar,
+    so that small differences stay readable)."""
     facets = _facets(table, ["strategy", "init"])
     plt, fig, axes = _figure(len(facets), width=5.5)
     for ax, (title, g) in zip(axes, facets):
@@ -387,19 +391,21 @@ def plot_strategies(table: pd.DataFrame, metric: str, path: Path, teacher: float
             part = g if init is None else g[g["init"] == init]
             pos = {s: j for j, s in enumerate(strategies)}
             xs = [pos[s] + (i - (len(inits) - 1) / 2) * width for s in part["strategy"]]
-            ax.bar(xs, part[f"{metric} mean"], width, yerr=part[f"{metric} sd"].fillna(0.0), capsize=3,
-                   label=f"init={init}" if init is not None else None)
+            sd = part[f"{metric} sd"].where(part[f"{metric} n"] > 1)  # NaN: no error bar for n = 1
+            bars = ax.bar(xs, part[f"{metric} mean"], width, label=f"init={init}" if init is not None else None)
+            ax.errorbar(xs, part[f"{metric} mean"], yerr=sd.to_numpy(dtype=float), fmt="none", capsize=3,
+                        ecolor="black", lw=1)
+            ax.bar_label(bars, labels=[_fmt(v, 1) for v in part[f"{metric} mean"]], fontsize=7, padding=2,
+                         label_type="center", color="white")
         ax.set_xticks(range(len(strategies)))
         ax.set_xticklabels([str(s) for s in strategies], rotation=20, fontsize=8)
         if teacher is not None:
             ax.axhline(teacher, color="grey", ls="--", lw=1, label="teacher")
-        lo = np.nanmin(g[f"{metric} mean"] - g[f"{metric} sd"].fillna(0.0))
         hi = np.nanmax(g[f"{metric} mean"] + g[f"{metric} sd"].fillna(0.0))
         if teacher is not None:
-            lo, hi = min(lo, teacher), max(hi, teacher)
-        if np.isfinite(lo) and np.isfinite(hi):
-            pad = max(1.0, 0.1 * (hi - lo))
-            ax.set_ylim(lo - pad, hi + pad)
+            hi = max(hi, teacher)
+        if np.isfinite(hi):
+            ax.set_ylim(0, hi * 1.12 if hi > 0 else 1)  # bars from zero
         ax.set_ylabel(metric)
         ax.set_title(title, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
@@ -408,6 +414,101 @@ def plot_strategies(table: pd.DataFrame, metric: str, path: Path, teacher: float
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_paired(paired: pd.DataFrame, metric: str, path: Path) -> Path:
+    """The equivalence picture: per strategy and configuration, the mean paired difference against the
+    reference (dot) with its 95% t interval (thin) and the TOST's 90% interval (thick), the ±margin band
+    shaded and zero marked. An interval inside the band is *equivalent*; one clear of zero *different*.
+    Configurations with fewer than 2 pairs get a hollow dot and no interval."""
+    plt = _pyplot()
+    part = paired[paired["metric"] == metric].reset_index(drop=True)
+    keys = [c for c in part.columns if c not in PAIRED_STATS]
+    labels = [", ".join(f"{v}" if k == "strategy" else f"{k}={v}" for k, v in zip(keys, row))
+              for row in part[keys].itertuples(index=False)]
+    margin = float(part["margin"].iloc[0]) if len(part) else 1.0
+    reference = str(part["reference"].iloc[0]) if len(part) else "reference"
+    fig, ax = plt.subplots(figsize=(7.5, 0.42 * max(len(part), 2) + 1.5))
+    ax.axvspan(-margin, margin, color="tab:green", alpha=0.12, label=f"±{margin:g}: equivalence margin")
+    ax.axvline(0, color="grey", lw=1)
+    colors = {"equivalent": "tab:green", "different": "tab:red", "inconclusive": "tab:grey"}
+    ys = np.arange(len(part))[::-1]
+    for y, (_, r) in zip(ys, part.iterrows()):
+        c = colors.get(r["verdict"], "black")
+        if r["n"] >= 2 and not pd.isna(r["ci_low"]):
+            ax.plot([r["ci_low"], r["ci_high"]], [y, y], color=c, lw=1.2)
+            ax.plot([r["ci90_low"], r["ci90_high"]], [y, y], color=c, lw=4, alpha=0.6, solid_capstyle="butt")
+            ax.plot(r["mean_diff"], y, "o", color=c)
+        elif not pd.isna(r["mean_diff"]):
+            ax.plot(r["mean_diff"], y, "o", mfc="white", color=c)
+        ax.annotate(f"{r['verdict']} (n={int(r['n'])})", (1.01, y), xycoords=("axes fraction", "data"),
+                    fontsize=7, va="center", color=c)
+    ax.set_yticks(ys)
+    ax.set_yticklabels(labels, fontsize=8)
+    ax.set_ylim(-0.8, len(part) - 0.2)
+    ax.set_xlabel(f"{metric}: strategy − {reference}, paired by seed (thin: 95% CI, thick: 90% CI)", fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left", bbox_to_anchor=(0, 1.0), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+# --- LaTeX -------------------------------------------------------------------------------------
+
+PAIRED_STATS = ("n", "mean_diff", "sd_diff", "ci_low", "ci_high", "ci90_low", "ci90_high", "p_tost", "verdict",
+                "mean", "mean_ref", "metric", "reference", "margin")
+_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+        "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def tex_escape(text) -> str:
+    return "".join(_TEX.get(ch, ch) for ch in str(text))
+
+
+def _tex_cell(mean: float, sd: float, n: int) -> str:
+    if n == 0 or pd.isna(mean):
+        return "--"
+    return f"${mean:.2f} \\pm {sd:.2f}$ ({n})" if n > 1 else f"${mean:.2f}$ (1)"
+
+
+def _tex_tabular(header: list[str], rows: list[list[str]], align: str) -> list[str]:
+    out = [f"\\begin{{tabular}}{{{align}}}", "\\toprule", " & ".join(header) + r" \\", "\\midrule"]
+    out += [" & ".join(r) + r" \\" for r in rows]
+    return out + ["\\bottomrule", "\\end{tabular}"]
+
+
+def latex_tables(table: pd.DataFrame, paired: pd.DataFrame, metrics: list[str], *, reference: str,
+                 margin: float, alpha: float) -> str:
+    """The strategy table (mean ± sd (n) per metric) and the paired verdicts as booktabs tables
+    (needs `\\usepackage{booktabs}`), ready for `\\input{table.tex}`."""
+    keys = _key_names(table)
+    head = [tex_escape(k) for k in keys] + [tex_escape(m.split("/", 1)[-1]) for m in metrics]
+    rows = [[tex_escape(r[k]) for k in keys] + [_tex_cell(r[f"{m} mean"], r[f"{m} sd"], int(r[f"{m} n"]))
+                                               for m in metrics] for _, r in table.iterrows()]
+    lines = ["% tunekd report; needs \\usepackage{booktabs}", "\\begin{table}[t]", "\\centering", "\\small"]
+    lines += _tex_tabular(head, rows, "l" * len(keys) + "r" * len(metrics))
+    lines += ["\\caption{Final metrics over seeds: mean $\\pm$ sample standard deviation (number of seeds).}",
+              "\\label{tab:tunekd-strategies}", "\\end{table}", ""]
+    if len(paired):
+        pk = [c for c in paired.columns if c not in PAIRED_STATS]
+        head = (["metric"] + [tex_escape(k) for k in pk]
+                + ["$n$", "$\\Delta$", f"{100 * (1 - alpha):g}\\% CI", "$p_\\mathrm{TOST}$", "verdict"])
+        rows = []
+        for _, r in paired.iterrows():
+            ci = f"$[{r['ci_low']:+.2f}, {r['ci_high']:+.2f}]$" if not pd.isna(r["ci_low"]) else "--"
+            rows.append([tex_escape(str(r["metric"]).split("/", 1)[-1])] + [tex_escape(r[k]) for k in pk]
+                        + [str(int(r["n"])), f"${r['mean_diff']:+.2f}$" if not pd.isna(r["mean_diff"]) else "--",
+                           ci, f"{r['p_tost']:.3g}" if not pd.isna(r["p_tost"]) else "--", tex_escape(r["verdict"])])
+        lines += ["\\begin{table}[t]", "\\centering", "\\small"]
+        lines += _tex_tabular(head, rows, "l" * (1 + len(pk)) + "rrrrl")
+        lines += [f"\\caption{{Paired differences against \\texttt{{{tex_escape(reference)}}} (same seed and "
+                  f"configuration). Equivalent: the {100 * (1 - 2 * alpha):g}\\% interval lies inside "
+                  f"$\\pm{margin:g}$ (TOST, $\\alpha={alpha:g}$); different: not equivalent and the "
+                  f"{100 * (1 - alpha):g}\\% interval excludes 0; otherwise inconclusive.}}",
+                  "\\label{tab:tunekd-paired}", "\\end{table}", ""]
+    return "\n".join(lines)
 
 
 # --- Markdown ----------------------------------------------------------------------------------
@@ -476,12 +577,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="python -m tunekd.report",
         description="Statistical report of a tunekd study recorded in MLflow: the strategy-robustness table "
                     "(mean ± sd over seeds per strategy x init x ...), paired differences of every strategy "
-                    "against a reference strategy with 95%% t intervals and a TOST equivalence verdict, and "
-                    "plots. Writes report.md, table.csv, paired.csv and PNGs to --out, logs them on the study's "
+                    "against a reference strategy with 95% t intervals and a TOST equivalence verdict, and "
+                    "plots. Writes report.md, table.csv, paired.csv, table.tex (LaTeX, booktabs) and PNGs to --out, logs them on the study's "
                     "parent run (artifact folder report/) and prints the Markdown.",
-        epilog="Verdicts (per strategy and configuration, pairs matched by seed): 'equivalent' when the 90%% "
+        epilog="Verdicts (per strategy and configuration, pairs matched by seed): 'equivalent' when the 90% "
                "interval of the mean difference lies inside (-margin, +margin), i.e. both one-sided tests have "
-               "p < 0.05; 'different' when not equivalent and the 95%% interval excludes 0; else "
+               "p < 0.05; 'different' when not equivalent and the 95% interval excludes 0; else "
                "'inconclusive' (always with fewer than 2 pairs). Only completed trials are compared; "
                "early-stopped, failed and unfinished ones are listed apart. Exit status 2: unknown experiment, "
                "no completed trials, or another input problem (one line on stderr).")
@@ -571,8 +672,16 @@ def build_report(df: pd.DataFrame, *, experiment: str, out: Path, metrics: list[
     paired = pd.concat(paired_parts, ignore_index=True) if paired_parts else pd.DataFrame()
     paired.to_csv(out / "paired.csv", index=False)
     files.append(out / "paired.csv")
+    (out / "table.tex").write_text(latex_tables(table, paired, metrics, reference=reference, margin=margin,
+                                                alpha=alpha))
+    files.append(out / "table.tex")
 
     plots: list[tuple[str, Path]] = []
+    if len(paired):
+        for m in metrics:
+            if (paired["metric"] == m).any():
+                plots.append((f"{m}: paired differences against {reference}",
+                              plot_paired(paired, m, out / f"paired_{slug(m)}.png")))
     if "strategy" in table:
         for m in metrics:
             plots.append((f"{m} by strategy", plot_strategies(table, m, out / f"strategies_{slug(m)}.png",

@@ -9,21 +9,33 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from tunekd.errors import run_cli
+
+
+def _epilog() -> str:
+    from tunekd.describe import OUTPUTS_HELP
+
+    return ("examples:\n"
+            "  tunekd run search_spaces/quickstart.yaml\n"
+            "  tunekd run STUDY.yaml --set train.epochs=2 --set search.distill.lambda_hid.grid=[0,1,3]\n"
+            "  tunekd run STUDY.yaml --dry-run        # every trial: name, layer map, epochs; where it writes\n"
+            "  tunekd run STUDY.yaml --resume\n\n" + OUTPUTS_HELP)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m tunekd.run",
         description="Run a knowledge-distillation study (a YAML study file) on Ray Tune; every trial is "
-                    "recorded as a nested MLflow run.")
+                    "recorded as a nested MLflow run.",
+        epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("study", help="the study file, e.g. search_spaces/quickstart.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a value (dotted key, YAML value), e.g. --set train.epochs=2 "
                         "--set task.data_dir=../shared/data/sst2 --set search.distill.strategy.grid=[forward]; "
                         "repeatable")
-    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+    p.add_argument("--address", default=None,
                    help="attach to a running Ray cluster (default: $RAY_ADDRESS; unset: a local Ray on 127.0.0.1)")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: the study's tracking.uri, sqlite:///mlflow.db)")
@@ -44,9 +56,19 @@ def run(args: argparse.Namespace) -> int:
     study = load_study(args.study, args.overrides)
     if args.tracking_uri:
         study = study.model_copy(update={"tracking": study.tracking.model_copy(update={"uri": args.tracking_uri})})
-    options = RunOptions(study_file=args.study, overrides=args.overrides, address=args.address,
-                         num_cpus=args.num_cpus, resume=args.resume, dry_run=args.dry_run)
+    address, source = args.address, "--address"
+    if address is None and os.environ.get("RAY_ADDRESS"):
+        address, source = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
+    options = RunOptions(study_file=args.study, overrides=args.overrides, address=address, address_source=source,
+                         num_cpus=args.num_cpus, resume=args.resume, dry_run=args.dry_run, command=_command_line())
     return StudyDriver(study, options).run()
+
+
+def _command_line() -> list[str]:
+    """The command as typed: `python -m tunekd.run ...` or `tunekd run ...`."""
+    prog = Path(sys.argv[0]).name
+    head = ["python", "-m", "tunekd.run"] if prog.endswith(".py") else [prog]
+    return head + sys.argv[1:]
 
 
 def main(argv=None) -> int:

@@ -176,6 +176,14 @@ class TeacherConfig(_Section):
     cache_budget_gb: Float = Field(2.0, ge=0)  # teacher-output cache: full, logits-only or off (0) by size
     cache_dtype: Literal["fp16", "bf16"] = "fp16"
     trust_remote_code: Bool = False
+    # a teacher not clearly above the majority class on the eval split: warn (and tag the parent run),
+    # error (stop before any trial), or off
+    sanity: Literal["warn", "error", "off"] = "warn"
+
+    @field_validator("sanity", mode="before")
+    @classmethod
+    def _sanity(cls, v):
+        return "off" if v is False else v  # YAML reads a bare `off` as false
 
 
 class LoraConfig(_Section):
@@ -606,7 +614,12 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             if last in SEARCH_KINDS and head:
                 search[head] = {last: value}
             elif value is None:
-                search.pop(dim, None)
+                if dim not in search:
+                    hint = str(unknown("", dim, list(search))).partition(" (did you mean")[2]
+                    raise ConfigError(f"--set {text}: the study has no search dimension {dim!r} to remove; it "
+                                      f"searches: {', '.join(search) or 'nothing'}"
+                                      + (f" (did you mean{hint}" if hint else ""))
+                search.pop(dim)
             else:
                 search[dim] = value
         else:

@@ -105,9 +105,16 @@ def prepare_teacher(study: Study, family, spec, encoded: dict, base: str, tokeni
     torch.manual_seed(ft.seed)
     model = family.load(base, spec, trust_remote_code=study.teacher.trust_remote_code)
     train_cfg = finetune_train_config(ft, study.train)
-    history = distill.fit(distill.Distiller(family=family, student=model), spec, encoded["train"], evals, train_cfg,
-                          epochs=ft.epochs, seed=ft.seed, progress=lambda m: log(f"teacher: {m}"),
-                          generation=study.task.generation)
+    from tunekd.data import num_batches
+    from tunekd.progress import bar
+
+    steps = bar(ft.epochs * num_batches(encoded["train"], ft.batch_size), "teacher fine-tune", unit="step")
+    try:
+        history = distill.fit(distill.Distiller(family=family, student=model), spec, encoded["train"], evals,
+                              train_cfg, epochs=ft.epochs, seed=ft.seed, progress=lambda m: log(f"teacher: {m}"),
+                              generation=study.task.generation, on_step=lambda: steps.update(1))
+    finally:
+        steps.close()
     metrics = {k[len("eval/"):]: v for k, v in history[-1].items() if k.startswith("eval/")}
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}-"))
@@ -125,3 +132,74 @@ def prepare_teacher(study: Study, family, spec, encoded: dict, base: str, tokeni
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return TeacherInfo(path=str(target), metrics=metrics, cached=False)
+
+
+# --- is the teacher worth distilling from? ---------------------------------------------------------
+
+
+@dataclass
+class Sanity:
+    """The teacher's primary metric against the best constant guess on the eval split."""
+
+    metric: str
+    value: float  # the teacher's score, percent
+    baseline: float  # majority class (classification) / most frequent answer position (multiple choice), percent
+    rows: int
+    p_value: float  # one-sided exact binomial test, H0: accuracy = baseline
+    ok: bool
+
+    def message(self) -> str:
+        return (f"teacher {self.metric} {self.value:.2f} is not clearly above the majority-class level "
+                f"{self.baseline:.2f} on the {self.rows} eval rows (one-sided binomial p = {self.p_value:.3g}); "
+                "every student would be distilled from noise: check teacher.finetune (epochs, lr) and "
+                "task.max_train_samples")
+
+    def tags(self) -> dict[str, str]:
+        return {"tunekd.teacher.sanity": "ok" if self.ok else "at_chance",
+                "tunekd.teacher.baseline": f"{self.baseline:.2f}"}
+
+
+SANITY_ALPHA = 0.01
+
+
+def teacher_sanity(spec, encoded: dict, metrics: dict[str, float], *, alpha: float = SANITY_ALPHA) -> Sanity | None:
+    """Is the teacher's primary metric clearly (one-sided exact binomial test at level `alpha`) above
+    the majority-class level of the split it is computed on? None when the metric has no chance level
+    (generation: BLEU) or is not an accuracy."""
+    import numpy as np
+    from scipy import stats
+
+    name = spec.primary_metric
+    if spec.kind == "generation" or name != "accuracy" or name not in metrics:
+        return None
+    split = spec.eval_splits[0]
+    data = encoded.get(split)
+    if data is None:  # local data without the canonical split name: the first non-train split
+        data = next((v for k, v in encoded.items() if k != "train"), None)
+    if data is None or "labels" not in data.arrays or not len(data.arrays["labels"]):
+        return None
+    labels = np.asarray(data.arrays["labels"]).reshape(-1)
+    n = int(labels.size)
+    baseline = 100.0 * np.bincount(labels).max() / n
+    value = float(metrics[name])
+    k = int(round(value / 100.0 * n))
+    p = float(stats.binomtest(k, n, baseline / 100.0, alternative="greater").pvalue)
+    return Sanity(metric=name, value=value, baseline=float(baseline), rows=n, p_value=p, ok=p < alpha)
+
+
+def check_teacher(study, spec, encoded: dict, metrics: dict[str, float], *, log=print) -> dict[str, str]:
+    """`teacher_sanity` under the study's `teacher.sanity` (warn | error | off): logs a warning, or
+    raises ConfigError, when the teacher is at chance. Returns tags for the parent run."""
+    mode = getattr(study.teacher, "sanity", "warn")
+    if mode == "off":
+        return {}
+    s = teacher_sanity(spec, encoded, metrics)
+    if s is None:
+        return {"tunekd.teacher.sanity": "n/a"}
+    if not s.ok:
+        if mode == "error":
+            raise ConfigError(s.message() + " (teacher.sanity: error; set it to warn to go on)")
+        log("WARNING: " + s.message())
+    else:
+        log(f"teacher: {s.metric} {s.value:.2f} vs majority class {s.baseline:.2f} (p = {s.p_value:.2g}): ok")
+    return s.tags()

@@ -23,6 +23,16 @@ STATUS_TAG = "tunekd.status"
 TRIAL_TAG = "tunekd.trial_id"
 PARENT_TAG = "mlflow.parentRunId"
 ERROR_TAG = "tunekd.error"
+NOTE_TAG = "mlflow.note.content"  # the run's description in the MLflow UI (Markdown)
+# MLflow 3's UI opens an experiment on its GenAI "Overview" page unless the experiment says otherwise
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
+# the MLflow run status shown (as an icon) in the run list for each tunekd status: an early-stopped
+# trial is not a failure, but it did not finish its epochs either
+RUN_STATUS = {"completed": "FINISHED", "early_stopped": "KILLED", "failed": "FAILED", "superseded": "KILLED"}
+VIEW_PREFIX = "mlflow.sharedViewState."  # an experiment tag the UI reads for `?viewStateShareKey=<key>`
+NAME_COLUMN = "attributes.`Run Name`"
+STATUS_WORDS = {"completed": "completed", "early_stopped": "stopped early by the scheduler", "failed": "failed",
+                "running": "running", "superseded": "superseded by a re-run"}
 
 
 def _param_value(v: Any) -> str:
@@ -52,10 +62,35 @@ def _params_key(params: dict[str, Any]) -> tuple:
     return tuple(sorted((k, _param_value(v)[:6000]) for k, v in params.items()))
 
 
+def git_commit(path: str | os.PathLike) -> str | None:
+    """The commit checked out in the git repository holding `path` (a file or folder), or None."""
+    import subprocess
+
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    try:
+        out = subprocess.run(["git", "-C", folder, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = out.stdout.strip()
+    return commit if out.returncode == 0 and len(commit) == 40 else None
+
+
+def resolved_yaml(study) -> str:
+    """The study as it ran (after --set): YAML of the validated model, defaults filled in."""
+    import yaml
+
+    return yaml.safe_dump(study.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def _note_value(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
 @dataclass
 class TrialRecord:
     run_id: str
     params: dict[str, Any]
+    name: str = ""
     last_step: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     status: str = "running"
@@ -72,24 +107,84 @@ class StudyTracker:
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
         exp = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        if exp is None:
+            self.experiment_id = self.client.create_experiment(experiment, tags={KIND_TAG: KIND})
+        else:
+            self.experiment_id = exp.experiment_id
+            if KIND_TAG not in exp.tags:
+                self.client.set_experiment_tag(self.experiment_id, KIND_TAG, KIND)
         self.experiment = experiment
         self.parent_id: str | None = None
+        self.parent_head = ""
         self.trials: dict[str, TrialRecord] = {}
+        self.search_dims: list[str] = []  # the study's search dimensions: they name the trials
+        self.teacher_metrics: dict[str, float] = {}
+        self.parent_note = ""
 
     # parent -------------------------------------------------------------------------------------
     def start_parent(self, run_name: str, params: dict[str, Any], study_text: str, *, resume_id: str | None = None,
-                     tags: dict[str, str] | None = None) -> str:
+                     tags: dict[str, str] | None = None, study=None, study_file: str | None = None,
+                     command: list[str] | None = None) -> str:
+        """The study's parent run. `study_text`: the study file as written (artifact `study.original.yaml`
+        when the resolved `study` is given, which becomes `study.yaml`, else `study.yaml`); `study_file`:
+        its path (for the git commit of its repository); `command`: the command line (the description)."""
+        import tunekd
+
+        if study is not None:
+            self.search_dims = list(study.search)
         if resume_id:
             self.parent_id = resume_id
             self.client.update_run(resume_id, status="RUNNING")
             self._load_children()
             return resume_id
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags={"tunekd.role": "study", **(tags or {})})
+        tags = {"tunekd.role": "study", "tunekd.version": tunekd.__version__, **(tags or {})}
+        if study_file:
+            commit = git_commit(study_file)
+            tags["mlflow.source.name"] = os.path.abspath(study_file)
+            if commit:
+                tags["mlflow.source.git.commit"] = commit
+        if study is not None:
+            tags["tunekd.search"] = ", ".join(self.search_dims) or "–"
+        self.parent_head = f"**Study `{study.name if study is not None else run_name}`** — tunekd {tunekd.__version__}"
+        lines = []
+        if command:
+            import shlex
+
+            lines += ["```", shlex.join(command), "```", ""]
+        if study_file:
+            lines.append(f"Study file: `{os.path.abspath(study_file)}`"
+                         + (f" (git commit `{tags['mlflow.source.git.commit'][:12]}`)"
+                            if "mlflow.source.git.commit" in tags else ""))
+        if self.search_dims:
+            lines.append(f"Search: {', '.join(self.search_dims)}")
+        self.parent_note = "\n".join(lines)
+        tags[NOTE_TAG] = "\n".join([self.parent_head, "", "Status: running", "", self.parent_note])
+        tags[STATUS_TAG] = "running"
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
         self.parent_id = run.info.run_id
         self.log_params(self.parent_id, params)
-        self.client.log_text(self.parent_id, study_text, "study.yaml")
+        self.share_view()
+        if study is not None:
+            self.client.log_text(self.parent_id, resolved_yaml(study), "study.yaml")
+            self.client.log_text(self.parent_id, study_text, "study.original.yaml")
+        else:
+            self.client.log_text(self.parent_id, study_text, "study.yaml")
         return self.parent_id
+
+    def view_key(self) -> str:
+        return f"tunekd-{self.parent_id}"
+
+    def share_view(self, metrics: list[str] | None = None) -> None:
+        """A saved view of the MLflow UI's run list for this study (experiment tag `mlflow.sharedViewState.
+        tunekd-<parent run id>`, opened by `ui_url`): the study's trials, the columns a researcher reads
+        first (status, eval metrics, the searched params) and a run-name column wide enough for the names."""
+        cols = [f"tags.`{STATUS_TAG}`"] + [f"metrics.`{m}`" for m in (metrics or [])]
+        cols += [f"params.`{k}`" for k in self.search_dims]  # the rest of the name's parts are fixed
+        state = {"searchFilter": f"tags.`{PARENT_TAG}` = '{self.parent_id}'",
+                 "orderByKey": "attributes.start_time", "orderByAsc": True,
+                 "selectedColumns": cols, "columnOrder": [NAME_COLUMN, *cols],
+                 "columnWidths": {NAME_COLUMN: 300, "Run Name": 300}}
+        self.client.set_experiment_tag(self.experiment_id, VIEW_PREFIX + self.view_key(), json.dumps(state))
 
     def resumable_parent(self, run_id: str | None = None) -> tuple[str, str]:
         """(parent run id, Ray experiment path) of the given parent run, or of the experiment's latest one."""
@@ -110,6 +205,7 @@ class StudyTracker:
         return run.info.run_id, path
 
     def log_parent_metrics(self, metrics: dict[str, float]) -> None:
+        self.teacher_metrics.update({k: float(v) for k, v in metrics.items() if k.startswith("teacher/")})
         self._log_metrics(self.parent_id, metrics, step=0)
 
     def end_parent(self, status: str = "FINISHED", error: str | None = None) -> None:
@@ -149,24 +245,58 @@ class StudyTracker:
                 continue
             steps = [m.step for key in run.data.metrics for m in self.client.get_metric_history(run.info.run_id, key)]
             self.trials[trial_id] = TrialRecord(
-                run_id=run.info.run_id, params=dict(run.data.params), last_step=max(steps, default=0),
+                run_id=run.info.run_id, params=dict(run.data.params), name=run.info.run_name or trial_id,
+                last_step=max(steps, default=0),
                 metrics=dict(run.data.metrics), status=run.data.tags.get(STATUS_TAG, "running"), active=False)
 
     # children -----------------------------------------------------------------------------------
     def start_trial(self, trial_id: str, params: dict[str, Any]) -> TrialRecord:
+        """The trial's child run, named for what it is (`describe.trial_name`: unique within the parent)."""
+        from tunekd import describe
+
         if trial_id in self.trials:  # a retried or resumed trial keeps its run
             rec = self.trials[trial_id]
             rec.active = True
             self.client.update_run(rec.run_id, status="RUNNING")
             return rec
         self._supersede_orphans(trial_id, params)
+        name = describe.unique_name(describe.trial_name(params, self.search_dims),
+                                    (r.name for r in self.trials.values()))
+        rec = TrialRecord(run_id="", params=params, name=name)
         run = self.client.create_run(
-            self.experiment_id, run_name=trial_id,
-            tags={PARENT_TAG: self.parent_id, TRIAL_TAG: trial_id, STATUS_TAG: "running"})
+            self.experiment_id, run_name=name,
+            tags={PARENT_TAG: self.parent_id, TRIAL_TAG: trial_id, STATUS_TAG: "running",
+                  NOTE_TAG: self.trial_note(trial_id, rec)})
+        rec.run_id = run.info.run_id
         self.log_params(run.info.run_id, params)
-        rec = TrialRecord(run_id=run.info.run_id, params=params)
         self.trials[trial_id] = rec
         return rec
+
+    def trial_note(self, trial_id: str, rec: TrialRecord, error: str | None = None) -> str:
+        """The child run's description: what the trial is, how it ended, its resolved map."""
+        from tunekd import describe
+
+        p = rec.params
+        epochs = p.get("train.epochs")
+        head = f"**{rec.name}** — {STATUS_WORDS.get(rec.status, rec.status)}"
+        if rec.status != "running" and epochs is not None:
+            head += f" after {rec.last_step}/{epochs} epochs"
+        lines = [head, ""]
+        evals = {k: v for k, v in sorted(rec.metrics.items()) if k.startswith("eval/")}
+        if evals:
+            lines += ["Final: " + ", ".join(f"{k} {v:.2f}" for k, v in evals.items()), ""]
+        if error:
+            last = [ln for ln in error.strip().splitlines() if ln.strip()]
+            lines += [f"Error: `{last[-1][:300] if last else 'unknown'}`", ""]
+        lines.append(f"Layer map (student ← teacher): {describe.layer_map_text(p.get('distill.layer_map'))}")
+        if p.get("student.copied_layers") not in (None, "null"):
+            lines.append(f"Copied teacher layers: {_note_value(p.get('student.copied_layers'))}")
+        shown = [k for k in ("distill.strategy", "student.init", "student.layers", "distill.lambda_hid", "seed",
+                             "train.lr", "train.epochs") if k in p]
+        shown += [k for k in self.search_dims if k in p and k not in shown]
+        lines += ["", " | ".join(f"{k} = {_note_value(p[k])}" for k in shown), "",
+                  f"Ray trial `{trial_id}`; parent run `{self.parent_id}`"]
+        return "\n".join(lines)
 
     def _supersede_orphans(self, trial_id: str, params: dict[str, Any]) -> None:
         """A driver killed before Tune saved its state loses trials it had started; on --resume Tune starts
@@ -178,7 +308,8 @@ class StudyTracker:
                 rec.status = "superseded"
                 self.client.set_tag(rec.run_id, STATUS_TAG, "superseded")
                 self.client.set_tag(rec.run_id, "tunekd.superseded_by", trial_id)
-                self.client.set_terminated(rec.run_id, status="KILLED")
+                self.client.set_tag(rec.run_id, NOTE_TAG, self.trial_note(old_id, rec))
+                self.client.set_terminated(rec.run_id, status=RUN_STATUS["superseded"])
                 return
 
     def log_trial_metrics(self, trial_id: str, metrics: dict[str, float], step: int) -> None:
@@ -190,12 +321,70 @@ class StudyTracker:
         rec.metrics.update(metrics)
 
     def end_trial(self, trial_id: str, status: str, error: str | None = None) -> None:
+        """Final status: tag `tunekd.status`, the MLflow run status (`RUN_STATUS`: an early-stopped trial
+        shows as KILLED, a failed one as FAILED) and the description."""
         rec = self.trials[trial_id]
         rec.status = status
         self.client.set_tag(rec.run_id, STATUS_TAG, status)
         if error:
             self.client.set_tag(rec.run_id, ERROR_TAG, error[-5000:])
-        self.client.set_terminated(rec.run_id, status="FAILED" if status == "failed" else "FINISHED")
+        self.client.set_tag(rec.run_id, NOTE_TAG, self.trial_note(trial_id, rec, error))
+        self.client.set_terminated(rec.run_id, status=RUN_STATUS.get(status, "FINISHED"))
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for rec in self.trials.values():
+            out[rec.status] = out.get(rec.status, 0) + 1
+        return out
+
+    def best(self, metric: str) -> tuple[str, TrialRecord] | None:
+        """The completed trial with the highest final `metric` (e.g. `eval/accuracy`), or None."""
+        done = [(tid, r) for tid, r in self.trials.items()
+                if r.status == "completed" and isinstance(r.metrics.get(metric), (int, float))]
+        return max(done, key=lambda item: item[1].metrics[metric]) if done else None
+
+    def finish_parent(self, metric: str, *, wall_s: float, status: str = "FINISHED",
+                      error: str | None = None) -> dict[str, Any]:
+        """Close the parent run with the study's outcome: tags `tunekd.best.*` (run id, name, trial id,
+        metric and value), `tunekd.trials.<status>` counts, metrics `best/<metric>`, `trials/<status>`,
+        `study/wall_s`, and a description with the command line, the counts, the teacher and the best
+        trial. Returns the summary as a dict."""
+        counts = self.counts()
+        best = self.best(metric)
+        summary: dict[str, Any] = {"counts": counts, "wall_s": wall_s, "metric": metric,
+                                   "teacher": dict(self.teacher_metrics)}
+        tags = {f"tunekd.trials.{k}": str(v) for k, v in counts.items()}
+        metrics = {f"trials/{k}": float(v) for k, v in counts.items()}
+        metrics["study/wall_s"] = float(wall_s)
+        if best:
+            tid, rec = best
+            value = rec.metrics[metric]
+            summary.update(best_run_id=rec.run_id, best_name=rec.name, best_trial=tid, best_value=value)
+            tags.update({"tunekd.best.run_id": rec.run_id, "tunekd.best.name": rec.name,
+                         "tunekd.best.trial_id": tid, "tunekd.best.metric": metric,
+                         "tunekd.best.value": f"{value:.4f}"})
+            metrics[f"best/{metric.split('/', 1)[-1]}"] = float(value)
+        self._log_metrics(self.parent_id, metrics, step=0)
+        tally = ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "no trials"
+        lines = [self.parent_head or f"**Study run `{self.parent_id}`**", "",
+                 f"Status: {status.lower()}; wall time {wall_s:.0f} s", "", f"Trials: {tally}"]
+        if self.teacher_metrics:
+            lines.append("Teacher: " + ", ".join(f"{k.split('/', 1)[-1]} {v:.2f}"
+                                                for k, v in self.teacher_metrics.items()))
+        if best:
+            lines.append(f"Best completed trial: **{rec.name}** ({metric} {value:.2f}), run `{rec.run_id}`")
+        if self.parent_note:
+            lines += ["", self.parent_note]
+        tags[NOTE_TAG] = "\n".join(lines)
+        tags[STATUS_TAG] = f"study: {tally}"  # shown in the run list's status column, on the parent's row
+        for k, v in tags.items():
+            self.client.set_tag(self.parent_id, k, v)
+        evals = sorted({k for r in self.trials.values() for k in r.metrics if k.startswith("eval/")})
+        self.share_view([metric] + [m for m in evals if m != metric])
+        if error:
+            self.client.set_tag(self.parent_id, ERROR_TAG, error[-5000:])
+        self.client.set_terminated(self.parent_id, status=status)
+        return summary
 
     # helpers ------------------------------------------------------------------------------------
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
@@ -221,10 +410,20 @@ class StudyTracker:
         """Every file under `folder` as artifacts of `run_id` (under `artifact_path`)."""
         self.client.log_artifacts(run_id, folder, artifact_path)
 
+    def ui_url(self, base: str = "http://127.0.0.1:5000") -> str:
+        """The MLflow UI's run list of this study: the experiment's runs view (not the GenAI overview) in
+        the study's saved view (`share_view`): its trials, with status, metrics and searched params."""
+        from urllib.parse import quote
+
+        if self.uri.startswith(("http://", "https://")):
+            base = self.uri
+        url = f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs"
+        return url + (f"?viewStateShareKey={quote(self.view_key())}" if self.parent_id else "")
+
     def ui_command(self) -> str:
         if self.uri.startswith("sqlite:///"):
-            return f"mlflow ui --backend-store-uri {self.uri}"
-        return f"open {self.uri} (experiment {self.experiment!r})"
+            return f"mlflow ui --backend-store-uri {self.uri}   then open {self.ui_url()}"
+        return f"open {self.ui_url()}"
 
 
 # --- single runs and artifacts (the analysis CLIs go through these, not through mlflow) -------------
