@@ -312,11 +312,25 @@ def test_run_help_names_outputs(capsys):
 
 
 def test_address_error_once_and_names_ray_address(monkeypatch):
-    from tunekd import run
+    from tunekd import driver, run
 
+    seen = {}
+
+    class Recorder:  # the driver the CLI builds: only its options matter here
+        def __init__(self, study, options):
+            seen["options"] = options
+
+        def run(self):
+            return 0
+
+    monkeypatch.setattr(driver, "StudyDriver", Recorder)
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # nothing listens on port 1
+    repo = Path(__file__).resolve().parents[1]
+    assert run.main([str(repo / "search_spaces" / "quickstart.yaml")]) == 0
+    options = seen["options"]
+    assert (options.address, options.address_source) == ("127.0.0.1:1", "RAY_ADDRESS")
     with pytest.raises(ConfigError) as exc:
-        run.connect_ray(None, None)
+        driver.connect_ray(options.address, None, source=options.address_source)
     text = str(exc.value)
     assert text.count("cannot reach") == 1 and "(from RAY_ADDRESS)" in text
 
