@@ -1,4 +1,4 @@
-"""Helpers of the end-to-end tests: MLflow runs of an experiment, processes by PID."""
+"""Helpers of the tests: the shared data folder, MLflow runs of an experiment, processes by PID."""
 
 from __future__ import annotations
 
@@ -8,6 +8,19 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+
+DATA_DIR = Path(os.environ.get("TUNEKD_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def shared_data(task: str) -> Path:
+    """The real data folder of `task` in ../shared/data (or $TUNEKD_DATA_DIR); skips the test without it."""
+    import pytest
+
+    folder = DATA_DIR / task
+    if not folder.is_dir():
+        pytest.skip(f"shared data folder {folder} not found (set TUNEKD_DATA_DIR)")
+    return folder
 
 
 def runs(uri: str, experiment: str):

@@ -21,14 +21,7 @@ import pytest  # noqa: E402
 from tunekd.errors import ConfigError  # noqa: E402
 from tunekd.tasks import compute_metrics, get_task, load_task  # noqa: E402
 
-DATA_DIR = Path(os.environ.get("TUNEKD_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
-
-
-def _data(task: str) -> Path:
-    folder = DATA_DIR / task
-    if not folder.is_dir():
-        pytest.skip(f"shared data folder {folder} not found (set TUNEKD_DATA_DIR)")
-    return folder
+from tests.helpers import shared_data as _data  # noqa: E402
 
 
 def _tsv_rows(path: Path, header: bool = True):

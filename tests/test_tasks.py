@@ -19,14 +19,7 @@ from tunekd.errors import ConfigError  # noqa: E402
 from tunekd.tasks import TASKS, compute_metrics, get_task, load_task, synthetic_label  # noqa: E402
 from tunekd.tasks.synthetic import NEGATIVE, NEGATORS, POSITIVE  # noqa: E402
 
-DATA_DIR = Path(os.environ.get("TUNEKD_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
-
-
-def _data(task: str) -> Path:
-    folder = DATA_DIR / task
-    if not folder.is_dir():
-        pytest.skip(f"shared data folder {folder} not found (set TUNEKD_DATA_DIR)")
-    return folder
+from tests.helpers import DATA_DIR, shared_data as _data  # noqa: E402
 
 
 def _check_columns(dsd, spec):

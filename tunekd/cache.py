@@ -414,6 +414,14 @@ def _folder_bytes(folder: Path) -> int:
 
 
 @dataclass
+def _refuse_mismatch(got: np.ndarray, want: np.ndarray, rows: np.ndarray, describe: Callable[[int], str]) -> None:
+    """ValueError naming the first batch row whose `got` differs from the cached `want` (`describe(i)`)."""
+    bad = np.flatnonzero(got != want)
+    if bad.size:
+        raise ValueError(f"teacher cache: {describe(int(bad[0]))} ({bad.size} of {len(rows)} rows differ): was the "
+                         "cache built from other data, or are the row numbers out of step with the batch?")
+
+
 class TeacherCache:
     """Read side: the teacher's outputs for any rows of the cached split."""
 
@@ -454,13 +462,8 @@ class TeacherCache:
             return
         rows = index.detach().cpu().numpy()
         got = row_fingerprints(batch)
-        want = np.asarray(self.arrays["rows"][rows])
-        bad = np.flatnonzero(got != want)
-        if bad.size:
-            i = int(bad[0])
-            raise ValueError(f"teacher cache: batch row {i} is not cached row {int(rows[i])} (its tokens differ; "
-                             f"{bad.size} of {len(rows)} rows mismatch): was the cache built from other data, "
-                             "or are the row numbers out of step with the batch?")
+        _refuse_mismatch(got, np.asarray(self.arrays["rows"][rows]), rows,
+                         lambda i: f"batch row {i} is not cached row {int(rows[i])} (its tokens differ)")
 
     def logits(self, index: torch.Tensor, device=None) -> torch.Tensor:
         rows = index.detach().cpu().numpy()
@@ -482,12 +485,8 @@ class TeacherCache:
         valid = mask != 0
         got = valid.sum(dim=1).cpu().numpy()
         want = np.asarray(self.arrays[f"{stack}.counts"][rows])
-        bad = np.flatnonzero(got != want)
-        if bad.size:
-            i = int(bad[0])
-            raise ValueError(f"teacher cache: batch row {i} has {int(got[i])} valid {stack} tokens, cached row "
-                             f"{int(rows[i])} {int(want[i])} ({bad.size} of {len(rows)} rows differ): was it built "
-                             "from other data, or are the row numbers out of step with the batch?")
+        _refuse_mismatch(got, want, rows, lambda i: f"batch row {i} has {int(got[i])} valid {stack} tokens, cached "
+                                                    f"row {int(rows[i])} {int(want[i])}")
         b, length = mask.shape
         dense = bool(valid.all())  # no padding: the packed rows are the batch already
         out = {}
