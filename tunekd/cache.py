@@ -413,7 +413,6 @@ def _folder_bytes(folder: Path) -> int:
 # --- reading ------------------------------------------------------------------------------------
 
 
-@dataclass
 def _refuse_mismatch(got: np.ndarray, want: np.ndarray, rows: np.ndarray, describe: Callable[[int], str]) -> None:
     """ValueError naming the first batch row whose `got` differs from the cached `want` (`describe(i)`)."""
     bad = np.flatnonzero(got != want)
@@ -422,6 +421,7 @@ def _refuse_mismatch(got: np.ndarray, want: np.ndarray, rows: np.ndarray, descri
                          "cache built from other data, or are the row numbers out of step with the batch?")
 
 
+@dataclass
 class TeacherCache:
     """Read side: the teacher's outputs for any rows of the cached split."""
 
