@@ -1,6 +1,7 @@
-"""The teacher fine-tune step of `python -m tunekd.run` alone (no Ray, no trials): load and validate the
-study, prepare the task, tokenize, fine-tune the teacher (or reuse it from the cache) and print its
-eval metrics. Same functions as the driver, so the number is the one a study's parent run records.
+"""The teacher fine-tune step of `python -m tunekd.run` alone (no Ray, no trials): the study driver's own
+steps setup_task, setup_data and setup_teacher (load and validate the study, prepare the task, tokenize,
+fine-tune the teacher or reuse it from the cache), then its eval metrics: the number a study's parent
+run records.
 
     python experiments/glue_teachers/finetune_teacher.py search_spaces/glue_minilm.yaml \
         --set task.name=cola --set task.data_dir=../shared/data/cola --set task.max_train_samples=2000
@@ -13,21 +14,19 @@ import time
 
 import torch
 
-from tunekd.data import encode_splits
+from tunekd.driver import RunOptions, StudyDriver
 from tunekd.errors import run_cli
-from tunekd.run import log, prepare, quiet_libraries
 from tunekd.study import load_study
-from tunekd.teacher import prepare_teacher
 
 
 def main(args) -> int:
     torch.set_num_threads(args.threads)
-    study = load_study(args.study, args.overrides)
-    quiet_libraries()
     t0 = time.perf_counter()
-    spec, base, _config, family, raw, tokenizer = prepare(study)
-    encoded = encode_splits(raw, tokenizer, spec, study.task.max_length, family=family)
-    info = prepare_teacher(study, family, spec, encoded, base, tokenizer, log=log)
+    driver = StudyDriver(load_study(args.study, args.overrides), RunOptions(study_file=args.study, track=False))
+    driver.setup_task()
+    driver.setup_data()
+    driver.setup_teacher()
+    spec, encoded, info = driver.spec, driver.encoded, driver.teacher
     print(f"RESULT {spec.name}: train {len(encoded['train'])} rows, "
           + ", ".join(f"{k}={v:.2f}" for k, v in info.metrics.items())
           + f" ({', '.join(f'{k} {len(v)} rows' for k, v in encoded.items() if k != 'train')}); "
