@@ -128,18 +128,20 @@ def test_latest_complete_checkpoint_is_chosen(tmp_path):
 
 
 def test_finished_trials_keep_weights_of_the_best_only(tmp_path):
-    scores = {"a": 50.0, "b": 75.0, "c": float("nan"), "d": 60.0}
+    scores = {"a": 50.0, "b": 75.0, "c": float("nan"), "d": 60.0, "failed": None}
     for name, score in scores.items():
         _fake_checkpoint(tmp_path / name / "checkpoint_000001", 2)
         checkpoints.finish_trial(tmp_path / name, score)
     _fake_checkpoint(tmp_path / "running" / "checkpoint_000000", 1)  # not finished: untouched
+    kept = checkpoints.prune_students(tmp_path, 10)  # room for all: the unscored (NaN, failed) keep nothing
+    assert sorted(p.parent.name for p in kept) == ["a", "b", "d"]
     kept = checkpoints.prune_students(tmp_path, 2)
     assert sorted(p.parent.name for p in kept) == ["b", "d"]
     weights = sorted(p.parent.parent.name for p in tmp_path.glob(f"*/*/{checkpoints.WEIGHTS}"))
     assert weights == ["b", "d", "running"]
     assert sorted(p.parent.parent.name for p in tmp_path.glob(f"*/*/{checkpoints.OPTIM}")) == ["running"]
-    assert not list(tmp_path.glob(f"[abcd]/*/{checkpoints.RNG}"))
-    assert checkpoints.prune_students(tmp_path, 0) == [] and not list(tmp_path.glob(f"[abcd]/*/{checkpoints.WEIGHTS}"))
+    assert not list(tmp_path.glob(f"[abcdf]*/*/{checkpoints.RNG}"))
+    assert checkpoints.prune_students(tmp_path, 0) == [] and not list(tmp_path.glob(f"[abcdf]*/*/{checkpoints.WEIGHTS}"))
 
 
 # --- the fingerprint --------------------------------------------------------------------------------

@@ -150,7 +150,8 @@ def finish_trial(trial_dir: str | Path, score: float | None) -> None:
 
 def prune_students(experiment_dir: str | Path, keep: int) -> list[Path]:
     """Keep the weights of the `keep` best-scoring finished trials of the experiment (ties: the earlier
-    folder name), delete the other finished trials' weights; returns the checkpoint folders kept."""
+    folder name), delete the other finished trials' weights, and those of trials without a finite score
+    (failed ones); returns the checkpoint folders kept."""
     finished = []
     for marker in Path(experiment_dir).glob(f"*/checkpoint_*/{FINAL}"):
         try:
@@ -160,10 +161,11 @@ def prune_students(experiment_dir: str | Path, keep: int) -> list[Path]:
         finished.append((score is None, -(score or 0.0), str(marker.parent), marker.parent))
     finished.sort()
     kept = []
-    for i, (*_, folder) in enumerate(finished):
-        if i < keep and (folder / WEIGHTS).is_file():
-            kept.append(folder)
-        elif i >= keep:
+    for i, (unscored, _, _, folder) in enumerate(finished):
+        if i < keep and not unscored:
+            if (folder / WEIGHTS).is_file():
+                kept.append(folder)
+        else:
             (folder / WEIGHTS).unlink(missing_ok=True)
     return kept
 

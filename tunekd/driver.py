@@ -373,7 +373,8 @@ class StudyDriver:
 
             for result in self.results:
                 if result.path and Path(result.path).is_dir():
-                    checkpoints.finish_trial(result.path, (result.metrics or {}).get(self.metric))
+                    score = None if result.error else (result.metrics or {}).get(self.metric)
+                    checkpoints.finish_trial(result.path, score)
             checkpoints.prune_students(self.ray_path, self.study.tune.keep_students)
         if self.tracker is None:
             return
@@ -509,18 +510,18 @@ class CheckpointCallback(_callback_base()):
     def __init__(self, metric: str, keep: int):
         self.metric, self.keep = metric, keep
 
-    def _finish(self, trial) -> None:
+    def _finish(self, trial, failed: bool = False) -> None:
         from tunekd import checkpoints
 
-        if trial.path and Path(trial.path).is_dir():
-            checkpoints.finish_trial(trial.path, (trial.last_result or {}).get(self.metric))
+        if trial.path and Path(trial.path).is_dir():  # a failed trial's weights are not kept
+            checkpoints.finish_trial(trial.path, None if failed else (trial.last_result or {}).get(self.metric))
             checkpoints.prune_students(Path(trial.path).parent, self.keep)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._finish(trial)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._finish(trial)
+        self._finish(trial, failed=True)
 
 
 def trial_error_text(trial) -> str:
