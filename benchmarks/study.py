@@ -124,6 +124,7 @@ def run_variant(name: str, study, workdir: Path) -> dict:
                        "best_acc": float(df["eval/accuracy"].max()), "last_acc": float(last["eval/accuracy"]),
                        "teacher_built": float(last.get("perf/teacher_built", float("nan"))),
                        "checkpoint_s": float(last["perf/checkpoint_s"]), "trial_s": float(last["time_total_s"])})
+    kept = sum(f.stat().st_size for f in Path(driver.ray_path).glob("*/checkpoint_*/model.safetensors"))
     warm, cold, seen = [], [], set()
     for t in sorted(trials, key=lambda t: t["start"]):
         (warm if t["pid"] in seen else cold).append(t["startup_s"])
@@ -141,6 +142,9 @@ def run_variant(name: str, study, workdir: Path) -> dict:
         "teacher_built_trials": sum(1 for t in trials if t["teacher_built"] == 1.0),
         # what the finished study leaves in its Ray folder (the shared teacher cache lies beside it)
         "disk_per_finished_trial_mb": disk_bytes(driver.ray_path) / len(trials) / 1e6,
+        # of which: the weights of the best `tune.keep_students` trials, and everything else per trial
+        "disk_kept_students_mb": kept / 1e6,
+        "disk_other_per_trial_kb": (disk_bytes(driver.ray_path) - kept) / len(trials) / 1e3,
         # writing and handing checkpoints to Tune, of the trials' own time
         "checkpoint_fraction": sum(t["checkpoint_s"] for t in trials) / sum(t["trial_s"] for t in trials),
     }
@@ -215,6 +219,8 @@ def main(argv=None) -> int:
             med("cached", "wall_per_trial_epoch_s") / med("baseline", "wall_per_trial_epoch_s"), 3)
     all_runs = [r for rs in runs.values() for r in rs]
     summary["disk_per_finished_trial_mb"] = round(statistics.median(r["disk_per_finished_trial_mb"] for r in all_runs), 3)
+    summary["disk_kept_students_mb"] = round(statistics.median(r["disk_kept_students_mb"] for r in all_runs), 3)
+    summary["disk_other_per_trial_kb"] = round(statistics.median(r["disk_other_per_trial_kb"] for r in all_runs), 2)
     summary["checkpoint_fraction"] = round(statistics.median(r["checkpoint_fraction"] for r in all_runs), 4)
     if "cached" in runs:
         summary["teacher_passes_per_example"] = round(med("cached", "teacher_passes_per_example"), 3)
