@@ -72,6 +72,21 @@ def variant_study(name: str, study, workdir: Path):
     return study.model_copy(update=update)
 
 
+def history_callback():
+    """A Tune callback keeping every trial's reported results in memory (Ray's per-trial result files are
+    off by default, `tune.ray_loggers`, so the result grid has no metrics history)."""
+    from ray import tune
+
+    class History(tune.Callback):
+        def __init__(self):
+            self.results: dict[str, list[dict]] = {}
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            self.results.setdefault(trial.trial_id, []).append(dict(result))
+
+    return History()
+
+
 def run_variant(name: str, study, workdir: Path) -> dict:
     """One variant through the project's own driver (`tunekd.driver.StudyDriver`, without MLflow): its
     untimed steps (task, data, the fine-tuned teacher: cached under workdir/.tunekd_cache), then the timed
@@ -88,20 +103,28 @@ def run_variant(name: str, study, workdir: Path) -> dict:
     driver.setup_cache()
     driver.setup_tracking()
     driver.setup_tuner()
+    history = history_callback()
+    driver.tuner._local_tuner.get_run_config().callbacks.append(history)  # as driver.attach_callbacks does
     driver.fit()
     grid, info, encoded = driver.results, driver.cache, driver.encoded
     wall = time.perf_counter() - t0
+    import pandas as pd
+
+    from tunekd.checkpoints import disk_bytes
+
     trials = []
     for result in grid:
         if result.error:
             raise RuntimeError(f"{name}: a trial failed: {result.error}")
-        df = result.metrics_dataframe
+        df = pd.DataFrame(history.results[result.metrics["trial_id"]])
         last = df.iloc[-1]
         trials.append({"epochs": int(len(df)), "teacher_rows": float(last["perf/teacher_rows"]),
                        "startup_s": float(df["perf/startup_s"].iloc[0]), "pid": int(last["pid"]),
                        "start": float(df["timestamp"].iloc[0]) - float(df["time_total_s"].iloc[0]),
                        "best_acc": float(df["eval/accuracy"].max()), "last_acc": float(last["eval/accuracy"]),
-                       "teacher_built": float(last.get("perf/teacher_built", float("nan")))})
+                       "teacher_built": float(last.get("perf/teacher_built", float("nan"))),
+                       "checkpoint_s": float(last["perf/checkpoint_s"]), "trial_s": float(last["time_total_s"])})
+    kept = sum(f.stat().st_size for f in Path(driver.ray_path).glob("*/checkpoint_*/model.safetensors"))
     warm, cold, seen = [], [], set()
     for t in sorted(trials, key=lambda t: t["start"]):
         (warm if t["pid"] in seen else cold).append(t["startup_s"])
@@ -117,9 +140,17 @@ def run_variant(name: str, study, workdir: Path) -> dict:
         "best_accuracy": max(t["last_acc"] for t in trials),
         "best_accuracy_any_epoch": max(t["best_acc"] for t in trials),
         "teacher_built_trials": sum(1 for t in trials if t["teacher_built"] == 1.0),
+        # what the finished study leaves in its Ray folder (the shared teacher cache lies beside it)
+        "disk_per_finished_trial_mb": disk_bytes(driver.ray_path) / len(trials) / 1e6,
+        # of which: the weights of the best `tune.keep_students` trials, and everything else per trial
+        "disk_kept_students_mb": kept / 1e6,
+        "disk_other_per_trial_kb": (disk_bytes(driver.ray_path) - kept) / len(trials) / 1e3,
+        # writing and handing checkpoints to Tune, of the trials' own time
+        "checkpoint_fraction": sum(t["checkpoint_s"] for t in trials) / sum(t["trial_s"] for t in trials),
     }
     log(f"{name}: wall {wall:.1f} s, {out['trial_epochs']} trial-epochs, teacher passes/example {passes:.2f}, "
-        f"start-up warm {out['startup_warm_s']} cold {out['startup_cold_s']}, best acc {out['best_accuracy']:.2f}")
+        f"start-up warm {out['startup_warm_s']} cold {out['startup_cold_s']}, best acc {out['best_accuracy']:.2f}, "
+        f"disk {out['disk_per_finished_trial_mb']:.2f} MB/trial, checkpoints {out['checkpoint_fraction']:.1%} of trial time")
     return out
 
 
@@ -186,6 +217,11 @@ def main(argv=None) -> int:
         summary["wall_ratio_vs_baseline"] = round(med("cached", "wall_s") / med("baseline", "wall_s"), 3)
         summary["wall_per_trial_epoch_ratio_vs_baseline"] = round(
             med("cached", "wall_per_trial_epoch_s") / med("baseline", "wall_per_trial_epoch_s"), 3)
+    all_runs = [r for rs in runs.values() for r in rs]
+    summary["disk_per_finished_trial_mb"] = round(statistics.median(r["disk_per_finished_trial_mb"] for r in all_runs), 3)
+    summary["disk_kept_students_mb"] = round(statistics.median(r["disk_kept_students_mb"] for r in all_runs), 3)
+    summary["disk_other_per_trial_kb"] = round(statistics.median(r["disk_other_per_trial_kb"] for r in all_runs), 2)
+    summary["checkpoint_fraction"] = round(statistics.median(r["checkpoint_fraction"] for r in all_runs), 4)
     if "cached" in runs:
         summary["teacher_passes_per_example"] = round(med("cached", "teacher_passes_per_example"), 3)
         summary["trial_startup_s"] = med("cached", "startup_warm_s")
@@ -206,6 +242,8 @@ def main(argv=None) -> int:
     if "asha_epoch_ratio" in summary:
         print(f"trial-epochs ASHA/FIFO: {summary['asha_epoch_ratio']:.2f}; best accuracy ASHA "
               f"{summary['best_accuracy_asha']:.2f}, FIFO {summary['best_accuracy_fifo']:.2f}")
+    print(f"disk per finished trial {summary['disk_per_finished_trial_mb']:.2f} MB (Ray folder, without the teacher "
+          f"cache); checkpoints {summary['checkpoint_fraction']:.1%} of trial time (medians over runs)")
     print(json.dumps(summary, sort_keys=True, default=float))
     return 0
 

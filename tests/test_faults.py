@@ -75,7 +75,7 @@ def test_failing_and_non_finite_trials_are_marked_failed_and_others_go_on(tmp_pa
 def test_killed_worker_is_retried_from_its_checkpoint(tmp_path, tiny_bert_dir, mlflow_uri):
     study = write_study(tmp_path, tiny_bert_dir, name="faults_worker",
                         task={"synthetic": {"train_size": 600, "eval_size": 32}},
-                        train={"epochs": 4}, tune={"max_failures": 2, "checkpoint_keep": 1})
+                        train={"epochs": 4}, tune={"max_failures": 2})
     proc = start_cli(study, tmp_path, mlflow_uri)
     try:
         ckpt = wait_for(lambda: sorted(tmp_path.glob("ray_results/*/*/checkpoint_000000")), timeout=300, every=0.2)

@@ -5,15 +5,19 @@
 
 `run` is the whole study (each step reads what the earlier ones left on `self`):
 
+    find_resume     --resume only: the parent run and its Ray state (checked under storage_path); reads only
     setup_task      task data, tokenizer, model family and teacher config (cheap; fails on bad input)
-    preflight       resolve every trial config the study can produce (`plan.Trials`); --dry-run stops here
+    preflight       resolve and check every trial config the study can produce (`plan.Trials`)
+    check_resume    --resume only: this study's fingerprint against the parent run's (refused if changed)
+    describe        --dry-run only: the trials, where the study would write, the loss settings; then stop
     connect         a local Ray on 127.0.0.1, or attach to --address
     setup_data      tokenize the task once
     setup_teacher   load the teacher or fine-tune it once (cached by content hash)
     setup_cache     the teacher-output cache for every trial; the `Shared` data the trials receive
+    guard           from here to the end of fit: a crash ends the parent run FAILED, Ctrl-C KILLED
     setup_tracking  the MLflow parent run (or the one --resume continues)
     setup_tuner     tune.Tuner (or Tuner.restore) with `TrialCallback`, which holds this driver
-    fit             run the trials; close the parent run; settle trials no driver saw finish
+    fit             run the trials; prune checkpoints; settle trials no driver saw finish; close the parent run
     summarise       the table of trials and the closing lines
     disconnect      shut down the Ray that `connect` started or attached (not one it found running)
 
@@ -52,6 +56,7 @@ class RunOptions:
     address_source: str = "--address"  # where the address came from (--address or RAY_ADDRESS), for errors
     num_cpus: int | None = None  # CPUs of a local Ray (None: all)
     resume: str | None = None  # "latest" or a parent run id
+    resume_force: bool = False  # --resume even when the study's fingerprint changed (the change is recorded)
     dry_run: bool = False
     track: bool = True  # False: no MLflow (the benchmarks)
     command: list[str] = field(default_factory=list)  # the command line, for the parent run's description
@@ -87,19 +92,22 @@ class StudyDriver:
         self.owns_ray = False  # connect started or attached Ray (and disconnect shuts it down)
         self.interrupted = False  # Ctrl-C stopped the trials (Tune returns with unfinished ones)
         self.summary: dict[str, Any] = {}  # tracking.StudyTracker.finish_parent's summary of the study
+        # find_resume / check_resume: what --resume continues, this study's fingerprint, a forced change
+        self.resumable = None  # resume.Resumable
+        self.fingerprint_parts: dict[str, Any] | None = None
+        self.resume_change: str | None = None
 
     # --- the study, top to bottom ------------------------------------------------------------------
 
     def run(self) -> int:
+        if self.options.resume:
+            self.find_resume()  # before anything is created: nothing to resume fails here, in seconds
         self.setup_task()
         self.preflight()
+        if self.options.resume:
+            self.check_resume()
         if self.options.dry_run:
-            from tunekd.describe import dry_run_lines
-
-            trials = ((pt, self.trials(pt).study, self.trials(pt).plan) for pt in self.points)
-            print("\n".join(dry_run_lines(self.study, trials)))
-            print("resolved loss settings:\n" + "\n".join(plan.describe_losses(self.trials, self.points,
-                                                                                 self.family)))
+            self.describe()
             return 0
         self.connect()
         try:
@@ -187,6 +195,45 @@ class StudyDriver:
         self.log(f"validated {len(self.points)} trial configurations against the teacher ({family.name}, "
                  f"{family.num_layers(config)} layers, width {t_width})")
 
+    def find_resume(self) -> None:
+        """--resume: the parent run and its Ray state, from the tracking store as it is (nothing created).
+        Done already when `resumable` is set (the CLI looks before importing Ray)."""
+        from tunekd.resume import find_resumable
+
+        if self.resumable is not None:
+            self.ray_path = self.resumable.ray_path
+            return
+        study, resume = self.study, self.options.resume
+        self.resumable = find_resumable(study.tracking.uri, study.experiment, study.tune.storage_path,
+                                        None if resume == "latest" else resume)
+        self.ray_path = self.resumable.ray_path
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The parts of this study's fingerprint (`tunekd.resume`), computed once."""
+        if self.fingerprint_parts is None:
+            from tunekd.resume import fingerprint_parts
+
+            self.fingerprint_parts = fingerprint_parts(self.study, self.raw, self.base)
+        return self.fingerprint_parts
+
+    def check_resume(self) -> None:
+        """--resume: the study must be the one the parent run recorded; with --resume-force the change is
+        kept (`resume_change`) and recorded on the parent run by `setup_tracking`."""
+        from tunekd.resume import compare
+
+        self.resume_change = compare(self.resumable, self.fingerprint(), force=self.options.resume_force)
+        if self.resume_change:
+            self.log(f"--resume-force: {self.resume_change}")
+
+    def describe(self) -> None:
+        """--dry-run: every trial (name, resolved map, epochs), where the study would write, and the loss each
+        distinct trial config computes."""
+        from tunekd.describe import dry_run_lines
+
+        trials = ((pt, self.trials(pt).study, self.trials(pt).plan) for pt in self.points)
+        print("\n".join(dry_run_lines(self.study, trials)))
+        print("resolved loss settings:\n" + "\n".join(plan.describe_losses(self.trials, self.points, self.family)))
+
     def connect(self) -> None:
         """A local Ray on loopback, or the cluster at --address; checks the study's resources fit. A Ray this
         process already runs (a test session, the benchmarks, a notebook) is used as it is, and left running."""
@@ -256,13 +303,21 @@ class StudyDriver:
         if self.tracker is None:
             self.tracker = StudyTracker(study.tracking.uri, study.experiment)
         tracker = self.tracker
-        if opts.resume:
-            parent, self.ray_path = tracker.resumable_parent(None if opts.resume == "latest" else opts.resume)
-            if not (Path(self.ray_path) / "tuner.pkl").is_file():
-                raise ConfigError(f"--resume: the study's Ray state {self.ray_path!r} is missing; cannot resume")
+        if opts.resume:  # find_resume found the run and checked its Ray path; check_resume the fingerprint
+            from tunekd.resume import FINGERPRINT_FILE, FORCED_TAG
+
+            parent, self.ray_path = self.resumable.parent_id, self.resumable.ray_path
             tracker.start_parent("", {}, "", resume_id=parent, study=study)
+            if self.resume_change:
+                stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+                earlier = tracker.client.get_run(parent).data.tags.get(FORCED_TAG)
+                text = ((earlier + "\n") if earlier else "") + f"{stamp}: {self.resume_change}"
+                tracker.client.set_tag(parent, FORCED_TAG, text[-4000:])
+                tracker.client.log_dict(parent, self.fingerprint(), f"resumed/{stamp}-{FINGERPRINT_FILE}")
             self.log(f"mlflow: resuming parent run {parent} ({len(tracker.trials)} trials recorded) from {self.ray_path}")
             return
+        from tunekd.resume import FINGERPRINT_FILE, FINGERPRINT_TAG, RAY_PATH_TAG, digest
+
         run_name = f"{study.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
         self.ray_path = str(storage / run_name)
         study_file = Path(opts.study_file) if opts.study_file else None
@@ -273,8 +328,9 @@ class StudyDriver:
             "data.padding_random": round(self.padding["random"], 4),
             "data.padding_bucketed": round(self.padding["bucketed"], 4), **task_params(self.spec, self.study.task),
         }, study_file.read_text() if study_file else study.model_dump_json(),
-            tags={"tunekd.ray_path": self.ray_path, **self.sanity_tags}, study=study,
-            study_file=opts.study_file, command=opts.command)
+            tags={RAY_PATH_TAG: self.ray_path, FINGERPRINT_TAG: digest(self.fingerprint()), **self.sanity_tags},
+            study=study, study_file=opts.study_file, command=opts.command)
+        tracker.client.log_dict(parent, self.fingerprint(), FINGERPRINT_FILE)
         tracker.log_parent_metrics({f"teacher/{k}": v for k, v in info.metrics.items()})
         self.log(f"mlflow: experiment {study.experiment!r}, parent run {parent}")
 
@@ -284,13 +340,21 @@ class StudyDriver:
         from tunekd.trainable import tune_trainable
 
         study = self.study
+        # Ray's per-trial TensorBoard/JSON/CSV/params.pkl loggers, read when Tune builds its callbacks
+        os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "0" if study.tune.ray_loggers else "1"
+        if not study.tune.ray_loggers:  # the result grid then warns, per trial, that it found no result.json
+            import logging
+
+            logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
         trainable = tune.with_resources(tune.with_parameters(tune_trainable, shared=self.shared),
                                         {"cpu": study.tune.resources.cpu, "gpu": study.tune.resources.gpu})
+        # TrialCallback first: it exports a finished trial's student before CheckpointCallback prunes it
         callbacks = [TrialCallback(self)] if self.tracker is not None else []
         if self.tracker is not None:
             from tunekd.progress import StudyProgress
 
             self.progress = StudyProgress(self.total_trials, study.name)
+        callbacks.append(CheckpointCallback(self.metric, study.tune.keep_students))
         if self.options.resume:
             self.tuner = tune.Tuner.restore(self.ray_path, trainable, resume_unfinished=True, resume_errored=False,
                                             restart_errored=False)
@@ -303,9 +367,8 @@ class StudyDriver:
             run_config=tune.RunConfig(
                 name=Path(self.ray_path).name, storage_path=str(Path(self.ray_path).parent), verbose=0,
                 callbacks=callbacks,
-                checkpoint_config=tune.CheckpointConfig(
-                    num_to_keep=study.tune.checkpoint_keep, checkpoint_score_attribute=self.metric,
-                    checkpoint_score_order="max"),
+                # a running trial's latest checkpoint only; finished trials: `CheckpointCallback`
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 failure_config=tune.FailureConfig(max_failures=study.tune.max_failures)),
         )
 
@@ -330,6 +393,14 @@ class StudyDriver:
             if self.progress is not None:
                 self.progress.close()
         self.interrupted = self.results.num_terminated + self.results.num_errors < len(self.results)
+        if not self.interrupted:  # every trial ended, also those no driver saw end: no optimizer state stays
+            from tunekd import checkpoints
+
+            for result in self.results:
+                if result.path and Path(result.path).is_dir():
+                    score = None if result.error else (result.metrics or {}).get(self.metric)
+                    checkpoints.finish_trial(result.path, score)
+            checkpoints.prune_students(self.ray_path, self.study.tune.keep_students)
         if self.tracker is None:
             return
         for result in self.results:  # trials that ended while no driver was listening (a killed driver)
@@ -451,14 +522,38 @@ class TrialCallback(_callback_base()):
 
 
 def attach_callbacks(tuner, driver: StudyDriver) -> None:
-    """Give the callbacks a restored Tuner unpickled from its experiment state this driver."""
+    """Give the callbacks a restored Tuner unpickled from its experiment state this driver (and a
+    `CheckpointCallback` if that state has none)."""
     run_config = tuner._local_tuner.get_run_config()  # Tune keeps no public handle on restored callbacks
-    found = [cb for cb in run_config.callbacks or [] if isinstance(cb, TrialCallback)]
-    if not found:
-        run_config.callbacks = [*(run_config.callbacks or []), TrialCallback()]
-        found = run_config.callbacks[-1:]
+    callbacks = [cb for cb in run_config.callbacks or [] if not isinstance(cb, CheckpointCallback)]
+    found = [cb for cb in callbacks if isinstance(cb, TrialCallback)]
+    if not found and driver.tracker is not None:
+        callbacks.append(TrialCallback())
+        found = callbacks[-1:]
     for cb in found:
         cb.driver = driver
+    run_config.callbacks = [*callbacks, CheckpointCallback(driver.metric, driver.study.tune.keep_students)]
+
+
+class CheckpointCallback(_callback_base()):
+    """A trial that ended keeps no optimizer or RNG state, and its weights only while it is among the
+    experiment's best `keep` finished trials (`tunekd.checkpoints`). Holds plain values (Tune pickles it)."""
+
+    def __init__(self, metric: str, keep: int):
+        self.metric, self.keep = metric, keep
+
+    def _finish(self, trial, failed: bool = False) -> None:
+        from tunekd import checkpoints
+
+        if trial.path and Path(trial.path).is_dir():  # a failed trial's weights are not kept
+            checkpoints.finish_trial(trial.path, None if failed else (trial.last_result or {}).get(self.metric))
+            checkpoints.prune_students(Path(trial.path).parent, self.keep)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._finish(trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._finish(trial, failed=True)
 
 
 def trial_error_text(trial) -> str:

@@ -42,15 +42,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PARENT_RUN_ID",
                    help="continue an interrupted study (default: the experiment's latest parent run): finished "
-                        "trials are not run again, unfinished ones resume from their checkpoints, the same "
-                        "MLflow parent run is used")
+                        "trials are not run again, unfinished ones resume from their latest checkpoints, the same "
+                        "MLflow parent run is used; refused when the study changed since (see --resume-force)")
+    p.add_argument("--resume-force", action="store_true",
+                   help="with --resume (implied): continue even though the study's fingerprint (resolved config, "
+                        "data, teacher, tunekd version) differs from the parent run's; the change is recorded on "
+                        "the parent run (tag tunekd.resume_forced). Without it a changed study is refused")
     p.add_argument("--dry-run", action="store_true",
                    help="validate the study and every trial config it can produce, print the trials, and stop")
     return p.parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> int:
-    from tunekd.driver import RunOptions, StudyDriver
     from tunekd.study import load_study
 
     study = load_study(args.study, args.overrides)
@@ -59,9 +62,21 @@ def run(args: argparse.Namespace) -> int:
     address, source = args.address, "--address"
     if address is None and os.environ.get("RAY_ADDRESS"):
         address, source = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
+    resume = args.resume or ("latest" if args.resume_force else None)
+    found = None
+    if resume:  # nothing to resume fails here, before Ray (or the driver's imports of it) and anything else
+        from tunekd.resume import find_resumable
+
+        found = find_resumable(study.tracking.uri, study.experiment, study.tune.storage_path,
+                               None if resume == "latest" else resume)
+    from tunekd.driver import RunOptions, StudyDriver
+
     options = RunOptions(study_file=args.study, overrides=args.overrides, address=address, address_source=source,
-                         num_cpus=args.num_cpus, resume=args.resume, dry_run=args.dry_run, command=_command_line())
-    return StudyDriver(study, options).run()
+                         num_cpus=args.num_cpus, resume=resume, resume_force=args.resume_force, dry_run=args.dry_run,
+                         command=_command_line())
+    driver = StudyDriver(study, options)
+    driver.resumable = found
+    return driver.run()
 
 
 def _command_line() -> list[str]:

@@ -298,7 +298,12 @@ class TuneConfig(_Section):
     reuse_actors: Bool = True
     storage_path: str = Field("ray_results", min_length=1)
     max_failures: Int = Field(0, ge=0, le=1000)
-    checkpoint_keep: Int = Field(1, ge=1, le=1000)
+    # checkpoints: a running trial keeps its latest one (student, optimizer, RNG, epoch), written every
+    # `checkpoint_every` epochs and after its last; a finished trial keeps its weights only if it is among
+    # the best `keep_students` finished trials (by the task metric), and no optimizer state
+    checkpoint_every: Int = Field(1, ge=1, le=MAX_EPOCHS)
+    keep_students: Int = Field(1, ge=0, le=MAX_TRIALS)
+    ray_loggers: Bool = False  # Ray's per-trial TensorBoard/JSON/CSV/params.pkl files (Tune resumes without them)
 
 
 class TrackingConfig(_Section):

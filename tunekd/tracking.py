@@ -186,24 +186,6 @@ class StudyTracker:
                  "columnWidths": {NAME_COLUMN: 300, "Run Name": 300}}
         self.client.set_experiment_tag(self.experiment_id, VIEW_PREFIX + self.view_key(), json.dumps(state))
 
-    def resumable_parent(self, run_id: str | None = None) -> tuple[str, str]:
-        """(parent run id, Ray experiment path) of the given parent run, or of the experiment's latest one."""
-        if run_id:
-            try:
-                run = self.client.get_run(run_id)
-            except Exception:
-                raise ConfigError(f"--resume: no MLflow run {run_id!r}") from None
-        else:
-            runs = self.client.search_runs([self.experiment_id], "tags.`tunekd.role` = 'study'",
-                                           order_by=["attributes.start_time DESC"], max_results=1)
-            if not runs:
-                raise ConfigError(f"--resume: experiment {self.experiment!r} has no study run to resume")
-            run = runs[0]
-        path = run.data.tags.get("tunekd.ray_path")
-        if not path:
-            raise ConfigError(f"--resume: run {run.info.run_id} has no tunekd.ray_path tag")
-        return run.info.run_id, path
-
     def log_parent_metrics(self, metrics: dict[str, float]) -> None:
         self.teacher_metrics.update({k: float(v) for k, v in metrics.items() if k.startswith("teacher/")})
         self._log_metrics(self.parent_id, metrics, step=0)

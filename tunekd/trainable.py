@@ -11,7 +11,6 @@ teacher model, the opened cache) is kept for the next trial on that worker (`reu
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import tempfile
 import time
@@ -23,9 +22,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from tunekd import cache as tcache
+from tunekd import checkpoints
 from tunekd import distill, plan
 from tunekd.data import Encoded
 from tunekd.models import FAMILIES
@@ -166,41 +165,6 @@ def make_shared(study: Study, family_name: str, teacher_model, encoded: dict[str
                   encoded=encoded, cache=cache, cache_arrays=arrays)
 
 
-# --- checkpoints (safetensors + a weights-only torch file; nothing arbitrary is unpickled) -------
-
-
-def save_checkpoint(folder: str | Path, distiller: distill.Distiller, state: distill.TrainState) -> None:
-    folder = Path(folder)
-    tensors = {f"student.{k}": v.detach().cpu().contiguous() for k, v in distiller.student.state_dict().items()}
-    tensors.update({f"proj.{k}": v.detach().cpu().contiguous() for k, v in distiller.projections.state_dict().items()})
-    save_file(_untie(tensors), str(folder / "model.safetensors"))
-    torch.save({"optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict()},
-               folder / "optim.pt")
-    (folder / "progress.json").write_text(json.dumps({"epoch": state.epoch, "step": state.step}))
-
-
-def _untie(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    seen: dict[int, str] = {}
-    out = {}
-    for k, v in tensors.items():
-        ptr = v.data_ptr()
-        out[k] = v.clone() if ptr in seen else v
-        seen[ptr] = k
-    return out
-
-
-def load_checkpoint(folder: str | Path, distiller: distill.Distiller, state: distill.TrainState) -> None:
-    folder = Path(folder)
-    tensors = load_file(str(folder / "model.safetensors"))
-    distiller.student.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("student.")})
-    distiller.projections.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("proj.")})
-    optim = torch.load(folder / "optim.pt", weights_only=True)
-    state.optimizer.load_state_dict(optim["optimizer"])
-    state.scheduler.load_state_dict(optim["scheduler"])
-    progress = json.loads((folder / "progress.json").read_text())
-    state.epoch, state.step = int(progress["epoch"]), int(progress["step"])
-
-
 # --- one trial ---------------------------------------------------------------------------------
 
 
@@ -255,19 +219,44 @@ def run_trial(overrides: dict[str, Any], shared: Shared, *, report=None, restore
     evals = {k: v for k, v in shared.encoded.items() if k != "train"}
     state = distill.make_state(distiller, study.train, -(-len(train) // study.train.batch_size), study.train.epochs)
     if restore_dir:
-        load_checkpoint(restore_dir, distiller, state)
+        checkpoints.load(restore_dir, distiller, state)
+    every, epochs = study.tune.checkpoint_every, study.train.epochs
+    # weights + AdamW's two moments, about the size of a resumable checkpoint
+    checkpoint_bytes = 3 * sum(p.numel() * p.element_size() for p in distiller.parameters() if p.requires_grad)
+    checkpoint_s = 0.0  # time spent writing and handing over checkpoints, reported as perf/checkpoint_s
 
     def on_epoch(epoch, metrics, st):
+        nonlocal checkpoint_s
         metrics["perf/cache_hit"] = float(cache is not None)
         metrics["perf/teacher_built"] = float(teacher is not None)
         if report is None:
             return
-        with tempfile.TemporaryDirectory(prefix="tunekd-ckpt-") as folder:
-            save_checkpoint(folder, distiller, st)
+        if epoch % every and epoch != epochs:  # no checkpoint this epoch
+            metrics["perf/checkpoint_s"] = checkpoint_s
+            report(metrics, None)
+            return
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="tunekd-ckpt-", dir=scratch_dir(checkpoint_bytes)) as folder:
+            # the last epoch's checkpoint is the trial's result: weights only, nothing will continue it
+            checkpoints.save(folder, distiller, st, resumable=epoch != epochs)
+            metrics["perf/checkpoint_s"] = checkpoint_s + (time.perf_counter() - t0)
             report(metrics, folder)
+        checkpoint_s += time.perf_counter() - t0
 
     return distill.fit(distiller, spec, train, evals, study.train, epochs=study.train.epochs, seed=study.seed,
                        state=state, on_epoch=on_epoch, started=started, generation=study.task.generation)
+
+
+def scratch_dir(nbytes: int) -> str | None:
+    """Where a checkpoint is written before Tune copies it into the trial's folder: shared memory
+    (/dev/shm) when it has room for twice `nbytes` (the copy then costs one disk write, not two), else the
+    default temporary folder."""
+    shm = "/dev/shm"
+    try:
+        st = os.statvfs(shm)
+    except OSError:
+        return None
+    return shm if os.access(shm, os.W_OK) and st.f_bavail * st.f_frsize > 2 * nbytes else None
 
 
 def tune_trainable(config: dict[str, Any], shared: Shared) -> None:
@@ -280,10 +269,22 @@ def tune_trainable(config: dict[str, Any], shared: Shared) -> None:
     checkpoint = tune.get_checkpoint()
 
     def report(metrics, folder):
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder) if folder else None)
 
-    if checkpoint is not None:
+    if checkpoint is None:
+        run_trial(dict(config), shared, report=report)
+        return
+    # the trial's latest complete checkpoint, which may be newer than the one Tune's saved state names
+    newest = checkpoints.latest(Path(checkpoint.path).parent) if _local(checkpoint) else None
+    if newest is not None:
+        run_trial(dict(config), shared, report=report, restore_dir=str(newest))
+    else:
         with checkpoint.as_directory() as folder:
             run_trial(dict(config), shared, report=report, restore_dir=folder)
-    else:
-        run_trial(dict(config), shared, report=report)
+
+
+def _local(checkpoint) -> bool:
+    """Whether the checkpoint lies on this machine's file system (Tune's default local storage)."""
+    import pyarrow.fs
+
+    return isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem) and Path(checkpoint.path).parent.is_dir()

@@ -1,0 +1,175 @@
+"""Trial checkpoints: what a running trial writes to continue after a fault, and what a finished one keeps.
+
+A checkpoint folder holds
+
+    model.safetensors   the student and its projections (safetensors: nothing is unpickled)
+    optim.pt            optimizer and LR-scheduler state (a weights-only torch file)
+    rng.pt              torch, numpy and Python RNG states (weights-only torch file: tensors and numbers)
+    progress.json       epochs and steps done, and the size of every file above; written last, so a
+                        folder whose files do not all match it is incomplete (a crash mid-write)
+
+The epoch is the data position: an epoch's batch order depends only on the study seed and the epoch
+(`distill.fit`), so a trial restored after epoch k with its RNG states trains epochs k+1.. exactly as an
+uninterrupted one. While a trial runs, Tune keeps its latest checkpoint only. When the trial ends
+(`finish_trial`), the optimizer and RNG states go (nothing will continue it) and its score is written
+(`final.json`); `prune_students` then keeps the weights of the best `tune.keep_students` finished trials of
+the experiment and deletes the others'.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+WEIGHTS = "model.safetensors"
+OPTIM = "optim.pt"
+RNG = "rng.pt"
+PROGRESS = "progress.json"
+FINAL = "final.json"
+RESUME_ONLY = (OPTIM, RNG)  # what only a continuing trial needs
+
+
+# --- writing and reading ------------------------------------------------------------------------
+
+
+def save(folder: str | Path, distiller, state, *, resumable: bool = True) -> None:
+    """Write a checkpoint of the trial into `folder`. `resumable=False` (the trial's last epoch): the
+    weights and progress only, no optimizer or RNG state."""
+    folder = Path(folder)
+    tensors = {f"student.{k}": v.detach().cpu().contiguous() for k, v in distiller.student.state_dict().items()}
+    tensors.update({f"proj.{k}": v.detach().cpu().contiguous() for k, v in distiller.projections.state_dict().items()})
+    save_file(_untie(tensors), str(folder / WEIGHTS))
+    if resumable:
+        torch.save({"optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict()},
+                   folder / OPTIM)
+        torch.save(rng_state(), folder / RNG)
+    files = {name: (folder / name).stat().st_size for name in (WEIGHTS, *RESUME_ONLY) if (folder / name).is_file()}
+    (folder / PROGRESS).write_text(json.dumps({"epoch": state.epoch, "step": state.step, "files": files}))
+
+
+def load(folder: str | Path, distiller, state) -> None:
+    """Restore the student, projections, optimizer, scheduler, RNG states and position from `folder`."""
+    folder = Path(folder)
+    tensors = load_file(str(folder / WEIGHTS))
+    distiller.student.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("student.")})
+    distiller.projections.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("proj.")})
+    if (folder / OPTIM).is_file():
+        optim = torch.load(folder / OPTIM, weights_only=True)
+        state.optimizer.load_state_dict(optim["optimizer"])
+        state.scheduler.load_state_dict(optim["scheduler"])
+    if (folder / RNG).is_file():
+        set_rng_state(torch.load(folder / RNG, weights_only=True))
+    progress = json.loads((folder / PROGRESS).read_text())
+    state.epoch, state.step = int(progress["epoch"]), int(progress["step"])
+
+
+def _untie(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    seen: dict[int, str] = {}
+    out = {}
+    for k, v in tensors.items():
+        ptr = v.data_ptr()
+        out[k] = v.clone() if ptr in seen else v
+        seen[ptr] = k
+    return out
+
+
+def rng_state() -> dict:
+    """torch (CPU and CUDA), numpy and Python RNG states as tensors and numbers (loadable weights-only)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    out = {"torch": torch.get_rng_state(),
+           "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                     "has_gauss": int(has_gauss), "gauss": float(gauss)},
+           "python": {"version": int(version), "state": torch.tensor(internal, dtype=torch.int64),
+                      "gauss": gauss_next}}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def set_rng_state(saved: dict) -> None:
+    torch.set_rng_state(saved["torch"])
+    n = saved["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = saved["python"]
+    random.setstate((p["version"], tuple(int(x) for x in p["state"].tolist()), p["gauss"]))
+    if "cuda" in saved and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["cuda"])
+
+
+# --- which checkpoint ---------------------------------------------------------------------------
+
+
+def progress(folder: str | Path) -> dict | None:
+    """The folder's progress record when the checkpoint is complete (every file it lists there, at its
+    size), else None."""
+    folder = Path(folder)
+    try:
+        record = json.loads((folder / PROGRESS).read_text())
+        files = record["files"]
+        if WEIGHTS not in files:
+            return None
+        for name, size in files.items():
+            if (folder / name).stat().st_size != size:
+                return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return record
+
+
+def latest(trial_dir: str | Path) -> Path | None:
+    """The trial's complete checkpoint with the most epochs done (Tune's own record of the latest one can
+    lag behind: its experiment state is saved periodically, so a killed driver may name an older one)."""
+    best, best_epoch = None, -1
+    for folder in Path(trial_dir).glob("checkpoint_*"):
+        record = progress(folder)
+        if record is not None and int(record["epoch"]) > best_epoch:
+            best, best_epoch = folder, int(record["epoch"])
+    return best
+
+
+# --- a finished trial ---------------------------------------------------------------------------
+
+
+def finish_trial(trial_dir: str | Path, score: float | None) -> None:
+    """A trial that ended: delete its optimizer and RNG states (nothing continues it) and record its score
+    (the study's metric at its last epoch) beside the weights, for `prune_students`."""
+    for folder in Path(trial_dir).glob("checkpoint_*"):
+        for name in RESUME_ONLY:
+            (folder / name).unlink(missing_ok=True)
+        if (folder / WEIGHTS).is_file():
+            ok = score is not None and math.isfinite(float(score))
+            (folder / FINAL).write_text(json.dumps({"score": float(score) if ok else None}))
+
+
+def prune_students(experiment_dir: str | Path, keep: int) -> list[Path]:
+    """Keep the weights of the `keep` best-scoring finished trials of the experiment (ties: the earlier
+    folder name), delete the other finished trials' weights, and those of trials without a finite score
+    (failed ones); returns the checkpoint folders kept."""
+    finished = []
+    for marker in Path(experiment_dir).glob(f"*/checkpoint_*/{FINAL}"):
+        try:
+            score = json.loads(marker.read_text()).get("score")
+        except (OSError, ValueError):
+            score = None
+        finished.append((score is None, -(score or 0.0), str(marker.parent), marker.parent))
+    finished.sort()
+    kept = []
+    for i, (unscored, _, _, folder) in enumerate(finished):
+        if i < keep and not unscored:
+            if (folder / WEIGHTS).is_file():
+                kept.append(folder)
+        else:
+            (folder / WEIGHTS).unlink(missing_ok=True)
+    return kept
+
+
+def disk_bytes(folder: str | Path) -> int:
+    """Bytes of the files under `folder`."""
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file() and not f.is_symlink())
