@@ -265,3 +265,14 @@ def test_adaptive_study_end_to_end_and_resume(tmp_path, tiny_bert_dir, study_cli
     df = report.load_runs(client, "seeds_e2e")
     paired = report.paired_differences(df, "eval/accuracy", "forward", margin=0.001)
     assert paired[["n", "verdict", "mean_diff"]].values.tolist() == [[2, "equivalent", 0.0]]  # λ=0 only completed
+
+
+def test_cell_values_match_however_they_are_written():
+    """`lambda_hid: [0, 5]` in the study file: the trials log 0.0 / 5.0 (float), MLflow gives "0.0" back."""
+    raw = _raw(**{"search.distill.lambda_hid": {"grid": [0, 5]}})
+    d = Design.from_study(validate(raw))
+    recs = [({"distill.strategy": s, "student.init": i, "distill.lambda_hid": lam, "seed": seed}, "completed",
+             {"eval/accuracy": 50.0})
+            for s in d.strategies for i in ("copy", "random") for lam in ("0.0", 5.0) for seed in d.seeds[:3]]
+    plan = plan_round(results_frame(recs, d, "eval/accuracy"), d)
+    assert plan.done and {p["verdict"] for p in plan.pairs} == {"equivalent"} and len(plan.pairs) == 8

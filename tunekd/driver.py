@@ -201,6 +201,10 @@ class StudyDriver:
                                   f"teacher {t_width}; use student.init 'random' for a narrower student")
         self.log(f"validated {len(self.points)} trial configurations against the teacher ({family.name}, "
                  f"{family.num_layers(config)} layers, width {t_width})")
+        if (cfg := self.study.tune.seeds) is not None:
+            self.log(f"tune.seeds: {grid_size(self.study)} configurations x seeds {self.study.seed}.."
+                     f"{self.study.seed + cfg.min - 1} first, then one more seed per round for each pair still "
+                     f"inconclusive against {cfg.reference!r} (margin {cfg.margin:g}), up to {cfg.max} seeds")
 
     def connect(self) -> None:
         """A local Ray on loopback, or the cluster at --address; checks the study's resources fit. A Ray this
@@ -387,6 +391,9 @@ class StudyDriver:
             self.seed_plan = plan = seeds.plan_round(seeds.results_frame(records, design, self.metric), design)
             if plan.done or self.interrupted:
                 break
+            if rounds and not rounds[-1]["interrupted"] and plan.needed == rounds[-1]["trials"]:
+                raise RuntimeError(f"tune.seeds: round {len(rounds)} would run the same {len(plan.needed)} trials "
+                                   "as the last one (their results are not found in MLflow)")
             k = len(rounds)
             self.ray_path = f"{base}-round{k}"
             if Path(self.ray_path).exists():  # a resumed round: a fresh Ray folder of its own

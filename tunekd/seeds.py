@@ -35,9 +35,15 @@ ENDED = ("completed", "early_stopped", "failed")
 
 
 def _key(v: Any) -> str:
-    """A value as MLflow stores it as a param (so in-process values and values read back compare equal)."""
+    """A canonical text of a param value, equal for the value in-process, as MLflow stores it (a string), and as
+    the study file wrote it (`lambda_hid: 0` is the float 0.0 in the trial): numbers compare as floats."""
     from tunekd.tracking import _param_value
 
+    if not isinstance(v, bool):
+        try:
+            return repr(float(v))
+        except (TypeError, ValueError):
+            pass
     return _param_value(v)
 
 
