@@ -45,9 +45,9 @@ HISTORY = "__history/"  # column prefix: per-run {epoch: value} of a metric (`wi
 STRATEGY, INIT, LAYERS, LAMBDA, SEED = "distill.strategy", "student.init", "student.layers", "distill.lambda_hid", "seed"
 # Per-run bookkeeping columns of `load_runs` (everything else without a "/" is a param).
 META = ("run_id", "parent_id", "trial_id", "status", "error", "start_time")
-# Params that follow from others (the resolved map depends on strategy and seed, the copied layers on
-# init and depth): they never define a group of their own.
-DERIVED = ("distill.layer_map", "student.copied_layers")
+# Params that follow from others (the resolved map and a `random` map's permutation and seed depend on
+# strategy and seed, the copied layers on init and depth): they never define a group of their own.
+DERIVED = ("distill.layer_map", "student.copied_layers", "distill.random_permutation", "distill.map_seed_used")
 SHORT = {STRATEGY: "strategy", INIT: "init", LAYERS: "layers", LAMBDA: "lambda_hid"}
 STRATEGY_ORDER = ("none", "forward", "reverse", "all_to_one", "random")
 INIT_ORDER = ("random", "copy")
