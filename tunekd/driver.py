@@ -572,7 +572,7 @@ def round_space(study: Study, metric: str, points: list[dict[str, Any]]):
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     keys = sorted({k for p in points for k in p})
-    space = {k: tune.grid_search(sorted({p[k] for p in points}, key=repr)) for k in keys}
+    space = {k: tune.grid_search(list({repr(p[k]): p[k] for p in points}.values())) for k in keys}  # lists too
     config = tune_config(study, metric)
     config.search_alg = BasicVariantGenerator(points_to_evaluate=[dict(p) for p in points],
                                               max_concurrent=config.max_concurrent_trials or 0)
