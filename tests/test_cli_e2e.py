@@ -55,7 +55,7 @@ def test_quickstart_records_every_trial_as_a_child_run(quickstart):
     parent = parents[0]
     assert "teacher/accuracy" in parent.data.metrics
     assert parent.data.params["teacher.cached"] == "False"
-    assert len(children) == 10
+    assert len(children) == 20  # 5 strategies x 2 inits x 2 seeds
     for run in children:
         tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
         assert tags["mlflow.parentRunId"] == parent.info.run_id
@@ -75,8 +75,31 @@ def test_quickstart_records_every_trial_as_a_child_run(quickstart):
         init = params["student.init"]
         copied = json.loads(params["student.copied_layers"])
         assert copied == ([1, 3, 5] if init == "copy" else None)  # fwd(i) - 1 for 6 -> 3
-    combos = {(r.data.params["distill.strategy"], r.data.params["student.init"]) for r in children}
-    assert len(combos) == 10
+    combos = {(r.data.params["distill.strategy"], r.data.params["student.init"], r.data.params["seed"])
+              for r in children}
+    assert len(combos) == 20
+
+
+def test_quickstart_report_compares_every_strategy_and_init_at_common_rungs(quickstart, tmp_path):
+    """The report pairs every strategy with forward for both inits on both seeds, early-stopped trials
+    included, each pair at the deepest epoch both trials reached (column `rung`)."""
+    import pandas as pd
+
+    from tunekd import report
+
+    cwd, _, uri = quickstart
+    code = report.main(["--experiment", "quickstart", "--tracking-uri", uri, "--out", str(tmp_path), "--no-log"])
+    assert code == 0
+    paired = pd.read_csv(tmp_path / "paired.csv")
+    assert {(s, i) for s, i in zip(paired["strategy"], paired["init"])} == {
+        (s, i) for s in ("none", "reverse", "all_to_one", "random") for i in ("copy", "random")}
+    assert (paired["n"] == 2).all(), paired
+    client, _, children = runs(uri, "quickstart")
+    last = {(r.data.params["distill.strategy"], r.data.params["student.init"], r.data.params["seed"]):
+            max(m.step for m in client.get_metric_history(r.info.run_id, "eval/accuracy")) for r in children}
+    for _, row in paired.iterrows():  # the rung is the shorter trial of each pair
+        rungs = [min(last[(row["strategy"], row["init"], s)], last[("forward", row["init"], s)]) for s in ("0", "1")]
+        assert str(row["rung"]) == (str(rungs[0]) if rungs[0] == rungs[1] else f"{min(rungs)}–{max(rungs)}")
 
 
 def test_asha_stopped_at_least_one_trial(quickstart):
@@ -112,6 +135,7 @@ def test_fine_tuned_teacher_is_cached_and_reused(quickstart, study_cli, mlflow_u
     assert len(teachers) == 1 and (teachers[0] / "tunekd_teacher.json").is_file()
     code, out = study_cli([QUICKSTART, *[f"--set={s}" for s in SHRINK], "--set=train.epochs=1",
                            "--set=search.distill.strategy.grid=[forward]", "--set=search.student.init.grid=[copy]",
+                           "--set=search.seed.grid=[0]",
                            "--set=tracking.experiment=quickstart_reuse", "--tracking-uri", mlflow_uri], cwd)
     assert code == 0, out[-4000:]
     assert f"teacher: reusing fine-tuned teacher {teachers[0]}" in out

@@ -337,3 +337,65 @@ def test_help_text(capsys):
     text = capsys.readouterr().out
     for flag in ("--experiment", "--tracking-uri", "--out", "--reference", "--margin", "--parent", "--metric"):
         assert flag in text
+
+
+# --- rung-aware pairs (ASHA) -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def asha_runs(store):
+    """An ASHA-like study: forward always runs 3 epochs; reverse is stopped after epoch 1 on seed 0 and 2 on
+    seed 1, completes on seed 2; with random init both strategies are stopped after epoch 1 on every seed."""
+    exp = store.experiment("kd-asha")
+    parent = store.parent(exp)
+    curves = {  # (strategy, init, seed) -> accuracy per epoch
+        ("forward", "copy", 0): [70, 75, 80], ("forward", "copy", 1): [71, 76, 82], ("forward", "copy", 2): [69, 74, 81],
+        ("reverse", "copy", 0): [72], ("reverse", "copy", 1): [70, 78], ("reverse", "copy", 2): [70, 75, 80.5],
+        ("forward", "random", 0): [50], ("forward", "random", 1): [52], ("forward", "random", 2): [51],
+        ("reverse", "random", 0): [53], ("reverse", "random", 1): [51], ("reverse", "random", 2): [55],
+    }
+    for (strategy, init, seed), acc in curves.items():
+        store.trial(exp, parent, strategy=strategy, init=init, seed=seed,
+                    status="completed" if len(acc) == 3 else "early_stopped",
+                    history={"eval/accuracy": [(e + 1, float(v)) for e, v in enumerate(acc)]})
+    df = report.load_runs(store.client, "kd-asha")
+    return df, curves
+
+
+def test_pairs_compared_at_the_deepest_common_rung(asha_runs, store):
+    df, curves = asha_runs
+    final = report.paired_differences(df, "eval/accuracy", "forward", MARGIN)  # no histories: completed, final
+    row = final[(final["strategy"] == "reverse") & (final["init"] == "copy")].iloc[0]
+    assert row["n"] == 1 and row["rung"] == "final"
+    assert set(final["init"]) == {"copy"}  # every random-init trial was stopped early: left out
+
+    withh = report.with_histories(store.client, df, ["eval/accuracy"])
+    paired = report.paired_differences(withh, "eval/accuracy", "forward", MARGIN)
+    by = {r["init"]: r for _, r in paired.iterrows()}
+    # copy: seed 0 at epoch 1 (72 - 70), seed 1 at epoch 2 (78 - 76), seed 2 at epoch 3 (80.5 - 81)
+    d_copy = [72 - 70, 78 - 76, 80.5 - 81]
+    d_random = [53 - 50, 51 - 52, 55 - 51]
+    for init, d in (("copy", d_copy), ("random", d_random)):
+        expect = report.paired_test(np.array(d, float), MARGIN)
+        assert by[init]["n"] == 3
+        assert by[init]["mean_diff"] == pytest.approx(np.mean(d))
+        assert by[init]["sd_diff"] == pytest.approx(np.std(d, ddof=1))
+        half = stats.t.ppf(0.975, 2) * np.std(d, ddof=1) / np.sqrt(3)  # by hand, not via paired_test
+        assert by[init]["ci_low"] == pytest.approx(np.mean(d) - half)
+        assert by[init]["verdict"] == expect["verdict"]
+    assert by["copy"]["rung"] == "1–3" and by["random"]["rung"] == "1"
+
+
+def test_report_cli_is_rung_aware_by_default(asha_runs, store, tmp_path):
+    code = report.main(["--experiment", "kd-asha", "--tracking-uri", store.uri, "--out", str(tmp_path / "a"),
+                        "--no-log"])
+    assert code == 0
+    paired = pd.read_csv(tmp_path / "a" / "paired.csv")
+    assert sorted(paired["init"]) == ["copy", "random"] and list(paired["rung"].astype(str)) == ["1", "1–3"]
+    md = (tmp_path / "a" / "report.md").read_text()
+    assert "| rung |" in md.replace("| n | rung |", "| rung |") and "deepest epoch (rung)" in md
+    code = report.main(["--experiment", "kd-asha", "--tracking-uri", store.uri, "--out", str(tmp_path / "b"),
+                        "--no-log", "--final-only"])
+    assert code == 0
+    paired = pd.read_csv(tmp_path / "b" / "paired.csv")
+    assert list(paired["init"]) == ["copy"] and list(paired["rung"]) == ["final"] and list(paired["n"]) == [1]

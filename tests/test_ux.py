@@ -24,7 +24,7 @@ QUICKSTART = REPO / "search_spaces" / "quickstart.yaml"
 
 
 def _study(*overrides):
-    return load_study(QUICKSTART, ["name=ux", *overrides])
+    return load_study(QUICKSTART, ["name=ux", "train.epochs=4", *overrides])  # the fixtures below log 4 epochs
 
 
 def _params(study, point):
@@ -67,7 +67,7 @@ def test_dry_run_lines_show_maps_epochs_outputs():
     from tunekd import mapping
 
     copied = mapping.copy_layer_indices("forward", 6, 3)
-    assert "4 epochs" in text and f"copies teacher layers {','.join(map(str, copied))} (0-based)" in text
+    assert f"{study.train.epochs} epochs" in text and f"copies teacher layers {','.join(map(str, copied))} (0-based)" in text
     assert str(Path("mlflow.db").resolve()) in text and str(Path("ray_results").resolve()) in text
 
 

@@ -18,6 +18,8 @@
     setup_tracking  the MLflow parent run (or the one --resume continues)
     setup_tuner     tune.Tuner (or Tuner.restore) with `TrialCallback`, which holds this driver
     fit             run the trials; prune checkpoints; settle trials no driver saw finish; close the parent run
+    run_rounds      instead of setup_tuner + fit when the study has `tune.seeds`: one setup_tuner + fit per
+                    round of adaptive seeds (`tunekd.seeds`), until every pair's verdict is decided
     summarise       the table of trials and the closing lines
     disconnect      shut down the Ray that `connect` started or attached (not one it found running)
 
@@ -96,6 +98,10 @@ class StudyDriver:
         self.resumable = None  # resume.Resumable
         self.fingerprint_parts: dict[str, Any] | None = None
         self.resume_change: str | None = None
+        # run_rounds (adaptive seeds): the trial configs of the current round, its size, the last plan
+        self.round_points: list[dict[str, Any]] | None = None
+        self.round_total: int | None = None
+        self.seed_plan = None  # seeds.RoundPlan
 
     # --- the study, top to bottom ------------------------------------------------------------------
 
@@ -116,8 +122,11 @@ class StudyDriver:
             self.setup_cache()
             with self.guard():  # from here on a crash ends the parent run FAILED, Ctrl-C KILLED
                 self.setup_tracking()
-                self.setup_tuner()
-                self.fit()
+                if self.study.tune.seeds is not None:
+                    self.run_rounds()
+                else:
+                    self.setup_tuner()
+                    self.fit()
             self.summarise()
         finally:
             self.disconnect()
@@ -131,6 +140,8 @@ class StudyDriver:
 
     @property
     def total_trials(self) -> int:
+        if self.round_total is not None:
+            return self.round_total
         return grid_size(self.study) * self.study.tune.num_samples
 
     def setup_task(self) -> None:
@@ -181,6 +192,10 @@ class StudyDriver:
         family, config = self.family, self.teacher_config
         t_width = family.hidden_size(config)
         self.points = list(plan.trial_points(self.study))
+        if self.study.tune.seeds is not None:  # every seed a round may run (a `random` map depends on it)
+            from tunekd.seeds import Design
+
+            self.points = [{**p, "seed": s} for s in Design.from_study(self.study).seeds for p in self.points]
         for point in self.points:
             try:
                 trial = self.trials(point)
@@ -194,6 +209,10 @@ class StudyDriver:
                                   f"teacher {t_width}; use student.init 'random' for a narrower student")
         self.log(f"validated {len(self.points)} trial configurations against the teacher ({family.name}, "
                  f"{family.num_layers(config)} layers, width {t_width})")
+        if (cfg := self.study.tune.seeds) is not None:
+            self.log(f"tune.seeds: {grid_size(self.study)} configurations x seeds {self.study.seed}.."
+                     f"{self.study.seed + cfg.min - 1} first, then one more seed per round for each pair still "
+                     f"inconclusive against {cfg.reference!r} (margin {cfg.margin:g}), up to {cfg.max} seeds")
 
     def find_resume(self) -> None:
         """--resume: the parent run and its Ray state, from the tracking store as it is (nothing created).
@@ -355,15 +374,17 @@ class StudyDriver:
 
             self.progress = StudyProgress(self.total_trials, study.name)
         callbacks.append(CheckpointCallback(self.metric, study.tune.keep_students))
-        if self.options.resume:
+        if self.options.resume and self.round_points is None:
             self.tuner = tune.Tuner.restore(self.ray_path, trainable, resume_unfinished=True, resume_errored=False,
                                             restart_errored=False)
             attach_callbacks(self.tuner, self)
             return
+        space, config = ((param_space(study), tune_config(study, self.metric)) if self.round_points is None
+                         else round_space(study, self.metric, self.round_points))
         self.tuner = tune.Tuner(
             trainable,
-            param_space=param_space(study),
-            tune_config=tune_config(study, self.metric),
+            param_space=space,
+            tune_config=config,
             run_config=tune.RunConfig(
                 name=Path(self.ray_path).name, storage_path=str(Path(self.ray_path).parent), verbose=0,
                 callbacks=callbacks,
@@ -384,9 +405,10 @@ class StudyDriver:
         with self.tracker.parent_guard():
             yield
 
-    def fit(self) -> None:
+    def fit(self, finish: bool = True) -> None:
         """Run the trials; end the parent run FINISHED, or KILLED when Ctrl-C stopped them (Tune catches the first
-        Ctrl-C itself and returns with unfinished trials); settle trials no driver saw finish."""
+        Ctrl-C itself and returns with unfinished trials); settle trials no driver saw finish. `finish=False`
+        (a round of adaptive seeds) leaves the parent run open."""
         try:
             self.results = self.tuner.fit()
         finally:
@@ -411,9 +433,54 @@ class StudyDriver:
                     self.tracker.end_trial(trial_id, "failed", error=str(result.error))
                 else:
                     self.tracker.end_trial(trial_id, self.finished_status(result.config, result.metrics)[0])
+        if finish:
+            self.finish()
+
+    def finish(self) -> None:
+        """Close the parent run: FINISHED, or KILLED after Ctrl-C."""
         self.summary = self.tracker.finish_parent(  # best trial, counts, wall time, description; closes the run
             self.metric, wall_s=time.perf_counter() - self.t_start, status="KILLED" if self.interrupted else "FINISHED",
             error="interrupted (Ctrl-C); continue with --resume" if self.interrupted else None)
+
+    def run_rounds(self) -> None:
+        """Adaptive seeds: round after round, run the trials `seeds.plan_round` asks for (every pair at `min` seeds,
+        then one more seed for each still inconclusive pair) until every pair is decided or has `max` seeds.
+
+        Each round is one Tuner.fit in its own Ray folder (`<ray path>-round<k>`, a fresh one on --resume) under
+        the same MLflow parent run; the plan is recomputed from the ended child runs, so a resumed study
+        (whose parent's children `setup_tracking` read back) reruns only what no round finished. The parent
+        records every round (`StudyTracker.log_seed_round`: artifact seeds/rounds.json, tags tunekd.seeds.*)."""
+        from tunekd import seeds
+
+        if self.tracker is None:
+            raise ConfigError("tune.seeds needs MLflow tracking (the rounds are planned from the recorded trials)")
+        design = seeds.Design.from_study(self.study)
+        base = self.ray_path
+        rounds = self.tracker.seed_rounds() if self.options.resume else []
+        while True:
+            records = ((r.params, r.status, r.metrics) for r in self.tracker.trials.values())
+            self.seed_plan = plan = seeds.plan_round(seeds.results_frame(records, design, self.metric), design)
+            if plan.done or self.interrupted:
+                break
+            if rounds and not rounds[-1]["interrupted"] and plan.needed == rounds[-1]["trials"]:
+                raise RuntimeError(f"tune.seeds: round {len(rounds)} would run the same {len(plan.needed)} trials "
+                                   "as the last one (their results are not found in MLflow)")
+            k = len(rounds)
+            self.ray_path = f"{base}-round{k}"
+            if Path(self.ray_path).exists():  # a resumed round: a fresh Ray folder of its own
+                self.ray_path += f"-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+            pending = sum(p["state"] != "final" for p in plan.pairs)
+            self.log(f"seeds: round {k}: {len(plan.needed)} trials for {pending} undecided strategy/cell pairs "
+                     f"(seeds {sorted({c['seed'] for c in plan.needed})})")
+            self.round_points, self.round_total, self.started = plan.needed, len(plan.needed), set()
+            self.setup_tuner()
+            self.fit(finish=False)
+            rounds.append({"round": k, "ray_path": self.ray_path, "trials": plan.needed,
+                           "interrupted": self.interrupted})
+            self.tracker.log_seed_round(rounds, plan.pairs, final=False)
+        self.tracker.log_seed_round(rounds, plan.pairs, final=plan.done)
+        self.round_points = self.round_total = None
+        self.finish()
 
     def summarise(self) -> None:
         if self.tracker is None:
@@ -424,6 +491,15 @@ class StudyDriver:
         print()
         print(summary_table(tracker, self.spec.primary_metric))
         print()
+        if self.seed_plan is not None:
+            from tunekd.seeds import verdict_table
+
+            cfg = self.study.tune.seeds
+            print(f"adaptive seeds: {self.metric} at the final epoch, each strategy - {cfg.reference} paired by seed; "
+                  f"TOST margin {cfg.margin:g}, alpha {cfg.alpha:g}; seeds {cfg.min}..{cfg.max}"
+                  + ("" if self.seed_plan.done else " (not finished: continue with --resume)"))
+            print(verdict_table(self.seed_plan))
+            print()
         self.log(f"teacher {self.metric}: {self.teacher.metrics.get(self.spec.primary_metric, float('nan')):.2f}; "
                  "trials: " + ", ".join(f"{v} {k}" for k, v in counts.items())
                  + f"; wall time {time.perf_counter() - self.t_start:.0f} s")
@@ -582,6 +658,22 @@ def param_space(study: Study) -> dict[str, Any]:
             "randint": lambda: tune.randint(v[0], v[1] + 1),  # [low, high] inclusive
         }[dim.kind]()
     return space
+
+
+def round_space(study: Study, metric: str, points: list[dict[str, Any]]):
+    """(param_space, TuneConfig) that run exactly the trial configs `points` (a round of adaptive seeds): every
+    point sets every searched key, so each replaces one sample (`BasicVariantGenerator.points_to_evaluate`)."""
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    keys = sorted({k for p in points for k in p})
+    space = {k: tune.grid_search(list({repr(p[k]): p[k] for p in points}.values())) for k in keys}  # lists too
+    config = tune_config(study, metric)
+    config.search_alg = BasicVariantGenerator(points_to_evaluate=[dict(p) for p in points],
+                                              max_concurrent=config.max_concurrent_trials or 0)
+    config.max_concurrent_trials = None  # the generator limits them (Tune ignores it with a search generator)
+    config.num_samples = len(points)
+    return space, config
 
 
 def tune_config(study: Study, metric: str):

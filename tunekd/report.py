@@ -8,7 +8,9 @@ lists the early-stopped, failed and unfinished ones apart:
   seeds (sample sd, ddof=1);
 - paired differences of every strategy against a reference strategy, paired by seed within the same
   init/depth/lambda/...: mean difference, 95% t confidence interval, and an equivalence verdict by
-  two one-sided t tests (TOST) with margin δ;
+  two one-sided t tests (TOST) with margin δ; each pair is compared at the deepest epoch (ASHA rung) both
+  of its trials reached (per-epoch histories from MLflow), so early-stopped trials are included; the
+  column `rung` says which epoch(s) a row's pairs use (`--final-only`: completed trials, final epoch);
 - plots: metric vs λ and metric vs depth (when they vary) and a strategy bar chart;
 - `report.md`, `table.csv`, `paired.csv` and the PNGs in `--out`, also logged as artifacts
   (folder `report/`) on the study's parent run.
@@ -38,12 +40,14 @@ ERROR_TAG = "tunekd.error"
 ROLE_TAG = "tunekd.role"
 
 COMPLETED = "completed"
+EARLY_STOPPED = "early_stopped"
+HISTORY = "__history/"  # column prefix: per-run {epoch: value} of a metric (`with_histories`), for rung-aware pairs
 STRATEGY, INIT, LAYERS, LAMBDA, SEED = "distill.strategy", "student.init", "student.layers", "distill.lambda_hid", "seed"
 # Per-run bookkeeping columns of `load_runs` (everything else without a "/" is a param).
 META = ("run_id", "parent_id", "trial_id", "status", "error", "start_time")
-# Params that follow from others (the resolved map depends on strategy and seed, the copied layers on
-# init and depth): they never define a group of their own.
-DERIVED = ("distill.layer_map", "student.copied_layers")
+# Params that follow from others (the resolved map and a `random` map's permutation and seed depend on
+# strategy and seed, the copied layers on init and depth): they never define a group of their own.
+DERIVED = ("distill.layer_map", "student.copied_layers", "distill.random_permutation", "distill.map_seed_used")
 SHORT = {STRATEGY: "strategy", INIT: "init", LAYERS: "layers", LAMBDA: "lambda_hid"}
 STRATEGY_ORDER = ("none", "forward", "reverse", "all_to_one", "random")
 INIT_ORDER = ("random", "copy")
@@ -136,6 +140,12 @@ def completed(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["status"] == COMPLETED] if "status" in df else df
 
 
+def rung_aware(df: pd.DataFrame, metric: str) -> bool:
+    """Whether `df` carries the per-epoch histories of `metric` (`with_histories`): pairs are then compared at
+    the deepest rung both trials reached, early-stopped trials included."""
+    return HISTORY + metric in df
+
+
 def design_keys(df: pd.DataFrame) -> list[str]:
     """The columns that define a configuration: strategy and init (when present), then every other
     param that varies across the runs, except the seed and the derived params."""
@@ -148,10 +158,10 @@ def design_keys(df: pd.DataFrame) -> list[str]:
     return keys
 
 
-def comparable(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
-    """Completed runs, one per configuration and seed (a configuration and seed run again by a later
-    invocation keeps its latest run), and the design keys."""
-    runs = completed(df)
+def comparable(df: pd.DataFrame, stopped: bool = False) -> tuple[pd.DataFrame, list[str]]:
+    """Completed runs (and early-stopped ones when `stopped`), one per configuration and seed (a configuration
+    and seed run again by a later invocation keeps its latest run), and the design keys."""
+    runs = df[df["status"].isin((COMPLETED, EARLY_STOPPED))] if stopped and "status" in df else completed(df)
     keys = design_keys(runs)
     by = keys + ([SEED] if SEED in runs else [])
     if by and "start_time" in runs and len(runs):
@@ -275,9 +285,16 @@ def paired_differences(df: pd.DataFrame, metric: str, reference: str = "forward"
     configuration: `strategy`, `init`, the other varying keys (as in `strategy_table`), `n` (pairs),
     `mean_diff` (strategy − reference), `sd_diff`, `ci_low`/`ci_high` (95% t interval for α=0.05),
     `ci90_low`/`ci90_high` (the 1−2α interval of the TOST), `p_tost`, `verdict`, `mean`, `mean_ref`,
-    `metric`, `reference`, `margin`. Raises ConfigError when the reference has no completed run.
+    `metric`, `reference`, `margin`, `rung` (the epoch each pair is compared at: "final", or with histories
+    e.g. "2" or "1–4" when the pairs of the row use different rungs). Raises ConfigError when the reference
+    has no completed run.
+
+    Rung-aware (when `df` has the metric's histories, `with_histories`): completed and early-stopped runs are
+    paired, and each pair is compared at the deepest epoch both of its trials reported (ASHA's rung), so a
+    trial stopped at epoch 1 is compared with its partner's epoch-1 value instead of being left out.
     """
-    runs, keys = comparable(df)
+    by_rung = rung_aware(df, metric)
+    runs, keys = comparable(df, stopped=by_rung)
     if STRATEGY not in runs:
         raise ConfigError("the runs have no param 'distill.strategy'")
     if metric not in runs:
@@ -289,23 +306,56 @@ def paired_differences(df: pd.DataFrame, metric: str, reference: str = "forward"
     pair_on = others + ([SEED] if SEED in runs else [])
     if not pair_on:
         raise ConfigError("cannot pair runs: they have no 'seed' param")
-    ref = runs[runs[STRATEGY] == reference][pair_on + [metric]].rename(columns={metric: "__ref"})
+    value = HISTORY + metric if by_rung else metric
+    ref = runs[runs[STRATEGY] == reference][pair_on + [value]].rename(columns={value: "__ref"})
     rows = []
     sub = runs[runs[STRATEGY] != reference]
     first = [INIT] + [k for k in others if k != INIT] + [STRATEGY]
     for vals, g in _sorted_groups(sub, [STRATEGY] + others, first):
-        merged = g[pair_on + [metric]].merge(ref, on=pair_on, how="inner").dropna(subset=[metric, "__ref"])
+        merged = g[pair_on + [value]].merge(ref, on=pair_on, how="inner")
+        if by_rung:
+            merged = _at_common_rung(merged, value, metric)
+        else:
+            merged["__rung"] = "final"
+        merged = merged.dropna(subset=[metric, "__ref"])
         d = (merged[metric].astype(float) - merged["__ref"].astype(float)).to_numpy()
         row = {short(k): v for k, v in zip([STRATEGY] + others, vals)}
         row.update(paired_test(d, margin, alpha))
         row["mean"] = float(merged[metric].mean()) if len(merged) else math.nan
         row["mean_ref"] = float(merged["__ref"].mean()) if len(merged) else math.nan
-        row.update(metric=metric, reference=reference, margin=margin)
+        row.update(metric=metric, reference=reference, margin=margin, rung=_rung_text(merged["__rung"]))
         rows.append(row)
     cols = ([short(k) for k in [STRATEGY] + others]
             + ["n", "mean_diff", "sd_diff", "ci_low", "ci_high", "ci90_low", "ci90_high", "p_tost", "verdict",
-               "mean", "mean_ref", "metric", "reference", "margin"])
+               "mean", "mean_ref", "metric", "reference", "margin", "rung"])
     return pd.DataFrame(rows, columns=cols)
+
+
+def _at_common_rung(merged: pd.DataFrame, value: str, metric: str) -> pd.DataFrame:
+    """Each pair's values at the deepest epoch both histories reached (`__rung`); NaN when none is common."""
+    out = merged.copy()
+    a, b, rungs = [], [], []
+    for h, hr in zip(out[value], out["__ref"]):
+        h = h if isinstance(h, dict) else {}
+        hr = hr if isinstance(hr, dict) else {}
+        common = set(h) & set(hr)
+        r = min(max(h, default=0), max(hr, default=0))
+        if r in common:
+            a.append(h[r]), b.append(hr[r]), rungs.append(r)
+        else:
+            a.append(math.nan), b.append(math.nan), rungs.append(math.nan)
+    out[metric], out["__ref"], out["__rung"] = a, b, rungs
+    return out
+
+
+def _rung_text(rungs: pd.Series) -> str:
+    vals = [r for r in rungs if not (isinstance(r, float) and math.isnan(r))]
+    if not vals:
+        return "–"
+    if all(v == "final" for v in vals):
+        return "final"
+    lo, hi = int(min(vals)), int(max(vals))
+    return str(lo) if lo == hi else f"{lo}–{hi}"
 
 
 # --- plots -------------------------------------------------------------------------------------
@@ -458,7 +508,7 @@ def plot_paired(paired: pd.DataFrame, metric: str, path: Path) -> Path:
 # --- LaTeX -------------------------------------------------------------------------------------
 
 PAIRED_STATS = ("n", "mean_diff", "sd_diff", "ci_low", "ci_high", "ci90_low", "ci90_high", "p_tost", "verdict",
-                "mean", "mean_ref", "metric", "reference", "margin")
+                "mean", "mean_ref", "metric", "reference", "margin", "rung")
 _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
         "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
 
@@ -532,11 +582,11 @@ def md_table(df: pd.DataFrame) -> str:
 
 
 def _paired_md(paired: pd.DataFrame) -> pd.DataFrame:
-    keys = [c for c in paired.columns if c not in (
-        "n", "mean_diff", "sd_diff", "ci_low", "ci_high", "ci90_low", "ci90_high", "p_tost", "verdict",
-        "mean", "mean_ref", "metric", "reference", "margin")]
+    keys = [c for c in paired.columns if c not in PAIRED_STATS]
     out = paired[keys].copy()
     out["n"] = paired["n"]
+    if "rung" in paired:
+        out["rung"] = paired["rung"]
     out["mean diff"] = [f"{v:+.2f}" if not pd.isna(v) else "–" for v in paired["mean_diff"]]
     out["95% CI"] = [f"[{lo:+.2f}, {hi:+.2f}]" if not pd.isna(lo) else "–"
                      for lo, hi in zip(paired["ci_low"], paired["ci_high"])]
@@ -583,8 +633,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         epilog="Verdicts (per strategy and configuration, pairs matched by seed): 'equivalent' when the 90% "
                "interval of the mean difference lies inside (-margin, +margin), i.e. both one-sided tests have "
                "p < 0.05; 'different' when not equivalent and the 95% interval excludes 0; else "
-               "'inconclusive' (always with fewer than 2 pairs). Only completed trials are compared; "
-               "early-stopped, failed and unfinished ones are listed apart. Exit status 2: unknown experiment, "
+               "'inconclusive' (always with fewer than 2 pairs). The table holds completed trials; the paired "
+               "differences compare each pair at the deepest epoch (ASHA rung) both trials reached, early-stopped "
+               "trials included (column 'rung'; --final-only: completed trials at the final epoch); failed and "
+               "unfinished trials are listed apart. Exit status 2: unknown experiment, "
                "no completed trials, or another input problem (one line on stderr).")
     p.add_argument("--experiment", required=True, help="MLflow experiment name (= the study's experiment)")
     p.add_argument("--tracking-uri", default="sqlite:///mlflow.db",
@@ -604,6 +656,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="metric to report, e.g. accuracy or eval/f1; repeatable (default: every eval/ metric "
                         "present)")
     p.add_argument("--no-log", action="store_true", help="write the files only; log nothing to MLflow")
+    p.add_argument("--final-only", action="store_true",
+                   help="compare completed trials at their final epoch only (default: each pair at the deepest "
+                        "epoch both of its trials reached, early-stopped trials included; column 'rung')")
     return p.parse_args(argv)
 
 
@@ -707,7 +762,10 @@ def build_report(df: pd.DataFrame, *, experiment: str, out: Path, metrics: list[
                  + (f" ({superseded} completed runs superseded by a later run of the same configuration and seed)"
                     if superseded else ""))
     varying = [short(k) for k in keys if k not in (STRATEGY, INIT)]
-    lines.append("Compared: completed trials; rows are strategy x init"
+    by_rung = any(rung_aware(df, m) for m in metrics)
+    lines.append("Compared: completed trials"
+                 + (" (the table), completed and early-stopped trials at the deepest rung both reached (the paired "
+                    "differences)" if by_rung else "") + "; rows are strategy x init"
                  + (" x " + " x ".join(varying) if varying else "") + "; seeds: "
                  + (", ".join(str(s) for s in sorted(runs[SEED].dropna().unique())) if SEED in runs else "–") + ".")
     if teacher:
@@ -716,7 +774,11 @@ def build_report(df: pd.DataFrame, *, experiment: str, out: Path, metrics: list[
               "Cells: mean ± sample sd (number of seeds) of the final value of each metric.", "",
               md_table(table[[c for c in table.columns if not c.endswith((" mean", " sd", " n"))]]), ""]
     lines += [f"## Paired differences against `{reference}`", "",
-              f"Strategy − {reference}, paired by seed within the same configuration. "
+              f"Strategy − {reference}, paired by seed within the same configuration"
+              + ("; each pair compared at the deepest epoch (rung) both of its trials reached — column *rung* "
+                 "(a range when the pairs of a row stopped at different rungs). " if by_rung
+                 else ", at the final epoch. "
+              ) +
               f"Equivalence margin δ = {margin:g} points: *equivalent* when the {100 * (1 - 2 * alpha):g}% interval "
               f"lies inside (−δ, δ) (TOST, both one-sided p < {alpha:g}); *different* when not equivalent and the "
               f"{100 * (1 - alpha):g}% interval excludes 0; otherwise *inconclusive* (always with fewer than 2 pairs).",
@@ -730,7 +792,9 @@ def build_report(df: pd.DataFrame, *, experiment: str, out: Path, metrics: list[
         lines += ["## Plots", ""] + [f"![{t}]({p.name})" for t, p in plots] + [""]
     excluded = _excluded_md(df)
     lines += ["## Trials not compared", "",
-              "Early-stopped, failed and unfinished trials (not in the tables above).", "", md_table(excluded), ""]
+              ("Early-stopped, failed and unfinished trials: not in the strategy table; the early-stopped ones "
+               "are in the paired differences at their last epoch wherever their partner trial exists." if by_rung else
+               "Early-stopped, failed and unfinished trials (not in the tables above)."), "", md_table(excluded), ""]
     text = "\n".join(lines)
     (out / "report.md").write_text(text)
     files.insert(0, out / "report.md")
@@ -746,6 +810,21 @@ def _with_last_steps(client, df: pd.DataFrame) -> pd.DataFrame:
         steps = [m.step for key in logged for m in client.get_metric_history(row["run_id"], key)]
         if steps:
             df.at[i, "__last_step"] = max(steps)
+    return df
+
+
+def with_histories(client, df: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    """Add `__history/<metric>` (per run: {epoch: value} from MLflow's metric history, epochs as steps) for the
+    completed and early-stopped runs, so that `paired_differences` compares each pair at its deepest common rung."""
+    df = df.copy()
+    for m in metrics:
+        col = []
+        for _, row in df.iterrows():
+            if row.get("status") in (COMPLETED, EARLY_STOPPED):
+                col.append({int(h.step): float(h.value) for h in client.get_metric_history(row["run_id"], m)})
+            else:
+                col.append(None)
+        df[HISTORY + m] = col
     return df
 
 
@@ -765,6 +844,9 @@ def run(args) -> int:
                    if k.startswith("teacher/")}
     if len(df):
         df = _with_last_steps(client, df)
+        if not args.final_only:
+            done = df[df["status"].isin((COMPLETED, EARLY_STOPPED))]
+            df = with_histories(client, df, _resolve_metrics(args.metric, done) if len(done) else [])
     out = Path(args.out or Path("report") / re.sub(r"[^\w.-]+", "_", args.experiment))
     parents = sorted(df["parent_id"].dropna().unique()) if len(df) else []
     source = (f"MLflow {args.tracking_uri}, experiment {args.experiment!r}, "

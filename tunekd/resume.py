@@ -32,20 +32,13 @@ RAY_PATH_TAG = "tunekd.ray_path"
 # study values that change where things are written or how fast, never a trial's numbers
 OPERATIONAL = ("name", "tracking.", "tune.storage_path", "tune.max_failures", "tune.max_concurrent_trials",
                "tune.reuse_actors", "tune.checkpoint_every", "tune.keep_students", "tune.ray_loggers",
-               "train.save_model", "teacher.cache_dir")
-
-
-def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts → dotted keys (lists stay values)."""
-    if isinstance(value, dict):
-        out = {}
-        for k, v in value.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: value}
+               "train.save_model", "teacher.cache_dir",
+               "tune.seeds.max")  # an adaptive study may be resumed with room for more seeds
 
 
 def config_part(study) -> dict[str, Any]:
+    from tunekd.study import flatten
+
     flat = flatten(study.model_dump(mode="json"))
     return {k: v for k, v in sorted(flat.items()) if not any(k == o or k.startswith(o) for o in OPERATIONAL)}
 
@@ -117,10 +110,12 @@ def check_under(path: str, storage_path: str) -> str:
     return str(resolved)
 
 
-def find_resumable(uri: str, experiment: str, storage_path: str, run_id: str | None = None) -> Resumable:
+def find_resumable(uri: str, experiment: str, storage_path: str, run_id: str | None = None, *,
+                   adaptive: bool = False) -> Resumable:
     """The parent run `--resume` continues (the given one or the experiment's latest study run), its
     checked Ray path and recorded fingerprint. Reads only: a missing sqlite file, experiment or run, or a
-    Ray state that is not there, is a ConfigError and nothing has been created."""
+    Ray state that is not there, is a ConfigError and nothing has been created. An `adaptive` study
+    (`tune.seeds`) keeps one Ray folder per round beside `ray_path` and reads its state back from MLflow."""
     if uri.startswith("sqlite:///"):
         db = uri[len("sqlite:///"):]
         if not os.path.isfile(db):
@@ -149,7 +144,7 @@ def find_resumable(uri: str, experiment: str, storage_path: str, run_id: str | N
     if not tag:
         raise ConfigError(f"--resume: run {run.info.run_id} has no {RAY_PATH_TAG} tag")
     ray_path = check_under(tag, storage_path)
-    if not (Path(ray_path) / "tuner.pkl").is_file():
+    if not adaptive and not (Path(ray_path) / "tuner.pkl").is_file():
         raise ConfigError(f"--resume: the study's Ray state {ray_path!r} is missing; cannot resume")
     parts = None
     recorded = run.data.tags.get(FINGERPRINT_TAG)

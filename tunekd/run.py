@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         from tunekd.resume import find_resumable
 
         found = find_resumable(study.tracking.uri, study.experiment, study.tune.storage_path,
-                               None if resume == "latest" else resume)
+                               None if resume == "latest" else resume, adaptive=study.tune.seeds is not None)
     from tunekd.driver import RunOptions, StudyDriver
 
     options = RunOptions(study_file=args.study, overrides=args.overrides, address=address, address_source=source,

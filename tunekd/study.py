@@ -288,6 +288,23 @@ class ResourcesConfig(_Section):
     gpu: Float = Field(0, ge=0, le=1024)
 
 
+class SeedsConfig(_Section):
+    """Adaptive seeds (`tune.seeds`): run every cell with `min` seeds, then one more seed per round for each
+    strategy/cell pair whose paired TOST verdict against `reference` is still inconclusive, up to `max`."""
+
+    min: Int = Field(3, ge=2, le=1000)
+    max: Int = Field(10, ge=2, le=1000)
+    margin: Float = Field(1.0, gt=0)
+    reference: str = Field("forward", min_length=1)
+    alpha: Float = Field(0.05, gt=0, lt=0.5)
+
+    @model_validator(mode="after")
+    def _range(self):
+        if self.min > self.max:
+            raise ValueError(f"min {self.min} is more than max {self.max}")
+        return self
+
+
 class TuneConfig(_Section):
     scheduler: Literal["asha", "fifo"] = "asha"
     asha: AshaConfig = AshaConfig()
@@ -304,6 +321,7 @@ class TuneConfig(_Section):
     checkpoint_every: Int = Field(1, ge=1, le=MAX_EPOCHS)
     keep_students: Int = Field(1, ge=0, le=MAX_TRIALS)
     ray_loggers: Bool = False  # Ray's per-trial TensorBoard/JSON/CSV/params.pkl files (Tune resumes without them)
+    seeds: SeedsConfig | None = None  # adaptive seeds (tunekd.seeds); None: the seeds the search gives
 
 
 class TrackingConfig(_Section):
@@ -502,6 +520,7 @@ def validate(raw: Any, source: str = "study") -> Study:
         raise ConfigError(f"{source}: {exc}") from None
     _check_search(study, raw, source)
     _check_schedule(study, source)
+    _check_seeds(study, source)
     return study
 
 
@@ -518,6 +537,35 @@ def _check_schedule(study: Study, source: str) -> None:
     if study.tune.scheduler == "asha" and study.tune.asha.grace_period > max_epochs(study):
         raise ConfigError(f"{source}: tune.asha.grace_period {study.tune.asha.grace_period} is more than the "
                           f"{max_epochs(study)} epochs a trial runs (train.epochs); allowed: 1..{max_epochs(study)}")
+
+
+def _check_seeds(study: Study, source: str) -> None:
+    """`tune.seeds` needs a grid study over distill.strategy (with the reference among its values), run FIFO
+    (the verdicts compare final epochs; ASHA would stop trials early), one sample, and no seed dimension."""
+    cfg = study.tune.seeds
+    if cfg is None:
+        return
+    where = f"{source}: tune.seeds"
+    dim = study.search.get("distill.strategy")
+    if dim is None or dim.kind != "grid":
+        raise ConfigError(f"{where} compares strategies: it needs a search.distill.strategy grid")
+    values = list(dim.grid)
+    if cfg.reference not in values:
+        raise ConfigError(f"{where}.reference {cfg.reference!r} is not one of the searched strategies "
+                          f"({', '.join(map(str, values))})")
+    if len(values) < 2:
+        raise ConfigError(f"{where} needs at least 2 strategies in search.distill.strategy")
+    if "seed" in study.search:
+        raise ConfigError(f"{where} chooses the seeds itself: remove search.seed")
+    if study.tune.searcher != "grid":
+        raise ConfigError(f"{where} needs tune.searcher 'grid', got {study.tune.searcher!r}")
+    if study.tune.num_samples != 1:
+        raise ConfigError(f"{where} needs tune.num_samples 1, got {study.tune.num_samples}")
+    if study.tune.scheduler != "fifo":
+        raise ConfigError(f"{where} compares final epochs: it needs tune.scheduler 'fifo' (ASHA would stop "
+                          f"trials early), got {study.tune.scheduler!r}")
+    if study.seed + cfg.max - 1 > MAX_SEED:
+        raise ConfigError(f"{where}: seeds study.seed..study.seed+max-1 exceed {MAX_SEED}")
 
 
 def _check_search(study: Study, raw: dict, source: str) -> None:

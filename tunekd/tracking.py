@@ -368,6 +368,45 @@ class StudyTracker:
         self.client.set_terminated(self.parent_id, status=status)
         return summary
 
+    # adaptive seeds ---------------------------------------------------------------------------------
+    def log_seed_round(self, rounds: list[dict[str, Any]], pairs: list[dict[str, Any]], *, final: bool) -> None:
+        """Record an adaptive-seed study's progress on the parent run: artifact `seeds/rounds.json` (every round
+        run so far: its number, Ray path and trials; the pairs with their seeds, statistics and verdicts),
+        tags `tunekd.seeds.rounds` (rounds run), `tunekd.seeds.state` (running / final) and, when `final`,
+        `tunekd.seeds.verdicts` (counts), and metrics `seeds/rounds`, `seeds/trials` (step = round)."""
+        def clean(v):
+            if isinstance(v, float) and not math.isfinite(v):
+                return None
+            if hasattr(v, "item"):  # numpy scalars
+                return clean(v.item())
+            return v
+
+        doc = {"rounds": rounds, "final": final,
+               "pairs": [{k: clean(v) for k, v in p.items()} for p in pairs]}
+        self.client.log_dict(self.parent_id, doc, "seeds/rounds.json")
+        self.client.set_tag(self.parent_id, "tunekd.seeds.rounds", str(len(rounds)))
+        self.client.set_tag(self.parent_id, "tunekd.seeds.state", "final" if final else "running")
+        if final:
+            tally: dict[str, int] = {}
+            for p in pairs:
+                tally[p["verdict"]] = tally.get(p["verdict"], 0) + 1
+            self.client.set_tag(self.parent_id, "tunekd.seeds.verdicts",
+                                ", ".join(f"{v} {k}" for k, v in sorted(tally.items())))
+        self._log_metrics(self.parent_id, {"seeds/rounds": len(rounds),
+                                           "seeds/trials": sum(len(r["trials"]) for r in rounds)}, step=len(rounds))
+
+    def seed_rounds(self) -> list[dict[str, Any]]:
+        """The rounds an adaptive-seed study recorded on the parent run (`log_seed_round`), [] when none."""
+        import json
+        import tempfile
+
+        if self.client.get_run(self.parent_id).data.tags.get("tunekd.seeds.rounds") is None:
+            return []
+        with tempfile.TemporaryDirectory(prefix="tunekd-seeds-") as dst:
+            path = self.client.download_artifacts(self.parent_id, "seeds/rounds.json", dst)
+            with open(path) as f:
+                return list(json.load(f).get("rounds", []))
+
     # helpers ------------------------------------------------------------------------------------
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
