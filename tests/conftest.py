@@ -55,6 +55,19 @@ def tiny_bert_dir(tiny_model) -> Path:
 
 
 @pytest.fixture(scope="module")
+def teacher(tiny_bert_dir):
+    """The tiny BERT classifier as a frozen teacher (eval mode, no gradients), once per module."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(1)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+@pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a module of tiny-model tests (`pytestmark = pytest.mark.usefixtures("one_thread")`):
     tiny models gain nothing from more, and a busy shared machine makes them crawl."""

@@ -28,17 +28,6 @@ MAP = [(0, 0), (1, 2), (2, 4)]  # forward, T=4 -> S=2, embeddings matched
 
 
 @pytest.fixture(scope="module")
-def teacher(tiny_bert_dir):
-    from transformers import AutoModelForSequenceClassification
-
-    torch.manual_seed(1)
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
-@pytest.fixture(scope="module")
 def full_cache(tmp_path_factory, family, teacher, encoded):
     info = tc.prepare(family, teacher, encoded["train"], tmp_path_factory.mktemp("tc"), layers=(0, 2, 4),
                       max_length=32)

@@ -25,17 +25,6 @@ from tunekd.study import Study
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def teacher(tiny_bert_dir):
-    from transformers import AutoModelForSequenceClassification
-
-    torch.manual_seed(1)
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
 def trial_study(epochs=3, **tune) -> Study:
     return Study.model_validate({
         "name": "t", "task": {"name": "synthetic", "max_length": 32}, "teacher": {"model": "minilm"},
