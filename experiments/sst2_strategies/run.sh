@@ -100,7 +100,7 @@ stamp angles_done
 # 6. Small text outputs kept with the results: the run logs' summaries and the wall times.
 mkdir -p "$RESULTS/logs"
 for f in strategies_copy strategies_random lambda students_copy students_random; do
-  grep -E '^\[tunekd\]|^ *[0-9a-f]{5}_[0-9]{5} ' "$WORK/logs/$f.log" | grep -v ' epoch [0-9]*:' > "$RESULTS/logs/$f.txt" || true
+  grep -E '^\[tunekd\]|^ *[0-9a-f]{5}_[0-9]{5} |^ *[a-z_]+·' "$WORK/logs/$f.log" | grep -v ' epoch [0-9]*:' > "$RESULTS/logs/$f.txt" || true
 done
 for f in angles_init_copy angles_init_random angles_trained_copy angles_trained_random; do
   cp "$WORK/logs/$f.log" "$RESULTS/logs/$f.txt"
