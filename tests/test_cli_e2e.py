@@ -147,17 +147,25 @@ def test_fine_tuned_teacher_is_cached_and_reused(quickstart, study_cli, mlflow_u
     assert child.data.tags["tunekd.status"] == "completed"
 
 
-def test_attach_to_a_running_cluster(tmp_path, ray_session, tiny_bert_dir, mlflow_uri):
-    """A study in another process given `--address` of a running Ray (this session's) attaches to it."""
+def tiny_study(folder: Path, teacher_dir, name: str, *, init: str = "copy", **sections) -> Path:
+    """A one-trial study of the synthetic task (32/16 rows) with the tiny BERT teacher, written to
+    `folder/<name>.yaml`; `sections` add to (or replace) the keys of its sections."""
     import yaml
 
-    study = tmp_path / "attach.yaml"
-    study.write_text(yaml.safe_dump({
-        "name": "attach", "task": {"name": "synthetic", "synthetic": {"train_size": 32, "eval_size": 16},
-                                   "max_length": 16},
-        "teacher": {"model": str(tiny_bert_dir)}, "student": {"layers": 2, "init": "copy"},
-        "train": {"epochs": 1, "batch_size": 16}, "tune": {"resources": {"cpu": 1}},
-    }))
+    raw = {"name": name, "task": {"name": "synthetic", "synthetic": {"train_size": 32, "eval_size": 16},
+                                  "max_length": 16},
+           "teacher": {"model": str(teacher_dir)}, "student": {"layers": 2, "init": init},
+           "train": {"epochs": 1, "batch_size": 16}, "tune": {"resources": {"cpu": 1}}}
+    for key, value in sections.items():
+        raw.setdefault(key, {}).update(value)
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_attach_to_a_running_cluster(tmp_path, ray_session, tiny_bert_dir, mlflow_uri):
+    """A study in another process given `--address` of a running Ray (this session's) attaches to it."""
+    study = tiny_study(tmp_path, tiny_bert_dir, "attach")
     proc = cli_subprocess([study, "--address", ray_session, "--tracking-uri", mlflow_uri], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"attached to the cluster at {ray_session}" in proc.stdout
@@ -167,17 +175,10 @@ def test_attach_to_a_running_cluster(tmp_path, ray_session, tiny_bert_dir, mlflo
 
 def test_trained_student_is_saved_as_an_mlflow_artifact(tmp_path, tiny_bert_dir, study_cli, mlflow_uri):
     import torch
-    import yaml
     from mlflow.artifacts import download_artifacts
     from transformers import AutoModelForSequenceClassification
 
-    study = tmp_path / "save.yaml"
-    study.write_text(yaml.safe_dump({
-        "name": "save", "task": {"name": "synthetic", "synthetic": {"train_size": 32, "eval_size": 16},
-                                 "max_length": 16},
-        "teacher": {"model": str(tiny_bert_dir)}, "student": {"layers": 2, "init": "copy"},
-        "train": {"epochs": 1, "batch_size": 16, "save_model": True}, "tune": {"resources": {"cpu": 1}},
-    }))
+    study = tiny_study(tmp_path, tiny_bert_dir, "save", train={"save_model": True})
     code, out = study_cli([study, "--tracking-uri", mlflow_uri], tmp_path)
     assert code == 0, out[-3000:]
     client, _, children = runs(mlflow_uri, "save")
@@ -194,18 +195,10 @@ def test_trained_student_is_saved_as_an_mlflow_artifact(tmp_path, tiny_bert_dir,
 
 
 def test_optuna_searcher_with_sampled_dimensions(tmp_path, tiny_bert_dir, study_cli, mlflow_uri):
-    import yaml
-
-    study = tmp_path / "optuna.yaml"
-    study.write_text(yaml.safe_dump({
-        "name": "opt", "task": {"name": "synthetic", "synthetic": {"train_size": 32, "eval_size": 16},
-                                "max_length": 16},
-        "teacher": {"model": str(tiny_bert_dir)}, "student": {"layers": 2, "init": "random"},
-        "train": {"epochs": 1, "batch_size": 16},
-        "search": {"train.lr": {"loguniform": [1e-4, 1e-3]}, "distill.strategy": {"choice": ["forward", "reverse"]},
-                   "student.layers": {"randint": [1, 2]}},
-        "tune": {"searcher": "optuna", "num_samples": 3, "scheduler": "fifo", "resources": {"cpu": 1}},
-    }))
+    study = tiny_study(tmp_path, tiny_bert_dir, "opt", init="random", search={
+        "train.lr": {"loguniform": [1e-4, 1e-3]}, "distill.strategy": {"choice": ["forward", "reverse"]},
+        "student.layers": {"randint": [1, 2]},
+    }, tune={"searcher": "optuna", "num_samples": 3, "scheduler": "fifo"})
     code, out = study_cli([study, "--tracking-uri", mlflow_uri], tmp_path)
     assert code == 0, out[-3000:]
     _, _, children = runs(mlflow_uri, "opt")
