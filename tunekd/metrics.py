@@ -104,14 +104,3 @@ DEFAULT_METRICS: dict[str, tuple[str, ...]] = {
     "multiple_choice": ("accuracy",),
     "generation": ("bleu",),
 }
-
-
-def get_metric(name: str) -> Metric:
-    try:
-        return METRICS[name]
-    except (KeyError, TypeError):
-        import difflib
-
-        close = difflib.get_close_matches(str(name), list(METRICS), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown metric {name!r}; known: {', '.join(METRICS)}{hint}") from None
