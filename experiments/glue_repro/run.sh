@@ -20,13 +20,7 @@ WORK="${REPRO_WORK:-/tmp/glue_repro}"
 PY="${PYTHON:-python}"
 JOBS="${JOBS:-3}"
 RESULTS="$HERE/results"
-export HF_HUB_OFFLINE=1 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=disabled
-mkdir -p "$WORK/logs" "$RESULTS"
-cd "$WORK"
-URI="sqlite:///$WORK/mlflow.db"
-T0=$(date +%s)
-stamp() { echo "$1 $(( $(date +%s) - T0 ))" >> "$WORK/logs/wall_times.txt"; echo "[run.sh] $1 at +$(( $(date +%s) - T0 )) s"; }
-: > "$WORK/logs/wall_times.txt"
+. "$REPO/experiments/common.sh"  # environment, cd "$WORK", URI, stamp
 
 # One study invocation: tunekd.run with one CPU; its log in $WORK/logs/<name>.log.
 study() {

@@ -17,13 +17,7 @@ DATA="$(cd "${TUNEKD_DATA_DIR:-$REPO/../shared/data/sst2}" && pwd)"
 WORK="${SST2_WORK:-/tmp/sst2exp}"
 PY="${PYTHON:-python}"
 RESULTS="$HERE/results"
-export HF_HUB_OFFLINE=1 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=disabled
-mkdir -p "$WORK/logs" "$RESULTS"
-cd "$WORK"
-URI="sqlite:///$WORK/mlflow.db"
-T0=$(date +%s)
-stamp() { echo "$1 $(( $(date +%s) - T0 ))" >> "$WORK/logs/wall_times.txt"; echo "[run.sh] $1 at +$(( $(date +%s) - T0 )) s"; }
-: > "$WORK/logs/wall_times.txt"
+. "$REPO/experiments/common.sh"  # environment, cd "$WORK", URI, stamp
 
 # Start a study in the background; return once its MLflow parent run exists (so that the teacher is
 # fine-tuned and cached, and the experiment created, by one process only). $1 = log name.
