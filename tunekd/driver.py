@@ -562,14 +562,21 @@ class TrialCallback(_callback_base()):
             d.progress.started(trial.trial_id)
         d.log(f"trial {len(d.started)}/{d.total_trials} started: {rec.name} ({trial.trial_id})")
 
-    on_trial_restore = on_trial_start
+    def on_trial_restore(self, iteration, trials, trial, **info):
+        self.on_trial_start(iteration, trials, trial)
+        # a result Ray saved with the trial's checkpoint while the previous driver died before logging it
+        # (the trial goes on from the epoch after it): log it now; steps already in MLflow are skipped
+        last = trial.last_result or {}
+        if "epoch" in last:
+            metrics = _logged_metrics(last)
+            self.driver.tracker.log_trial_metrics(trial.trial_id, metrics, int(last["epoch"]))
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         self.driver.log(f"  {trial.trial_id} failed and will be retried from its last checkpoint")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         d = self.driver
-        metrics = {k: v for k, v in result.items() if k.startswith(("eval/", "train/", "perf/"))}
+        metrics = _logged_metrics(result)
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         d.tracker.log_trial_metrics(trial.trial_id, metrics, step)
         shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("eval/") or k == "train/loss")
@@ -595,6 +602,11 @@ class TrialCallback(_callback_base()):
             d.progress.ended(trial.trial_id, "failed")
         lines = [ln for ln in text.strip().splitlines() if ln.strip()]
         d.log(f"  {trial.trial_id} failed: {lines[-1] if lines else text}")
+
+
+def _logged_metrics(result: dict) -> dict:
+    """The part of a Tune result that goes to the trial's MLflow run."""
+    return {k: v for k, v in result.items() if k.startswith(("eval/", "train/", "perf/"))}
 
 
 def attach_callbacks(tuner, driver: StudyDriver) -> None:
