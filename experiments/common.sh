@@ -8,3 +8,16 @@ URI="sqlite:///$WORK/mlflow.db"
 T0=$(date +%s)
 stamp() { echo "$1 $(( $(date +%s) - T0 ))" >> "$WORK/logs/wall_times.txt"; echo "[run.sh] $1 at +$(( $(date +%s) - T0 )) s"; }
 : > "$WORK/logs/wall_times.txt"
+
+# `completed_run EXPERIMENT PARAM=VALUE...`: the id of the newest completed trial run of EXPERIMENT whose
+# params have these values (for `tunekd.angles --student run:ID`); needs $PY.
+completed_run() {
+  "$PY" - "$URI" "$@" <<'PYEOF'
+import sys, mlflow
+client = mlflow.tracking.MlflowClient(sys.argv[1])
+exp = client.get_experiment_by_name(sys.argv[2])
+query = " and ".join(["tags.`tunekd.status` = 'completed'"]
+                     + [f"params.`{k}` = '{v}'" for k, v in (a.split("=", 1) for a in sys.argv[3:])])
+print(client.search_runs([exp.experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1)[0].info.run_id)
+PYEOF
+}

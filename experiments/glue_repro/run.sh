@@ -20,7 +20,7 @@ WORK="${REPRO_WORK:-/tmp/glue_repro}"
 PY="${PYTHON:-python}"
 JOBS="${JOBS:-3}"
 RESULTS="$HERE/results"
-. "$REPO/experiments/common.sh"  # environment, cd "$WORK", URI, stamp
+. "$REPO/experiments/common.sh"  # environment, cd "$WORK", URI, stamp, completed_run
 
 # One study invocation: tunekd.run with one CPU; its log in $WORK/logs/<name>.log.
 study() {
@@ -82,16 +82,6 @@ stamp reports
 # 4. Angles on SST-2 dev (128 sentences): students at initialisation, and the trained forward students
 #    (seed 0) of both inits, against the fine-tuned teacher.
 TEACHER="$(grep -oE '/[^ ]*\.tunekd_cache/teachers/[0-9a-f]+' "$WORK/logs/sst2_random.log" | head -1)"
-run_id() {  # the completed seed-0 forward trial of glue_repro_sst2 with student.init = $1
-  "$PY" - "$URI" "$1" <<'PYEOF'
-import sys, mlflow
-c = mlflow.tracking.MlflowClient(sys.argv[1])
-exp = c.get_experiment_by_name("glue_repro_sst2")
-q = (f"params.`student.init` = '{sys.argv[2]}' and params.`distill.strategy` = 'forward' "
-     "and params.seed = '0' and tags.`tunekd.status` = 'completed'")
-print(c.search_runs([exp.experiment_id], q, order_by=["attributes.start_time DESC"], max_results=1)[0].info.run_id)
-PYEOF
-}
 ANG=(--task sst2 --data-dir "$DATA_ROOT/sst2" --samples 128 --max-length 64 --tracking-uri "$URI" --experiment glue_repro_angles)
 angles_run() {
   local name=$1; shift
@@ -99,8 +89,8 @@ angles_run() {
 }
 angles_run init_copy --student copy --teacher "$TEACHER" --layers 3 --seed 0
 angles_run init_random --student random --teacher "$TEACHER" --layers 3 --seed 0
-angles_run trained_copy_forward --student "run:$(run_id copy)"
-angles_run trained_random_forward --student "run:$(run_id random)"
+angles_run trained_copy_forward --student "run:$(completed_run glue_repro_sst2 student.init=copy distill.strategy=forward seed=0)"
+angles_run trained_random_forward --student "run:$(completed_run glue_repro_sst2 student.init=random distill.strategy=forward seed=0)"
 stamp angles
 
 # 5. Small text outputs kept with the results: the studies' summaries, the angle logs, the wall times,

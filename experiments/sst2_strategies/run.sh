@@ -17,7 +17,7 @@ DATA="$(cd "${TUNEKD_DATA_DIR:-$REPO/../shared/data/sst2}" && pwd)"
 WORK="${SST2_WORK:-/tmp/sst2exp}"
 PY="${PYTHON:-python}"
 RESULTS="$HERE/results"
-. "$REPO/experiments/common.sh"  # environment, cd "$WORK", URI, stamp
+. "$REPO/experiments/common.sh"  # environment, cd "$WORK", URI, stamp, completed_run
 
 # Start a study in the background; return once its MLflow parent run exists (so that the teacher is
 # fine-tuned and cached, and the experiment created, by one process only). $1 = log name.
@@ -68,17 +68,7 @@ stamp reports_done
 # 5. Angles: students at initialisation against the fine-tuned teacher, and the two trained students.
 TEACHER="$(grep -oE '/[^ ]*\.tunekd_cache/teachers/[0-9a-f]+' "$WORK/logs/strategies_copy.log" | head -1)"
 echo "[run.sh] fine-tuned teacher: $TEACHER"
-run_id() {  # the completed trial run of experiment sst2_students with student.init = $1
-  "$PY" - "$URI" "$1" <<'EOF'
-import sys, mlflow
-c = mlflow.tracking.MlflowClient(sys.argv[1])
-exp = c.get_experiment_by_name("sst2_students")
-runs = c.search_runs([exp.experiment_id], f"params.`student.init` = '{sys.argv[2]}' and tags.`tunekd.status` = 'completed'",
-                     order_by=["attributes.start_time DESC"], max_results=1)
-print(runs[0].info.run_id)
-EOF
-}
-COPY_RUN=$(run_id copy); RANDOM_RUN=$(run_id random)
+COPY_RUN=$(completed_run sst2_students student.init=copy); RANDOM_RUN=$(completed_run sst2_students student.init=random)
 echo "[run.sh] trained students: copy run:$COPY_RUN, random run:$RANDOM_RUN"
 ANG=(--task sst2 --data-dir "$DATA" --samples 128 --max-length 64 --tracking-uri "$URI" --experiment sst2_angles)
 "$PY" -m tunekd.angles --student copy --teacher "$TEACHER" --layers 3 --seed 0 "${ANG[@]}" \
