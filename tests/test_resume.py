@@ -105,15 +105,32 @@ def _fake_checkpoint(folder: Path, epoch: int, weights: bytes = b"w" * 100) -> P
     return folder
 
 
-def test_latest_complete_checkpoint_is_chosen(tmp_path):
-    _fake_checkpoint(tmp_path / "checkpoint_000000", 1)
-    _fake_checkpoint(tmp_path / "checkpoint_000001", 2)
-    torn = _fake_checkpoint(tmp_path / "checkpoint_000002", 3)
-    (torn / checkpoints.OPTIM).write_bytes(b"o" * 50)  # a crash mid-copy: sizes do not match
-    assert checkpoints.latest(tmp_path).name == "checkpoint_000001"
-    (torn / checkpoints.OPTIM).write_bytes(b"o" * 200)
-    assert checkpoints.latest(tmp_path).name == "checkpoint_000002"
-    assert checkpoints.latest(tmp_path / "nothing") is None
+def test_restore_starts_from_the_checkpoint_tune_names_not_a_newer_one(tmp_path, monkeypatch):
+    """A worker writes checkpoint_000001 (epoch 2), the driver is killed before it sees that epoch: Tune's
+    saved state names checkpoint_000000. The trial must retrain epoch 2 (so MLflow gets step 2), not skip it."""
+    from ray import tune
+
+    from tunekd import trainable
+
+    named = _fake_checkpoint(tmp_path / "trial" / "checkpoint_000000", 1)
+    _fake_checkpoint(tmp_path / "trial" / "checkpoint_000001", 2)
+    seen = []
+    monkeypatch.setattr(tune, "get_checkpoint", lambda: tune.Checkpoint.from_directory(str(named)))
+    monkeypatch.setattr(trainable, "run_trial", lambda config, shared, report, restore_dir=None: seen.append(
+        json.loads((Path(restore_dir) / checkpoints.PROGRESS).read_text())["epoch"]))
+    trainable.tune_trainable({}, shared=None)
+    assert seen == [1]
+
+
+def test_load_refuses_a_torn_checkpoint(tmp_path):
+    torn = _fake_checkpoint(tmp_path / "torn", 2)
+    (torn / checkpoints.OPTIM).write_bytes(b"o" * 50)  # a crash mid-copy: not the size progress.json records
+    with pytest.raises(RuntimeError, match=r"incomplete: optim.pt is not the size progress.json records"):
+        checkpoints.load(torn, None, None)
+    gone = _fake_checkpoint(tmp_path / "gone", 2)
+    (gone / checkpoints.WEIGHTS).unlink()
+    with pytest.raises(RuntimeError, match=r"incomplete: model.safetensors is missing"):
+        checkpoints.load(gone, None, None)
 
 
 def test_finished_trials_keep_weights_of_the_best_only(tmp_path):

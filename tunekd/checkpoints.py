@@ -5,12 +5,13 @@ A checkpoint folder holds
     model.safetensors   the student and its projections (safetensors: nothing is unpickled)
     optim.pt            optimizer and LR-scheduler state (a weights-only torch file)
     rng.pt              torch, numpy and Python RNG states (weights-only torch file: tensors and numbers)
-    progress.json       epochs and steps done, and the size of every file above; written last, so a
-                        folder whose files do not all match it is incomplete (a crash mid-write)
+    progress.json       epochs and steps done, and the size of every file above; written last, and
+                        checked by `load` (a file not the size it records was cut short)
 
 The epoch is the data position: an epoch's batch order depends only on the study seed and the epoch
 (`distill.fit`), so a trial restored after epoch k with its RNG states trains epochs k+1.. exactly as an
-uninterrupted one. While a trial runs, Tune keeps its latest checkpoint only. When the trial ends
+uninterrupted one. While a trial runs, Tune keeps its latest checkpoint only, and a restored trial starts
+from the one Tune's saved state names (`trainable.tune_trainable`). When the trial ends
 (`finish_trial`), the optimizer and RNG states go (nothing will continue it) and its score is written
 (`final.json`); `prune_students` then keeps the weights of the best `tune.keep_students` finished trials of
 the experiment and deletes the others'.
@@ -56,6 +57,15 @@ def save(folder: str | Path, distiller, state, *, resumable: bool = True) -> Non
 def load(folder: str | Path, distiller, state) -> None:
     """Restore the student, projections, optimizer, scheduler, RNG states and position from `folder`."""
     folder = Path(folder)
+    progress = json.loads((folder / PROGRESS).read_text())
+    # a file not the size progress.json records was cut short (optimizer and RNG states may be gone: a
+    # finished trial's are deleted by `finish_trial`)
+    torn = [name for name, size in progress["files"].items()
+            if (folder / name).is_file() and (folder / name).stat().st_size != size]
+    problems = [f"{name} is not the size {PROGRESS} records" for name in torn]
+    problems += [] if (folder / WEIGHTS).is_file() else [f"{WEIGHTS} is missing"]
+    if problems:
+        raise RuntimeError(f"checkpoint {folder} is incomplete: {'; '.join(problems)}")
     tensors = load_file(str(folder / WEIGHTS))
     distiller.student.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("student.")})
     distiller.projections.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("proj.")})
@@ -65,7 +75,6 @@ def load(folder: str | Path, distiller, state) -> None:
         state.scheduler.load_state_dict(optim["scheduler"])
     if (folder / RNG).is_file():
         set_rng_state(torch.load(folder / RNG, weights_only=True))
-    progress = json.loads((folder / PROGRESS).read_text())
     state.epoch, state.step = int(progress["epoch"]), int(progress["step"])
 
 
@@ -101,37 +110,6 @@ def set_rng_state(saved: dict) -> None:
     random.setstate((p["version"], tuple(int(x) for x in p["state"].tolist()), p["gauss"]))
     if "cuda" in saved and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(saved["cuda"])
-
-
-# --- which checkpoint ---------------------------------------------------------------------------
-
-
-def progress(folder: str | Path) -> dict | None:
-    """The folder's progress record when the checkpoint is complete (every file it lists there, at its
-    size), else None."""
-    folder = Path(folder)
-    try:
-        record = json.loads((folder / PROGRESS).read_text())
-        files = record["files"]
-        if WEIGHTS not in files:
-            return None
-        for name, size in files.items():
-            if (folder / name).stat().st_size != size:
-                return None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return record
-
-
-def latest(trial_dir: str | Path) -> Path | None:
-    """The trial's complete checkpoint with the most epochs done (Tune's own record of the latest one can
-    lag behind: its experiment state is saved periodically, so a killed driver may name an older one)."""
-    best, best_epoch = None, -1
-    for folder in Path(trial_dir).glob("checkpoint_*"):
-        record = progress(folder)
-        if record is not None and int(record["epoch"]) > best_epoch:
-            best, best_epoch = folder, int(record["epoch"])
-    return best
 
 
 # --- a finished trial ---------------------------------------------------------------------------

@@ -561,13 +561,6 @@ class TrialCallback(_callback_base()):
         if d.progress is not None:
             d.progress.started(trial.trial_id)
         d.log(f"trial {len(d.started)}/{d.total_trials} started: {rec.name} ({trial.trial_id})")
-        # --resume: a result Ray saved with the trial's checkpoint while the killed driver had not logged it
-        # yet (the trial goes on from the epoch after it): log it now; steps already in MLflow are skipped
-        last = trial.last_result or {}
-        if "epoch" in last:
-            d.tracker.log_trial_metrics(trial.trial_id, _logged_metrics(last), int(last["epoch"]))
-
-    on_trial_restore = on_trial_start
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         self.driver.log(f"  {trial.trial_id} failed and will be retried from its last checkpoint")

@@ -17,7 +17,6 @@ import time
 import uuid
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -274,17 +273,9 @@ def tune_trainable(config: dict[str, Any], shared: Shared) -> None:
     if checkpoint is None:
         run_trial(dict(config), shared, report=report)
         return
-    # the trial's latest complete checkpoint, which may be newer than the one Tune's saved state names
-    newest = checkpoints.latest(Path(checkpoint.path).parent) if _local(checkpoint) else None
-    if newest is not None:
-        run_trial(dict(config), shared, report=report, restore_dir=str(newest))
-    else:
-        with checkpoint.as_directory() as folder:
-            run_trial(dict(config), shared, report=report, restore_dir=folder)
-
-
-def _local(checkpoint) -> bool:
-    """Whether the checkpoint lies on this machine's file system (Tune's default local storage)."""
-    import pyarrow.fs
-
-    return isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem) and Path(checkpoint.path).parent.is_dir()
+    # Only the checkpoint Tune names, never a newer one on disk: a worker writes its checkpoint before the
+    # driver sees that epoch's result, so a driver killed in between leaves a newer checkpoint whose epoch
+    # MLflow never got; restoring from it would leave that step missing. The epoch is trained again instead
+    # (deterministically: `checkpoints`), and the tracker skips the steps it already has.
+    with checkpoint.as_directory() as folder:
+        run_trial(dict(config), shared, report=report, restore_dir=folder)
