@@ -3,10 +3,13 @@ killed mid-study and resumed; bounded checkpoints; and a local study listens on 
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -99,24 +102,41 @@ def test_killed_worker_is_retried_from_its_checkpoint(tmp_path, tiny_bert_dir, m
         assert len(list(d.glob("checkpoint_*"))) <= 2, list(d.glob("checkpoint_*"))
 
 
+def _epoch_of(folder: Path) -> int:
+    try:
+        return int(json.loads((folder / "progress.json").read_text())["epoch"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
 def test_killed_driver_resumes(tmp_path, tiny_bert_dir, mlflow_uri):
+    """The driver is killed in the worst place: a worker has written its epoch-2 checkpoint but the driver
+    (frozen by SIGSTOP) never saw that epoch, so MLflow lacks step 2 and Tune's saved state names the epoch-1
+    checkpoint. --resume must train epoch 2 again (MLflow gets steps 1, 2, 3), and not re-run finished trials."""
     study = write_study(tmp_path, tiny_bert_dir, name="faults_driver",
-                        task={"synthetic": {"train_size": 400, "eval_size": 32}},
+                        task={"synthetic": {"train_size": 1600, "eval_size": 32}},
                         train={"epochs": 3},
                         tune={"max_concurrent_trials": 1},
                         search={"distill.strategy": {"grid": ["forward", "reverse", "all_to_one"]}})
     proc = start_cli(study, tmp_path, mlflow_uri)
 
-    def one_done_one_started():
+    def second_trial_after_epoch_1():  # the running trial's folder once MLflow has its step 1
         try:
-            _, _, children = _runs(mlflow_uri, "faults_driver")
+            client, _, children = _runs(mlflow_uri, "faults_driver")
         except Exception:
-            return False
+            return None
         done = [r for r in children if r.data.tags.get("tunekd.status") == "completed"]
-        return len(done) >= 1 and len(children) >= 2 and sorted(tmp_path.glob("ray_results/*/*/checkpoint_*"))
+        running = [r for r in children if r.data.tags.get("tunekd.status") == "running"]
+        if not done or not running or steps(client, running[0]) != [1]:
+            return None
+        folders = list(tmp_path.glob(f"ray_results/*/*{running[0].data.tags['tunekd.trial_id']}*"))
+        return folders[0] if folders and _epoch_of(folders[0] / "checkpoint_000000") == 1 else None
 
     try:
-        wait_for(one_done_one_started, timeout=400, every=0.5)
+        trial_dir = wait_for(second_trial_after_epoch_1, timeout=400, every=0.05)
+        os.kill(proc.pid, signal.SIGSTOP)  # the driver has handed the trial its next epoch, and sees nothing more
+        wait_for(lambda: any(_epoch_of(f) == 2 for f in trial_dir.glob("checkpoint_*")), timeout=120, every=0.2)
+        time.sleep(1)  # the copy into the trial's folder completes
         tree = descendants(proc.pid)
         kill_tree([proc.pid])  # the driver dies mid-study
         proc.wait(timeout=30)
@@ -129,6 +149,8 @@ def test_killed_driver_resumes(tmp_path, tiny_bert_dir, mlflow_uri):
     done_before = {r.data.tags["tunekd.trial_id"]: steps(client, r) for r in before
                    if r.data.tags["tunekd.status"] == "completed"}
     assert done_before
+    cut = [r for r in before if r.data.tags["tunekd.status"] == "running"]
+    assert [steps(client, r) for r in cut] == [[1]]  # the epoch-2 checkpoint is on disk, step 2 is not in MLflow
 
     code, out = finish(start_cli(study, tmp_path, mlflow_uri, "--resume"))
     assert code == 0, out[-4000:]
