@@ -132,10 +132,20 @@ def test_killed_driver_resumes(tmp_path, tiny_bert_dir, mlflow_uri):
         folders = list(tmp_path.glob(f"ray_results/*/*{running[0].data.tags['tunekd.trial_id']}*"))
         return folders[0] if folders and _epoch_of(folders[0] / "checkpoint_000000") == 1 else None
 
+    def freeze_once_epoch_2_is_written():
+        for _ in range(3):
+            trial_dir = wait_for(second_trial_after_epoch_1, timeout=400, every=0.05)
+            time.sleep(0.15)  # the driver hands the trial its epoch 2 (milliseconds after it logs epoch 1)
+            os.kill(proc.pid, signal.SIGSTOP)  # ... and sees nothing more
+            try:
+                return wait_for(lambda: any(_epoch_of(f) == 2 for f in trial_dir.glob("checkpoint_*")),
+                                timeout=20, every=0.2)
+            except AssertionError:  # it had not handed it out yet: let it go on, and try again
+                os.kill(proc.pid, signal.SIGCONT)
+        raise AssertionError("no worker wrote its epoch-2 checkpoint while the driver was frozen")
+
     try:
-        trial_dir = wait_for(second_trial_after_epoch_1, timeout=400, every=0.05)
-        os.kill(proc.pid, signal.SIGSTOP)  # the driver has handed the trial its next epoch, and sees nothing more
-        wait_for(lambda: any(_epoch_of(f) == 2 for f in trial_dir.glob("checkpoint_*")), timeout=120, every=0.2)
+        freeze_once_epoch_2_is_written()
         time.sleep(1)  # the copy into the trial's folder completes
         tree = descendants(proc.pid)
         kill_tree([proc.pid])  # the driver dies mid-study
