@@ -100,7 +100,10 @@ def main(argv=None) -> int:
         f"search.distill.strategy.grid=[{','.join(strategies)}]",
         "tune.seeds=null", f"tune.storage_path={workdir / 'ray_results'}",
         f"tracking.uri=sqlite:///{workdir / 'mlflow.db'}", *args.overrides])
+    import tunekd
+
     log(f"{device_name} ({device}, {precision}); torch {torch.__version__}, transformers {transformers.__version__}; "
+        f"tunekd from {Path(tunekd.__file__).parent}; "
         f"work folder {workdir}")
     t_start = time.perf_counter()
     driver = StudyDriver(study, RunOptions(track=False), log=log)
