@@ -79,6 +79,6 @@ prepared=$(du -sb "$DIR" | cut -f1)
 awk -v p="$prepared" -v t="$tracked" -v d="$DIR" 'BEGIN { m = 1048576;
   printf "%s: %.1f MiB; tracked files %.1f MiB; together %.1f MiB (carry limit 64 MiB)\n", d, p/m, t/m, (p+t)/m }'
 
-CMD='set -o pipefail; python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl && export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 && mkdir -p /tmp/sst2 && gunzip -c .gpu/sst2/train.tsv.gz > /tmp/sst2/train.tsv && cp .gpu/sst2/dev.tsv /tmp/sst2/ && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $OUT/gpu.txt; python3 benchmarks/gpu_random_init.py --data /tmp/sst2 --teacher .gpu/minilm --workdir /tmp/tkd --out $OUT 2>&1 | tee $OUT/log.txt'
+CMD='set -o pipefail; python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl && export PYTHONPATH=/tmp/site:$PWD:$PYTHONPATH HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 && mkdir -p /tmp/sst2 && gunzip -c .gpu/sst2/train.tsv.gz > /tmp/sst2/train.tsv && cp .gpu/sst2/dev.tsv /tmp/sst2/ && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $OUT/gpu.txt; python3 benchmarks/gpu_random_init.py --data /tmp/sst2 --teacher .gpu/minilm --workdir /tmp/tkd --out $OUT 2>&1 | tee $OUT/log.txt'
 echo "device command (${#CMD} characters; run with carry [\".gpu\"], timeout_s 600):"
 echo "$CMD"
