@@ -95,10 +95,7 @@ stamp angles
 
 # 5. Small text outputs kept with the results: the studies' summaries, the angle logs, the wall times,
 #    and the combined tables (tables.py).
-mkdir -p "$RESULTS/logs"
-for f in sst2_random sst2_copy mnli_random mnli_copy lambda_sst2; do
-  grep -E '^\[tunekd\]|^ *[a-z_]+·' "$WORK/logs/$f.log" | grep -v ' epoch [0-9]*:' > "$RESULTS/logs/$f.txt" || true
-done
+keep_logs '^\[tunekd\]|^ *[a-z_]+·' sst2_random sst2_copy mnli_random mnli_copy lambda_sst2
 for f in init_copy init_random trained_copy_forward trained_random_forward; do
   grep -v 'Downloading artifacts' "$WORK/logs/angles_$f.log" > "$RESULTS/logs/angles_$f.txt" || true
 done

@@ -82,10 +82,7 @@ ANG=(--task sst2 --data-dir "$DATA" --samples 128 --max-length 64 --tracking-uri
 stamp angles_done
 
 # 6. Small text outputs kept with the results: the run logs' summaries and the wall times.
-mkdir -p "$RESULTS/logs"
-for f in strategies_copy strategies_random lambda students_copy students_random; do
-  grep -E '^\[tunekd\]|^ *[0-9a-f]{5}_[0-9]{5} |^ *[a-z_]+·' "$WORK/logs/$f.log" | grep -v ' epoch [0-9]*:' > "$RESULTS/logs/$f.txt" || true
-done
+keep_logs '^\[tunekd\]|^ *[0-9a-f]{5}_[0-9]{5} |^ *[a-z_]+·' strategies_copy strategies_random lambda students_copy students_random
 for f in angles_init_copy angles_init_random angles_trained_copy angles_trained_random; do
   cp "$WORK/logs/$f.log" "$RESULTS/logs/$f.txt"
 done
