@@ -567,7 +567,7 @@ class TrialCallback(_callback_base()):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         d = self.driver
-        metrics = _logged_metrics(result)
+        metrics = {k: v for k, v in result.items() if k.startswith(("eval/", "train/", "perf/"))}
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         d.tracker.log_trial_metrics(trial.trial_id, metrics, step)
         shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("eval/") or k == "train/loss")
@@ -593,11 +593,6 @@ class TrialCallback(_callback_base()):
             d.progress.ended(trial.trial_id, "failed")
         lines = [ln for ln in text.strip().splitlines() if ln.strip()]
         d.log(f"  {trial.trial_id} failed: {lines[-1] if lines else text}")
-
-
-def _logged_metrics(result: dict) -> dict:
-    """The part of a Tune result that goes to the trial's MLflow run."""
-    return {k: v for k, v in result.items() if k.startswith(("eval/", "train/", "perf/"))}
 
 
 def attach_callbacks(tuner, driver: StudyDriver) -> None:

@@ -20,7 +20,7 @@ WORK="${REPRO_WORK:-/tmp/glue_repro}"
 PY="${PYTHON:-python}"
 JOBS="${JOBS:-3}"
 RESULTS="$HERE/results"
-. "$REPO/experiments/common.sh"  # environment, cd "$WORK", URI, stamp, completed_run
+. "$REPO/experiments/common.sh"  # environment, cd "$WORK", URI, stamp, completed_run, keep_logs
 
 # One study invocation: tunekd.run with one CPU; its log in $WORK/logs/<name>.log.
 study() {

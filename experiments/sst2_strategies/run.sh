@@ -17,7 +17,7 @@ DATA="$(cd "${TUNEKD_DATA_DIR:-$REPO/../shared/data/sst2}" && pwd)"
 WORK="${SST2_WORK:-/tmp/sst2exp}"
 PY="${PYTHON:-python}"
 RESULTS="$HERE/results"
-. "$REPO/experiments/common.sh"  # environment, cd "$WORK", URI, stamp, completed_run
+. "$REPO/experiments/common.sh"  # environment, cd "$WORK", URI, stamp, completed_run, keep_logs
 
 # Start a study in the background; return once its MLflow parent run exists (so that the teacher is
 # fine-tuned and cached, and the experiment created, by one process only). $1 = log name.
