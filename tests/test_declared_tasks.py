@@ -152,7 +152,7 @@ def test_bad_data_is_one_line(tmp_path):
     data = write(tmp_path, "csv", {"train": TRAIN, "validation": DEV})
     base = dict(kind="classification", data=data, text_fields=["premise"], label_field="gold")
     cases = [
-        (dict(base, text_fields=["premis"]), r"split 'train': column 'premis' is missing; columns found: premise, "),
+        (dict(base, text_fields=["premis"]), r"train.csv: column 'premis' is missing; columns found: premise, "),
         (dict(base, labels=["entailment", "neutral"]), r"split 'train', row 2: label 'contradiction' is not in the "
                                                       r"task's labels \['entailment', 'neutral'\]"),
         (dict(base, eval_splits=["dev"]), r"has no split 'dev'; it has train, validation"),
@@ -164,10 +164,10 @@ def test_bad_data_is_one_line(tmp_path):
         assert "\n" not in str(exc.value)
     empty = tmp_path / "empty.csv"
     empty.write_text("premise,gold\n")
-    with pytest.raises(ConfigError, match=r"split 'validation' has no rows"):
+    with pytest.raises(ConfigError, match=r"\(validation\): .*empty\.csv has a header but no rows"):
         load_configured(task_cfg(**dict(base, data={"path": "csv", "data_files": {"train": data["data_files"]["train"],
                                                                                    "validation": str(empty)}})))
-    with pytest.raises(ConfigError, match=r"could not load task 'custom' from csv files .*missing\.csv"):
+    with pytest.raises(ConfigError, match=r"task.data.data_files \(train\): .*missing\.csv does not exist"):
         load_configured(task_cfg(**dict(base, data={"path": "csv", "data_files": str(tmp_path / "missing.csv")})))
 
 
