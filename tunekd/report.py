@@ -847,13 +847,29 @@ def run(args) -> int:
         if not args.final_only:
             done = df[df["status"].isin((COMPLETED, EARLY_STOPPED))]
             df = with_histories(client, df, _resolve_metrics(args.metric, done) if len(done) else [])
+    if len(df) and STRATEGY in df:  # before --out is made: a reference the study never ran
+        ran = sorted(df[STRATEGY].dropna().unique(), key=lambda v: _order(STRATEGY, v))
+        if ran and args.reference not in ran:
+            raise unknown("--reference strategy", args.reference, [str(v) for v in ran])
     out = Path(args.out or Path("report") / re.sub(r"[^\w.-]+", "_", args.experiment))
     parents = sorted(df["parent_id"].dropna().unique()) if len(df) else []
     source = (f"MLflow {args.tracking_uri}, experiment {args.experiment!r}, "
               + (f"parent run {args.parent}" if args.parent else f"{len(parents)} parent run(s)") + ".")
-    text, files = build_report(df, experiment=args.experiment, out=out, metrics=args.metric,
-                               reference=args.reference, margin=args.margin, alpha=args.alpha,
-                               teacher=teacher, source=source)
+    made = None  # the first folder of `out` that does not exist yet (build_report makes it)
+    for folder in (out, *out.parents):
+        if folder.exists():
+            break
+        made = folder
+    try:
+        text, files = build_report(df, experiment=args.experiment, out=out, metrics=args.metric,
+                                   reference=args.reference, margin=args.margin, alpha=args.alpha,
+                                   teacher=teacher, source=source)
+    except ConfigError:
+        if made is not None and made.is_dir():  # refused: leave no half-written folder this command made
+            import shutil
+
+            shutil.rmtree(made, ignore_errors=True)
+        raise
     print(text)
     if not args.no_log:
         if parent:
