@@ -1,7 +1,8 @@
 """Stop signals end a study the way a shell reports it: SIGINT (Ctrl-C) → exit 130, SIGTERM (a scheduler's
 preemption) → 143, SIGHUP (a closed terminal) → 129; the MLflow parent run ends KILLED naming the signal,
 the trial that was running stays unfinished (not failed) with its checkpoint, and `--resume` continues it
-to the end. Each case is the real CLI in its own process, signalled while a trial runs."""
+to the end, from its last complete checkpoint (a torn newer one beside it, as a kill mid-write leaves it,
+is not read). Each case is the real CLI in its own process, signalled while a trial runs."""
 
 from __future__ import annotations
 
@@ -83,6 +84,14 @@ def test_stop_signal_ends_the_study_killed_and_resume_finishes_it(signame, group
     assert done and done[-1] < 3
     if not resume:
         return
+    # and a torn checkpoint beside it: the next epoch's folder as a kill while it was written leaves it (weights
+    # cut short, no progress.json: written last). --resume must continue from the last complete checkpoint.
+    (trial_dir,) = [d for d in tmp_path.glob("ray_results/*/tune_trainable_*") if d.is_dir()]
+    last = sorted(trial_dir.glob("checkpoint_*"))[-1]
+    torn = trial_dir / f"checkpoint_{int(last.name.split('_')[1]) + 1:06d}"
+    torn.mkdir()
+    weights = (last / "model.safetensors").read_bytes()
+    (torn / "model.safetensors").write_bytes(weights[:len(weights) // 2])
     proc = subprocess.run([sys.executable, "-m", "tunekd.run", str(study), "--tracking-uri", mlflow_uri, "--resume",
                            *extra], cwd=tmp_path, env=dict(os.environ, PYTHONUNBUFFERED="1"),
                           capture_output=True, text=True, timeout=300)
@@ -92,3 +101,6 @@ def test_stop_signal_ends_the_study_killed_and_resume_finishes_it(signame, group
     (child,) = children
     assert child.data.tags["tunekd.status"] == "completed"
     assert steps(client, child) == [1, 2, 3]  # continued from its checkpoint: no epoch logged twice
+    out = proc.stdout + proc.stderr
+    assert f"from checkpoint: Checkpoint(filesystem=local, path={last})" in out, out[-4000:]
+    assert torn.name not in out
