@@ -24,7 +24,7 @@ def store(tmp_path_factory):
 
 @pytest.mark.parametrize("reference, words", [
     ("spread", ["unknown --reference strategy 'spread'; known: forward, reverse, random"]),  # never ran
-    ("random", ["reference strategy (no completed trials) 'random'"]),  # ran, but no trial completed
+    ("random", ["unknown reference (no trials at that value) 'random'"]),  # ran, but no trial completed
 ])
 def test_refused_reference_leaves_no_out_folder(reference, words, store, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
