@@ -102,6 +102,7 @@ class StudyDriver:
         self.signal: int | None = None  # the stop signal received (`stop_signals`)
         self.fitting = False  # Tune is running trials (a stop signal asks it to stop)
         self.stop_handler = None  # `stop_signals`' handler, while it is installed
+        self.stop_signals_caught: list[int] = []  # the signals it handles (not those ignored before, as by nohup)
         self.summary: dict[str, Any] = {}  # tracking.StudyTracker.finish_parent's summary of the study
         # find_resume / check_resume: what --resume continues, this study's fingerprint, a forced change
         self.resumable = None  # resume.Resumable
@@ -174,7 +175,9 @@ class StudyDriver:
 
         os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
         self.stop_handler = stop  # installed again once Ray is up (`connect`: ray.init takes SIGTERM over)
-        previous = {s: signal.signal(s, stop) for s in SIGNAL_NAMES}
+        # a signal ignored already stays ignored: `nohup tunekd run ...` must outlive its terminal (SIGHUP)
+        previous = {s: signal.signal(s, stop) for s in SIGNAL_NAMES if signal.getsignal(s) is not signal.SIG_IGN}
+        self.stop_signals_caught = list(previous)
         try:
             yield
         finally:
@@ -323,7 +326,7 @@ class StudyDriver:
             connect_ray(self.options.address, self.options.num_cpus, log=self.log, source=self.options.address_source)
             self.owns_ray = True
             if self.stop_handler is not None:  # ray.init installed its own SIGTERM handler (sys.exit)
-                for signum in SIGNAL_NAMES:
+                for signum in self.stop_signals_caught:
                     signal.signal(signum, self.stop_handler)
         try:
             check_resources(ray, self.study)
