@@ -104,3 +104,23 @@ def test_stop_signal_ends_the_study_killed_and_resume_finishes_it(signame, group
     out = proc.stdout + proc.stderr
     assert f"from checkpoint: Checkpoint(filesystem=local, path={last})" in out, out[-4000:]
     assert torn.name not in out
+
+
+def test_a_signal_ignored_at_the_start_stays_ignored():
+    """`nohup tunekd run ...`: SIGHUP is ignored when the driver starts and must stay so (the study outlives
+    its terminal); the other stop signals are caught while the study runs and restored after it."""
+    from tunekd.driver import StudyDriver
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGHUP, signal.SIGTERM)}
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        driver = StudyDriver.__new__(StudyDriver)  # the signal handling needs no study
+        driver.signal, driver.fitting, driver.log = None, False, print
+        with driver.stop_signals():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is driver.stop_handler
+            assert driver.stop_signals_caught == [signal.SIGINT, signal.SIGTERM]
+        assert signal.getsignal(signal.SIGTERM) is before[signal.SIGTERM]
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
