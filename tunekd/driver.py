@@ -116,8 +116,19 @@ class StudyDriver:
     # --- the study, top to bottom ------------------------------------------------------------------
 
     def run(self) -> int:
-        with self.stop_signals():
+        with self.stop_signals(), self.named_interrupt():
             return self._run()
+
+    @contextmanager
+    def named_interrupt(self):
+        """A KeyboardInterrupt that is not `Interrupted` (Ray raises its own when a signal arrives while it
+        waits in C++) becomes `Interrupted` of the signal received, so that it ends the same way."""
+        try:
+            yield
+        except KeyboardInterrupt as exc:
+            if isinstance(exc, Interrupted):
+                raise
+            raise Interrupted(self.signal or signal.SIGINT) from None
 
     def _run(self) -> int:
         if self.options.resume:
@@ -478,7 +489,7 @@ class StudyDriver:
         from tunekd.tracking import StudyTracker
 
         self.tracker = StudyTracker(self.study.tracking.uri, self.study.experiment)
-        with self.tracker.parent_guard():
+        with self.tracker.parent_guard(), self.named_interrupt():  # the parent's tag names the signal
             yield
 
     def fit(self, finish: bool = True) -> None:
