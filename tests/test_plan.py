@@ -52,3 +52,20 @@ def test_trial_callback_pickles_without_its_driver():
     cb = TrialCallback(driver=object())
     back = pickle.loads(pickle.dumps(cb))
     assert isinstance(back, TrialCallback) and back.driver is None
+
+
+def test_identical_trials_are_warned_about():
+    """A 1-layer student: forward and reverse resolve to the same map; λ = 0 makes every matching
+    strategy the `none` trial. The warnings name them; distinct maps give none."""
+    strategies = {"grid": ["none", "forward", "reverse", "all_to_one"]}
+    one = study(student={"layers": 1}, search={"distill.strategy": strategies, "seed": {"grid": [0, 1]}})
+    warnings = plan.identical_trials(plan.Trials(one, 6, True), list(plan.trial_points(one)))
+    assert len(warnings) == 1
+    assert warnings[0].startswith("strategies forward, reverse run the same trial (the same layer map "
+                                  "[[0, 0], [1, 6]])") and "decide nothing" in warnings[0]
+    zero = study(distill={"lambda_hid": 0.0}, search={"distill.strategy": strategies})
+    warnings = plan.identical_trials(plan.Trials(zero, 6, True), list(plan.trial_points(zero)))
+    assert len(warnings) == 1 and warnings[0].startswith("strategies none, forward, reverse, all_to_one run the same "
+                                                         "trial (λ = 0 or no pairs")
+    three = study(search={"distill.strategy": strategies})
+    assert plan.identical_trials(plan.Trials(three, 6, True), list(plan.trial_points(three))) == []

@@ -299,7 +299,7 @@ def test_report_help_has_no_double_percent(capsys):
     with pytest.raises(SystemExit):
         report.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "95% t intervals" in text and "%%" not in text and "table.tex" in text
+    assert "with t intervals" in text and "%%" not in text and "table.tex" in text
 
 
 def test_run_help_names_outputs(capsys):
@@ -354,6 +354,6 @@ def test_latex_table_booktabs_and_n1(tmp_path):
     assert f"$81.00 \\pm {math.sqrt(2):.2f}$ (2)" in tex
     assert "all\\_to\\_one & random & $70.00$ (1)" in tex
     # reverse - forward on copy: d = 1, 1.5 -> mean +1.25
-    assert "reverse & copy & 2 & $+1.25$" in tex
+    assert "reverse & copy & final & 2 & $+1.25$" in tex  # the epoch compared, then n
     assert {p.name for p in files} >= {"table.tex", "paired_accuracy.png", "strategies_accuracy.png"}
     assert (tmp_path / "paired_accuracy.png").read_bytes()[:4] == b"\x89PNG"
