@@ -162,8 +162,13 @@ def describe_loss(study: Study, family=None) -> str:
         hid += ", encoder + decoder stacks added"
     if (isinstance(d.strategy, str) and d.strategy == "none") or d.lambda_hid == 0:
         hid = "L_hid off (strategy none or λ = 0)"
-    parts = [f"loss = {d.alpha_ce:g}·CE + {d.alpha_kl:g}·KL + {d.lambda_hid:g}·L_hid",
-             f"KL: τ = {d.temperature:g}, × τ², {kl_where} [kl_positions: {d.kl_positions}]", hid]
+    if kind == "regression":  # a one-output head: no distribution, so no KL and no temperature
+        parts = [f"loss = {d.alpha_ce:g}·MSE(label) + {d.alpha_kl:g}·MSE(teacher output) + {d.lambda_hid:g}·L_hid",
+                 "output term: mean squared difference of the student's and the teacher's outputs, per example "
+                 "(regression: no KL, distill.temperature not used; logged as loss_out_mse)", hid]
+    else:
+        parts = [f"loss = {d.alpha_ce:g}·CE + {d.alpha_kl:g}·KL + {d.lambda_hid:g}·L_hid",
+                 f"KL: τ = {d.temperature:g}, × τ², {kl_where} [kl_positions: {d.kl_positions}]", hid]
     match = d.match_embeddings if d.match_embeddings is not None else getattr(family, "match_embeddings_default", None)
     parts.append(f"embeddings matched: {({None: 'family default', True: 'yes', False: 'no'})[match]}")
     if isinstance(d.strategy, str) and d.strategy == "random":

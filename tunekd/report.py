@@ -1135,6 +1135,10 @@ def run(args) -> int:
     if len(df) and factor_name in df:
         levels = list(df[factor_name].dropna().unique())
     factor, reference, margin, at, bounds = _comparison(args, design, levels)
+    if levels and factor == factor_name and str(reference) not in map(str, levels):  # before --out is made
+        ran = [str(v) for v in sorted(levels, key=lambda v: _order(factor, v))]
+        what = "--reference strategy" if factor == STRATEGY else f"--reference level of {factor}"
+        raise unknown(what, reference, ran)
     out = Path(args.out or Path("report") / re.sub(r"[^\w.-]+", "_", args.experiment))
     parents = sorted(df["parent_id"].dropna().unique()) if len(df) else []
     source = (f"MLflow {args.tracking_uri}, experiment {args.experiment!r}, "
@@ -1143,10 +1147,22 @@ def run(args) -> int:
         source += (f" Scheduler: {design['scheduler']}" + (f" (grace period {design.get('grace_period')})"
                                                           if design["scheduler"] == "asha" else "")
                    + f", {design.get('epochs')} epochs" + ("; adaptive seeds" if design.get("seeds") else "") + ".")
-    text, files = build_report(df, experiment=args.experiment, out=out, metrics=args.metric,
-                               reference=reference, margin=margin, alpha=args.alpha,
-                               teacher=teacher, source=source, factor=factor, at=at, bounds=bounds,
-                               chance=design.get("chance"), unadjusted=design.get("unadjusted", False))
+    made = None  # the first folder of `out` that does not exist yet (build_report makes it)
+    for folder in (out, *out.parents):
+        if folder.exists():
+            break
+        made = folder
+    try:
+        text, files = build_report(df, experiment=args.experiment, out=out, metrics=args.metric,
+                                   reference=reference, margin=margin, alpha=args.alpha,
+                                   teacher=teacher, source=source, factor=factor, at=at, bounds=bounds,
+                                   chance=design.get("chance"), unadjusted=design.get("unadjusted", False))
+    except ConfigError:
+        if made is not None and made.is_dir():  # refused: leave no half-written folder this command made
+            import shutil
+
+            shutil.rmtree(made, ignore_errors=True)
+        raise
     print(text)
     if not args.no_log:
         if parent:

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from tunekd.errors import run_cli
+from tunekd.errors import ArgumentParser, run_cli
 
 
 def _epilog() -> str:
@@ -25,7 +25,7 @@ def _epilog() -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m tunekd.run",
         description="Run a knowledge-distillation study (a YAML study file) on Ray Tune; every trial is "
                     "recorded as a nested MLflow run.",

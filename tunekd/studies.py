@@ -18,7 +18,7 @@ from datetime import datetime
 import pandas as pd
 
 from tunekd import report
-from tunekd.errors import ConfigError, run_cli
+from tunekd.errors import ArgumentParser, ConfigError, run_cli
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 
@@ -103,7 +103,7 @@ def compare_tables(df_a: pd.DataFrame, df_b: pd.DataFrame, metric: str, names: t
 
 
 def parse_list(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="tunekd list",
         description="List the tunekd studies in an MLflow store: per parent run (one invocation of a study) its "
                     "start, status, trial counts by status, the teacher's metric and the best completed trial.",
@@ -128,7 +128,7 @@ def run_list(args) -> int:
 
 
 def parse_compare(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="tunekd compare",
         description="Put two studies' strategy-robustness tables side by side: per configuration (strategy x "
                     "init x the other columns both studies vary) the cell mean ± sd (n seeds) of each study's "

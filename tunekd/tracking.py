@@ -199,13 +199,14 @@ class StudyTracker:
     @contextmanager
     def parent_guard(self):
         """Wrap everything from the parent run's creation to the end of the study: a crash ends the
-        parent run FAILED with the error (tag `tunekd.error`), Ctrl-C ends it KILLED; either way the
-        exception goes on. Without it, a crash leaves the parent run RUNNING forever. Does nothing while
+        parent run FAILED with the error (tag `tunekd.error`), Ctrl-C or another stop signal ends it KILLED;
+        either way the exception goes on. Without it, a crash leaves the parent run RUNNING forever. Does nothing while
         no parent run exists."""
         try:
             yield self
-        except KeyboardInterrupt:
-            self._end_parent_after_error("KILLED", "interrupted (KeyboardInterrupt); continue with --resume")
+        except KeyboardInterrupt as exc:  # Ctrl-C, or tunekd.errors.Interrupted (a stop signal, named)
+            why = str(exc) or "interrupted (KeyboardInterrupt)"
+            self._end_parent_after_error("KILLED", f"{why}; continue with --resume")
             raise
         except BaseException as exc:
             text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
