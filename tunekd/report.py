@@ -47,7 +47,8 @@ STRATEGY, INIT, LAYERS, LAMBDA, SEED = "distill.strategy", "student.init", "stud
 META = ("run_id", "parent_id", "trial_id", "status", "error", "start_time")
 # Params that follow from others (the resolved map and a `random` map's permutation and seed depend on
 # strategy and seed, the copied layers on init and depth): they never define a group of their own.
-DERIVED = ("distill.layer_map", "student.copied_layers", "distill.random_permutation", "distill.map_seed_used")
+DERIVED = ("distill.layer_map", "student.copied_teacher_layers", "student.copied_layers",  # (older stores)
+           "distill.random_permutation", "distill.map_seed_used")
 SHORT = {STRATEGY: "strategy", INIT: "init", LAYERS: "layers", LAMBDA: "lambda_hid"}
 STRATEGY_ORDER = ("none", "forward", "reverse", "all_to_one", "random")
 INIT_ORDER = ("random", "copy")
@@ -624,7 +625,7 @@ def _error_line(err) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m tunekd.report",
+        prog="tunekd report",
         description="Statistical report of a tunekd study recorded in MLflow: the strategy-robustness table "
                     "(mean ± sd over seeds per strategy x init x ...), paired differences of every strategy "
                     "against a reference strategy with 95% t intervals and a TOST equivalence verdict, and "
