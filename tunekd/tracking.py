@@ -31,6 +31,8 @@ KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 RUN_STATUS = {"completed": "FINISHED", "early_stopped": "KILLED", "failed": "FAILED", "superseded": "KILLED"}
 VIEW_PREFIX = "mlflow.sharedViewState."  # an experiment tag the UI reads for `?viewStateShareKey=<key>`
 NAME_COLUMN = "attributes.`Run Name`"
+EPOCHS_METRIC = "train/epochs"  # a trial's epochs done, logged beside its metrics: the epoch of the list's values
+GROUP_SUFFIX = "-by-strategy"  # the second saved view: the trials grouped by strategy
 STATUS_WORDS = {"completed": "completed", "early_stopped": "stopped early by the scheduler", "failed": "failed",
                 "running": "running", "superseded": "superseded by a re-run"}
 
@@ -175,16 +177,31 @@ class StudyTracker:
         return f"tunekd-{self.parent_id}"
 
     def share_view(self, metrics: list[str] | None = None) -> None:
-        """A saved view of the MLflow UI's run list for this study (experiment tag `mlflow.sharedViewState.
-        tunekd-<parent run id>`, opened by `ui_url`): the study's trials, the columns a researcher reads
-        first (status, eval metrics, the searched params) and a run-name column wide enough for the names."""
-        cols = [f"tags.`{STATUS_TAG}`"] + [f"metrics.`{m}`" for m in (metrics or [])]
+        """Two saved views of the MLflow UI's run list for this study (experiment tags `mlflow.sharedViewState.
+        <key>`, opened by `ui_url`). `tunekd-<parent run id>`: the study's parent run and trials, the columns a
+        researcher reads first — status (wide enough for the parent's tally), the parent's teacher and best
+        metric, the eval metrics with the epoch they were measured at (`train/epochs`), the searched params —
+        and every run in the charts. `tunekd-<parent run id>-by-strategy`: the same, grouped by
+        `distill.strategy` (MLflow's "Group by" on a param: one row per strategy with the mean of its runs;
+        with grouped values in the charts, one colour per strategy)."""
+        metrics = metrics or []
+        status = f"tags.`{STATUS_TAG}`"
+        cols = [status] + [f"metrics.`{m}`" for m in metrics]
+        if metrics:  # the parent row's teacher and best metric (`finish_parent`), the trials' epochs
+            short = metrics[0].split("/", 1)[-1]
+            cols += [f"metrics.`teacher/{short}`", f"metrics.`best/{short}`", f"metrics.`{EPOCHS_METRIC}`"]
         cols += [f"params.`{k}`" for k in self.search_dims]  # the rest of the name's parts are fixed
-        state = {"searchFilter": f"tags.`{PARENT_TAG}` = '{self.parent_id}'",
+        state = {"searchFilter": f"tags.`{PARENT_TAG}` = '{self.parent_id}'",  # the UI adds the parent's row
                  "orderByKey": "attributes.start_time", "orderByAsc": True,
                  "selectedColumns": cols, "columnOrder": [NAME_COLUMN, *cols],
-                 "columnWidths": {NAME_COLUMN: 300, "Run Name": 300}}
+                 "columnWidths": {NAME_COLUMN: 300, status: 290}, "runsHiddenMode": "SHOW_ALL"}
         self.client.set_experiment_tag(self.experiment_id, VIEW_PREFIX + self.view_key(), json.dumps(state))
+        if "distill.strategy" in self.search_dims:
+            grouped = {**state, "groupBy": {"aggregateFunction": "average",
+                                   "groupByKeys": [{"mode": "param", "groupByData": "distill.strategy"}]},
+                       "useGroupedValuesInCharts": True}
+            self.client.set_experiment_tag(self.experiment_id, VIEW_PREFIX + self.view_key() + GROUP_SUFFIX,
+                                           json.dumps(grouped))
 
     def log_parent_metrics(self, metrics: dict[str, float]) -> None:
         self.teacher_metrics.update({k: float(v) for k, v in metrics.items() if k.startswith("teacher/")})
@@ -270,9 +287,12 @@ class StudyTracker:
         if error:
             last = [ln for ln in error.strip().splitlines() if ln.strip()]
             lines += [f"Error: `{last[-1][:300] if last else 'unknown'}`", ""]
-        lines.append(f"Layer map (student ← teacher): {describe.layer_map_text(p.get('distill.layer_map'))}")
-        if p.get("student.copied_layers") not in (None, "null"):
-            lines.append(f"Copied teacher layers: {_note_value(p.get('student.copied_layers'))}")
+        lines.append(f"Layer map (student layer ← teacher layer): {describe.layer_map_text(p.get('distill.layer_map'))}")
+        copied = p.get("student.copied_teacher_layers")
+        if copied not in (None, "null"):
+            copied = json.loads(copied) if isinstance(copied, str) else copied
+            lines.append("Copied teacher layers: " + ", ".join(str(i) for i in copied))
+        lines.append(f"({describe.NUMBERING[0].upper()}{describe.NUMBERING[1:]}.)")
         shown = [k for k in ("distill.strategy", "student.init", "student.layers", "distill.lambda_hid", "seed",
                              "train.lr", "train.epochs") if k in p]
         shown += [k for k in self.search_dims if k in p and k not in shown]
@@ -298,7 +318,7 @@ class StudyTracker:
         rec = self.trials[trial_id]
         if step <= rec.last_step:
             return  # written before (a retried trial replays from its checkpoint)
-        self._log_metrics(rec.run_id, metrics, step)
+        self._log_metrics(rec.run_id, {**metrics, EPOCHS_METRIC: step}, step)
         rec.last_step = step
         rec.metrics.update(metrics)
 
@@ -431,20 +451,25 @@ class StudyTracker:
         """Every file under `folder` as artifacts of `run_id` (under `artifact_path`)."""
         self.client.log_artifacts(run_id, folder, artifact_path)
 
-    def ui_url(self, base: str = "http://127.0.0.1:5000") -> str:
+    def ui_url(self, base: str = "http://127.0.0.1:5000", suffix: str = "") -> str:
         """The MLflow UI's run list of this study: the experiment's runs view (not the GenAI overview) in
-        the study's saved view (`share_view`): its trials, with status, metrics and searched params."""
+        the study's saved view (`share_view`): its trials, with status, metrics and searched params;
+        `suffix=GROUP_SUFFIX`: the view grouped by strategy."""
         from urllib.parse import quote
 
         if self.uri.startswith(("http://", "https://")):
             base = self.uri
         url = f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs"
-        return url + (f"?viewStateShareKey={quote(self.view_key())}" if self.parent_id else "")
+        return url + (f"?viewStateShareKey={quote(self.view_key() + suffix)}" if self.parent_id else "")
 
     def ui_command(self) -> str:
-        if self.uri.startswith("sqlite:///"):
-            return f"mlflow ui --backend-store-uri {self.uri}   then open {self.ui_url()}"
-        return f"open {self.ui_url()}"
+        """How to browse the study, as lines a user can paste: the `mlflow ui` command (sqlite stores), then
+        the two views' links (a comment line each, so pasting the whole block into a shell is harmless)."""
+        lines = [f"mlflow ui --backend-store-uri {self.uri}"] if self.uri.startswith("sqlite:///") else []
+        lines.append(f"# then open: {self.ui_url()}")
+        if self.parent_id and "distill.strategy" in self.search_dims:
+            lines.append(f"# grouped by strategy: {self.ui_url(suffix=GROUP_SUFFIX)}")
+        return "\n".join(lines)
 
 
 # --- single runs and artifacts (the analysis CLIs go through these, not through mlflow) -------------
