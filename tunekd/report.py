@@ -830,6 +830,7 @@ def with_histories(client, df: pd.DataFrame, metrics: list[str]) -> pd.DataFrame
 
 
 def run(args) -> int:
+    from tunekd import tracking
     from tunekd.checks import check_writable_dir
 
     check_levels(args.margin, args.alpha)
@@ -856,7 +857,11 @@ def run(args) -> int:
                                reference=args.reference, margin=args.margin, alpha=args.alpha,
                                teacher=teacher, source=source)
     print(text)
-    if not args.no_log:
+    moved = None if args.no_log else tracking.moved_store(client, args.tracking_uri, exp)
+    if moved:
+        print(f"[tunekd] warning: {moved}; the report is not logged to MLflow (it would be written there), only "
+              f"to {out.resolve()}", file=sys.stderr)
+    elif not args.no_log:
         if parent:
             for f in files:
                 client.log_artifact(parent, str(f), "report")

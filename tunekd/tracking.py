@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tunekd.errors import ConfigError
@@ -33,6 +34,7 @@ VIEW_PREFIX = "mlflow.sharedViewState."  # an experiment tag the UI reads for `?
 NAME_COLUMN = "attributes.`Run Name`"
 EPOCHS_METRIC = "train/epochs"  # a trial's epochs done, logged beside its metrics: the epoch of the list's values
 GROUP_SUFFIX = "-by-strategy"  # the second saved view: the trials grouped by strategy
+STORE_TAG = "tunekd.store_dir"  # experiment tag: the folder of the sqlite store the experiment was created in
 STATUS_WORDS = {"completed": "completed", "early_stopped": "stopped early by the scheduler", "failed": "failed",
                 "running": "running", "superseded": "superseded by a re-run"}
 
@@ -58,6 +60,37 @@ def check_uri(uri: str) -> None:
     elif "://" not in uri or uri.startswith("file:"):
         raise ConfigError(f"tracking URI {uri!r}: use sqlite:///path.db or an http(s) MLflow server "
                           "(mlflow 3 refuses the file store)")
+
+
+def _local_path(location: str) -> Path | None:
+    if location.startswith("file://"):
+        from urllib.parse import unquote, urlparse
+
+        return Path(unquote(urlparse(location).path))
+    return Path(location) if "://" not in location and os.path.isabs(location) else None
+
+
+def moved_store(client, uri: str, experiment) -> str | None:
+    """Whether a sqlite store's folder was copied or moved away from the experiment's artifacts: MLflow keeps
+    absolute artifact paths, so anything logged through this store would land in the original folder. Returns
+    a warning naming both folders, or None (not sqlite, artifacts not local, or where the store expects them).
+    Known when the experiment records its store's folder (tag `tunekd.store_dir`); for older experiments, when
+    the artifact folder lies outside this store's folder and a copy of it (same last two parts) inside."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    here = Path(uri[len("sqlite:///"):]).resolve().parent
+    location = _local_path(experiment.artifact_location or "")
+    if location is None or location.is_relative_to(here):
+        return None
+    origin = experiment.tags.get(STORE_TAG)
+    if origin is not None:
+        moved = Path(origin) != here and location.is_relative_to(origin)
+    else:
+        origin, moved = str(location.parents[1]), (here / Path(*location.parts[-2:])).is_dir()
+    if not moved:
+        return None
+    return (f"this MLflow store ({here}) is a copy or move of the study folder {origin}: its experiment "
+            f"{experiment.name!r} stores artifacts at the absolute path {location}")
 
 
 def _params_key(params: dict[str, Any]) -> tuple:
@@ -110,8 +143,15 @@ class StudyTracker:
         self.client = MlflowClient(tracking_uri=uri)
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
-            self.experiment_id = self.client.create_experiment(experiment, tags={KIND_TAG: KIND})
+            tags = {KIND_TAG: KIND}
+            if uri.startswith("sqlite:///"):  # `moved_store` tells a copied study folder by it
+                tags[STORE_TAG] = str(Path(uri[len("sqlite:///"):]).resolve().parent)
+            self.experiment_id = self.client.create_experiment(experiment, tags=tags)
         else:
+            moved = moved_store(self.client, uri, exp)
+            if moved:
+                raise ConfigError(f"{moved}; a study logged here would write into that folder: run it in the "
+                                  "original folder, or as a new experiment (--set name=...)")
             self.experiment_id = exp.experiment_id
             if KIND_TAG not in exp.tags:
                 self.client.set_experiment_tag(self.experiment_id, KIND_TAG, KIND)
@@ -499,6 +539,9 @@ def log_single_run(uri: str, experiment: str, run_name: str, *, tags: dict[str, 
 
     c = client(uri)
     exp = c.get_experiment_by_name(experiment)
+    moved = moved_store(c, uri, exp) if exp else None
+    if moved:
+        raise ConfigError(f"{moved}; not logged to MLflow (it would be written there)")
     exp_id = exp.experiment_id if exp else c.create_experiment(experiment)
     run = c.create_run(exp_id, run_name=run_name, tags=tags)
     rid = run.info.run_id
