@@ -174,7 +174,9 @@ def test_shared_view_and_ui_url(tracked):
         assert [(m.step, m.value) for m in history] == [(e, float(e)) for e in range(1, rec.last_step + 1)]
     assert state["columnWidths"]["tags.`tunekd.status`"] >= 280 and state["runsHiddenMode"] == "SHOW_ALL"
     grouped = json.loads(exp.tags[f"mlflow.sharedViewState.tunekd-{tracker.parent_id}-by-strategy"])
-    assert grouped["groupBy"]["groupByKeys"] == [{"mode": "param", "groupByData": "distill.strategy"}]
+    # one group per cell: strategy x the other searched values but the seed (here the init)
+    assert grouped["groupBy"]["groupByKeys"] == [{"mode": "param", "groupByData": "distill.strategy"},
+                                                 {"mode": "param", "groupByData": "student.init"}]
     assert grouped["selectedColumns"] == state["selectedColumns"] and grouped["useGroupedValuesInCharts"]
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     lines = tracker.ui_command().splitlines()  # pasteable: a command, then comment lines with the links

@@ -222,24 +222,29 @@ class StudyTracker:
         researcher reads first — status (wide enough for the parent's tally), the parent's teacher and best
         metric, the eval metrics with the epoch they were measured at (`train/epochs`), the searched params —
         and every run in the charts. `tunekd-<parent run id>-by-strategy`: the same, grouped by
-        `distill.strategy` (MLflow's "Group by" on a param: one row per strategy with the mean of its runs;
-        with grouped values in the charts, one colour per strategy)."""
+        `distill.strategy` (MLflow's "Group by" on params: a row per group with the mean of its runs;
+        with grouped values in the charts, one colour per strategy), and by the other searched values but
+        the seed (one row per cell, e.g. strategy × init, its seeds averaged)."""
         metrics = metrics or []
         status = f"tags.`{STATUS_TAG}`"
-        cols = [status] + [f"metrics.`{m}`" for m in metrics]
-        if metrics:  # the parent row's teacher and best metric (`finish_parent`), the trials' epochs
+        cols = [status] + [f"metrics.`{m}`" for m in metrics[:1]]
+        if metrics:  # the epoch of the trials' values, the parent row's best and teacher metric (`finish_parent`)
             short = metrics[0].split("/", 1)[-1]
-            cols += [f"metrics.`teacher/{short}`", f"metrics.`best/{short}`", f"metrics.`{EPOCHS_METRIC}`"]
+            cols += [f"metrics.`{EPOCHS_METRIC}`", f"metrics.`best/{short}`", f"metrics.`teacher/{short}`"]
+        cols += [f"metrics.`{m}`" for m in metrics[1:]]
         cols += [f"params.`{k}`" for k in self.search_dims]  # the rest of the name's parts are fixed
         state = {"searchFilter": f"tags.`{PARENT_TAG}` = '{self.parent_id}'",  # the UI adds the parent's row
                  "orderByKey": "attributes.start_time", "orderByAsc": True,
                  "selectedColumns": cols, "columnOrder": [NAME_COLUMN, *cols],
-                 "columnWidths": {NAME_COLUMN: 300, status: 290}, "runsHiddenMode": "SHOW_ALL"}
+                 "columnWidths": {NAME_COLUMN: 300, status: 290, **{c: 150 for c in cols if c.startswith("metrics.")}},
+                 "runsHiddenMode": "SHOW_ALL"}
         self.client.set_experiment_tag(self.experiment_id, VIEW_PREFIX + self.view_key(), json.dumps(state))
-        if "distill.strategy" in self.search_dims:
-            grouped = {**state, "groupBy": {"aggregateFunction": "average",
-                                   "groupByKeys": [{"mode": "param", "groupByData": "distill.strategy"}]},
-                       "useGroupedValuesInCharts": True}
+        if "distill.strategy" in self.search_dims:  # a cell: the strategy and the other searched values but seed
+            keys = ["distill.strategy"] + [k for k in self.search_dims if k not in ("distill.strategy", "seed")]
+            grouped = {**state, "groupBy": {"aggregateFunction": "average", "groupByKeys": [
+                           {"mode": "param", "groupByData": k} for k in keys]},
+                       "useGroupedValuesInCharts": True,  # a group's label names its values: a wider first column
+                       "columnWidths": {**state["columnWidths"], NAME_COLUMN: 460}}
             self.client.set_experiment_tag(self.experiment_id, VIEW_PREFIX + self.view_key() + GROUP_SUFFIX,
                                            json.dumps(grouped))
 
