@@ -1,4 +1,4 @@
-"""`python -m tunekd.angles`: the geometric analysis of SPEC.md — angles at a student state between teacher layers.
+"""`python -m tunekd.angles`: the geometric analysis of docs/method.md — angles at a student state between teacher layers.
 
 For a student hidden state `S_i` and teacher states `T_j`, `T_k` at the same (non-padding) token,
 

@@ -138,7 +138,7 @@ _NORMALIZE = {
 
 
 def describe_loss(study: Study, family=None) -> str:
-    """One line: the loss this trial config computes, with its formula (SPEC.md "Loss"). `family` (a
+    """One line: the loss this trial config computes, with its formula (docs/method.md "The loss"). `family` (a
     `models.Family`, or None) decides whether logits are per example or per token (None: from the
     task kind alone) and the default for matching embeddings."""
     from tunekd.tasks import spec_for
