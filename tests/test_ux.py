@@ -312,7 +312,7 @@ def test_tunekd_list_and_compare(tracked, tmp_path, capsys):
     assert not captured.out and len(captured.err.strip().splitlines()) == 1 and "same study 'ux'" in captured.err
 
 
-COMMANDS = ("run", "report", "angles", "list", "compare")
+COMMANDS = ("run", "report", "plan", "angles", "list", "compare")
 
 
 def _help(command: str, capsys) -> str:
@@ -351,12 +351,13 @@ def test_help_examples_run_as_written(capsys):
         module, _, _ = cli.COMMANDS[command]
         parse = {"list": "parse_list", "compare": "parse_compare"}.get(command, "parse_args")
         ns = getattr(importlib.import_module(module), parse)(args)
-        if command == "run":
+        if hasattr(ns, "study"):
             assert (REPO / ns.study).is_file(), line
+        if command == "run":
             sets = dict(s.split("=", 1) for s in ns.overrides)
             created.add(sets.get("name", yaml.safe_load((REPO / ns.study).read_text())["name"]))
         named += {"report": [getattr(ns, "experiment", None)], "compare": [getattr(ns, "a", None), getattr(ns, "b", None)],
-                  "angles": [getattr(ns, "best", None)]}.get(command, [])
+                  "angles": [getattr(ns, "best", None)], "plan": [getattr(ns, "sd_from", None)]}.get(command, [])
     assert {"quickstart", "quickstart-lambda1"} <= created
     assert {n for n in named if n} <= created, (named, created)
 
