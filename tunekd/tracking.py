@@ -85,8 +85,10 @@ def moved_store(client, uri: str, experiment) -> str | None:
     origin = experiment.tags.get(STORE_TAG)
     if origin is not None:
         moved = Path(origin) != here and location.is_relative_to(origin)
-    else:
+    elif len(location.parts) > 3:  # e.g. /orig/mlruns/1: is there a /here/mlruns/1?
         origin, moved = str(location.parents[1]), (here / Path(*location.parts[-2:])).is_dir()
+    else:
+        moved = False
     if not moved:
         return None
     return (f"this MLflow store ({here}) is a copy or move of the study folder {origin}: its experiment "
