@@ -30,8 +30,11 @@ def test_trial_params_are_the_plans():
     t = trials({"student.init": "copy"})
     params = t.params()
     assert params == t.plan.params(t.study)
-    assert params["student.copied_layers"] == [1, 3, 5] and params["distill.layer_map"] == [[0, 0], [1, 2], [2, 4],
-                                                                                           [3, 6]]
+    # one numbering: the copied teacher layers are the forward map's teacher layers fwd(i) = 2, 4, 6 (1-based),
+    # the modules 1, 3, 5 (0-based) the student was built from
+    assert t.plan.copied_layers == [1, 3, 5]
+    assert params["student.copied_teacher_layers"] == [2, 4, 6] and "student.copied_layers" not in params
+    assert params["distill.layer_map"] == [[0, 0], [1, 2], [2, 4], [3, 6]]
 
 
 def test_trial_points_take_every_discrete_value_and_continuous_bounds():

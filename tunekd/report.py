@@ -48,7 +48,8 @@ STRATEGY, INIT, LAYERS, LAMBDA, SEED = "distill.strategy", "student.init", "stud
 META = ("run_id", "parent_id", "trial_id", "status", "error", "start_time")
 # Params that follow from others (the resolved map and a `random` map's permutation and seed depend on
 # strategy and seed, the copied layers on init and depth): they never define a group of their own.
-DERIVED = ("distill.layer_map", "student.copied_layers", "distill.random_permutation", "distill.map_seed_used")
+DERIVED = ("distill.layer_map", "student.copied_teacher_layers", "student.copied_layers",  # (older stores)
+           "distill.random_permutation", "distill.map_seed_used")
 SHORT = {STRATEGY: "strategy", INIT: "init", LAYERS: "layers", LAMBDA: "lambda_hid"}
 STRATEGY_ORDER = ("none", "forward", "reverse", "all_to_one", "random")
 INIT_ORDER = ("random", "copy")
@@ -1111,6 +1112,7 @@ def with_histories(client, df: pd.DataFrame, metrics: list[str]) -> pd.DataFrame
 
 
 def run(args) -> int:
+    from tunekd import tracking
     from tunekd.checks import check_writable_dir
 
     check_levels(1.0 if args.margin is None else args.margin, args.alpha)
@@ -1164,7 +1166,11 @@ def run(args) -> int:
             shutil.rmtree(made, ignore_errors=True)
         raise
     print(text)
-    if not args.no_log:
+    moved = None if args.no_log else tracking.moved_store(client, args.tracking_uri, exp)
+    if moved:
+        print(f"[tunekd] warning: {moved}; the report is not logged to MLflow (it would be written there), only "
+              f"to {out.resolve()}", file=sys.stderr)
+    elif not args.no_log:
         if parent:
             for f in files:
                 client.log_artifact(parent, str(f), "report")
