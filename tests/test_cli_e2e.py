@@ -61,7 +61,7 @@ def test_quickstart_records_every_trial_as_a_child_run(quickstart):
         assert tags["mlflow.parentRunId"] == parent.info.run_id
         assert tags["tunekd.status"] in ("completed", "early_stopped")
         for key in ("distill.strategy", "distill.lambda_hid", "student.init", "student.layers", "seed",
-                    "train.lr", "distill.layer_map", "student.copied_layers", "distill.temperature"):
+                    "train.lr", "distill.layer_map", "student.copied_teacher_layers", "distill.temperature"):
             assert key in params, key
         for key in ("eval/accuracy", "train/loss", "train/loss_ce", "train/loss_kl", "train/loss_hid"):
             assert key in metrics, key
@@ -73,8 +73,8 @@ def test_quickstart_records_every_trial_as_a_child_run(quickstart):
         else:
             assert len(steps) < 2
         init = params["student.init"]
-        copied = json.loads(params["student.copied_layers"])
-        assert copied == ([1, 3, 5] if init == "copy" else None)  # fwd(i) - 1 for 6 -> 3
+        copied = json.loads(params["student.copied_teacher_layers"])
+        assert copied == ([2, 4, 6] if init == "copy" else None)  # fwd(i) for 6 -> 3, 1-based like the map
     combos = {(r.data.params["distill.strategy"], r.data.params["student.init"], r.data.params["seed"])
               for r in children}
     assert len(combos) == 20
@@ -178,9 +178,12 @@ def test_trained_student_is_saved_as_an_mlflow_artifact(tmp_path, tiny_bert_dir,
     from mlflow.artifacts import download_artifacts
     from transformers import AutoModelForSequenceClassification
 
-    study = tiny_study(tmp_path, tiny_bert_dir, "save", train={"save_model": True})
+    study = tiny_study(tmp_path, tiny_bert_dir, "save", train={"save_model": True}, tune={"ray_loggers": False})
     code, out = study_cli([study, "--tracking-uri", mlflow_uri], tmp_path)
     assert code == 0, out[-3000:]
+    # tune.ray_loggers: false: none of Ray's per-trial result files
+    ray_files = {p.name for p in (tmp_path / "ray_results").rglob("*") if p.is_file()}
+    assert not ray_files & {"result.json", "params.json", "params.pkl", "progress.csv"}, ray_files
     client, _, children = runs(mlflow_uri, "save")
     (run,) = children
     local = download_artifacts(run_id=run.info.run_id, artifact_path="student", tracking_uri=mlflow_uri,

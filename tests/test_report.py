@@ -410,3 +410,42 @@ def test_report_cli_compares_asha_studies_at_the_grace_rung(asha_runs, store, tm
     paired = pd.read_csv(tmp_path / "b" / "paired.csv")
     assert list(paired["init"]) == ["copy"] and list(paired["rung"]) == ["final"] and list(paired["n"]) == [1]
     assert list(paired["verdict"]) == ["descriptive"]
+
+
+# --- LaTeX ---------------------------------------------------------------------------------------
+
+
+def test_latex_p_values_and_epoch_column(runs, tmp_path):
+    paired = report.paired_differences(runs, "eval/accuracy", "forward", MARGIN)
+    table = report.strategy_table(runs, ["eval/accuracy"])
+    tex = report.latex_tables(table, paired, ["eval/accuracy"], reference="forward", margin=MARGIN, alpha=0.05)
+    assert "& epoch & $n$ &" in tex and "& final & 3 &" in tex
+    assert report.p_text(0.0004, tex=True) == "$<0.001$" and report.p_text(0.0004) == "< 0.001"
+    assert report.p_text(0.01234) == "0.0123"
+    assert " & 0 & " not in tex  # no p printed as "0"
+    assert tex.count("\\resizebox") == 2 and "graphicx" in tex
+
+
+def test_latex_tables_compile_without_overfull_boxes(runs, store, tmp_path):
+    """table.tex in a one-column article: pdflatex compiles it with no overfull box (skipped without pdflatex)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("pdflatex") is None:
+        pytest.skip("pdflatex not installed (apt-get install texlive-latex-base texlive-latex-recommended)")
+    sweep = report.load_runs(store.client, "kd-sweep")
+    for name, df in (("kd", runs), ("sweep", sweep)):
+        paired = report.paired_differences(df, "eval/accuracy", "forward", MARGIN)
+        table = report.strategy_table(df, ["eval/accuracy", "eval/f1"] if "eval/f1" in df else ["eval/accuracy"])
+        metrics = [c for c in ("eval/accuracy", "eval/f1") if c in df]
+        (tmp_path / f"{name}.tex").write_text(report.latex_tables(table, paired, metrics, reference="forward",
+                                                                   margin=MARGIN, alpha=0.05))
+        doc = tmp_path / f"doc_{name}.tex"
+        doc.write_text("\\documentclass{article}\n\\usepackage{booktabs,graphicx}\n\\begin{document}\n"
+                       f"\\input{{{name}.tex}}\n\\end{{document}}\n")
+        res = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", doc.name], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=120)
+        log = (tmp_path / f"doc_{name}.log").read_text(errors="replace")
+        assert res.returncode == 0, log[-2000:]
+        assert "Overfull" not in log, [ln for ln in log.splitlines() if "Overfull" in ln]
+        assert (tmp_path / f"doc_{name}.pdf").exists()

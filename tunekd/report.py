@@ -48,7 +48,8 @@ STRATEGY, INIT, LAYERS, LAMBDA, SEED = "distill.strategy", "student.init", "stud
 META = ("run_id", "parent_id", "trial_id", "status", "error", "start_time")
 # Params that follow from others (the resolved map and a `random` map's permutation and seed depend on
 # strategy and seed, the copied layers on init and depth): they never define a group of their own.
-DERIVED = ("distill.layer_map", "student.copied_layers", "distill.random_permutation", "distill.map_seed_used")
+DERIVED = ("distill.layer_map", "student.copied_teacher_layers", "student.copied_layers",  # (older stores)
+           "distill.random_permutation", "distill.map_seed_used")
 SHORT = {STRATEGY: "strategy", INIT: "init", LAYERS: "layers", LAMBDA: "lambda_hid"}
 STRATEGY_ORDER = ("none", "forward", "reverse", "all_to_one", "random")
 INIT_ORDER = ("random", "copy")
@@ -1111,6 +1112,7 @@ def with_histories(client, df: pd.DataFrame, metrics: list[str]) -> pd.DataFrame
 
 
 def run(args) -> int:
+    from tunekd import tracking
     from tunekd.checks import check_writable_dir
 
     check_levels(1.0 if args.margin is None else args.margin, args.alpha)
@@ -1135,6 +1137,10 @@ def run(args) -> int:
     if len(df) and factor_name in df:
         levels = list(df[factor_name].dropna().unique())
     factor, reference, margin, at, bounds = _comparison(args, design, levels)
+    if levels and factor == factor_name and str(reference) not in map(str, levels):  # before --out is made
+        ran = [str(v) for v in sorted(levels, key=lambda v: _order(factor, v))]
+        what = "--reference strategy" if factor == STRATEGY else f"--reference level of {factor}"
+        raise unknown(what, reference, ran)
     out = Path(args.out or Path("report") / re.sub(r"[^\w.-]+", "_", args.experiment))
     parents = sorted(df["parent_id"].dropna().unique()) if len(df) else []
     source = (f"MLflow {args.tracking_uri}, experiment {args.experiment!r}, "
@@ -1143,12 +1149,28 @@ def run(args) -> int:
         source += (f" Scheduler: {design['scheduler']}" + (f" (grace period {design.get('grace_period')})"
                                                           if design["scheduler"] == "asha" else "")
                    + f", {design.get('epochs')} epochs" + ("; adaptive seeds" if design.get("seeds") else "") + ".")
-    text, files = build_report(df, experiment=args.experiment, out=out, metrics=args.metric,
-                               reference=reference, margin=margin, alpha=args.alpha,
-                               teacher=teacher, source=source, factor=factor, at=at, bounds=bounds,
-                               chance=design.get("chance"), unadjusted=design.get("unadjusted", False))
+    made = None  # the first folder of `out` that does not exist yet (build_report makes it)
+    for folder in (out, *out.parents):
+        if folder.exists():
+            break
+        made = folder
+    try:
+        text, files = build_report(df, experiment=args.experiment, out=out, metrics=args.metric,
+                                   reference=reference, margin=margin, alpha=args.alpha,
+                                   teacher=teacher, source=source, factor=factor, at=at, bounds=bounds,
+                                   chance=design.get("chance"), unadjusted=design.get("unadjusted", False))
+    except ConfigError:
+        if made is not None and made.is_dir():  # refused: leave no half-written folder this command made
+            import shutil
+
+            shutil.rmtree(made, ignore_errors=True)
+        raise
     print(text)
-    if not args.no_log:
+    moved = None if args.no_log else tracking.moved_store(client, args.tracking_uri, exp)
+    if moved:
+        print(f"[tunekd] warning: {moved}; the report is not logged to MLflow (it would be written there), only "
+              f"to {out.resolve()}", file=sys.stderr)
+    elif not args.no_log:
         if parent:
             for f in files:
                 client.log_artifact(parent, str(f), "report")
