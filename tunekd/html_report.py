@@ -25,7 +25,7 @@ th { background: #f2f2f2; } tr:nth-child(even) td { background: #fafafa; }
 img { max-width: 100%; border: 1px solid #eee; margin: .5em 0; display: block; }
 pre { background: #f6f6f6; padding: .6em; overflow-x: auto; font-size: 12px; }
 code { background: #f3f3f3; padding: 0 .2em; }
-p strong:first-child { color: #8a1c1c; }
+strong.warning { color: #8a1c1c; }
 """.strip()
 
 
@@ -58,11 +58,12 @@ def render(markdown_text: str, folder: Path, *, title: str, description: str | N
     """The HTML document of the report `markdown_text` whose plots lie in `folder`."""
     import markdown
 
-    md = markdown.Markdown(extensions=["tables", "fenced_code"])
+    md = markdown.Markdown(extensions=["tables", "fenced_code", "nl2br"])  # a line of report.md is a line here
     md.preprocessors.deregister("html_block")  # raw HTML stays text
     md.inlinePatterns.deregister("html")
     body = md.convert(inline_images(_with_study(markdown_text, description, study_yaml), folder))
     body = _LINK.sub(r"\1", body)  # automatic links to plain text: nothing to follow out of the file
+    body = body.replace("<strong>Warning", '<strong class="warning">Warning')
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             f"<title>{html.escape(title)}</title>\n<style>\n{_STYLE}\n</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n")
 
