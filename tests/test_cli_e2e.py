@@ -20,6 +20,7 @@ QUICKSTART = REPO / "search_spaces" / "quickstart.yaml"
 SHRINK = [
     "task.synthetic.train_size=64", "task.synthetic.eval_size=32", "task.max_length=24",
     "teacher.finetune.epochs=1", "train.epochs=2", "train.batch_size=16",
+    "tune.scheduler=asha",  # the quickstart runs FIFO; here ASHA, so that early stopping is covered end to end
 ]
 
 pytestmark = pytest.mark.slow
@@ -33,6 +34,7 @@ def quickstart(tmp_path_factory, ray_session, mlflow_uri):
     mp = pytest.MonkeyPatch()
     try:
         mp.chdir(cwd)
+        mp.setenv("TUNEKD_REPORT", "1")  # the study ends with its report (conftest turns it off elsewhere)
         import contextlib
         import io
 
@@ -125,6 +127,24 @@ def test_quickstart_prints_summary_and_ui_command(quickstart):
     assert f"mlflow ui --backend-store-uri {uri}" in out
     assert "eval/accuracy" in out and "early_stopped" in out
     assert "teacher: fine-tuning" in out
+
+
+def test_quickstart_ends_with_its_report(quickstart):
+    """The end of `tunekd run` names the study's report.html, written to report/<experiment>/ and logged on the
+    parent run with the per-epoch metrics of every trial."""
+    import pandas as pd
+
+    cwd, out, uri = quickstart
+    folder = cwd / "report" / "quickstart"
+    assert f"report: {Path('report') / 'quickstart' / 'report.html'}" in out, out[-2000:]
+    client, (parent,), children = runs(uri, "quickstart")
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.html", "report/report.md", "report/trials.csv", "report/curves_accuracy.png"} <= logged
+    trials = pd.read_csv(folder / "trials.csv")
+    epochs = {r.info.run_id: len(client.get_metric_history(r.info.run_id, "eval/accuracy")) for r in children}
+    assert len(trials) == sum(epochs.values()) and trials.groupby("run_id").size().to_dict() == epochs
+    text = (folder / "report.html").read_text()
+    assert "curves_accuracy.png" not in text and text.count("data:image/png;base64,") >= 2
 
 
 def test_fine_tuned_teacher_is_cached_and_reused(quickstart, study_cli, mlflow_uri):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 
 import numpy as np
 import pandas as pd
@@ -171,10 +172,14 @@ def test_strategy_table_means_sds(runs):
     table = report.strategy_table(runs, metrics)
     assert list(table.columns[:2]) == ["strategy", "init"]
     assert "seed" not in table and "distill.layer_map" not in table  # seed pooled, derived params ignored
-    assert len(table) == 6 and set(table["strategy"]) == {"forward", "reverse", "all_to_one"}
-    assert table["init"].tolist() == ["random"] * 3 + ["copy"] * 3
-    assert table["strategy"].tolist()[:3] == ["forward", "reverse", "all_to_one"]
-    for _, row in table.iterrows():
+    # random/copy has only a failed trial: its row stays, with no value
+    assert len(table) == 7 and set(table["strategy"]) == {"forward", "reverse", "all_to_one", "random"}
+    assert table["init"].tolist() == ["random"] * 3 + ["copy"] * 4
+    assert table["strategy"].tolist() == ["forward", "reverse", "all_to_one"] * 2 + ["random"]
+    missing = table.iloc[-1]
+    assert missing["eval/accuracy"] == "no completed trial (1 failed)" and missing["eval/accuracy n"] == 0
+    assert math.isnan(missing["eval/accuracy mean"])
+    for _, row in table.iloc[:-1].iterrows():
         x = np.array(accuracy(row["strategy"], row["init"]))
         mean, sd = x.sum() / len(x), np.sqrt(((x - x.mean()) ** 2).sum() / (len(x) - 1))
         assert row["eval/accuracy n"] == 3  # the early-stopped seed 3 is not counted
@@ -193,6 +198,7 @@ def test_cell_format():
 def test_strategy_table_single_seed_sd_dash(runs):
     one = runs[(runs["seed"] == 0) | (runs["status"] != "completed")]
     table = report.strategy_table(one, ["eval/accuracy"])
+    table = table[table["strategy"] != "random"]  # random/copy: only a failed trial (n 0)
     assert (table["eval/accuracy n"] == 1).all() and table["eval/accuracy sd"].isna().all()
     assert all(c.endswith("± – (1)") for c in table["eval/accuracy"])
 
@@ -278,9 +284,9 @@ def test_cli_writes_files_and_logs_artifacts(store, tmp_path, capsys):
     out = tmp_path / "rep"
     rc = report.main(["--experiment", "kd", "--tracking-uri", store.uri, "--out", str(out)])
     assert rc == 0
-    expected = {"report.md", "table.csv", "paired.csv", "claims.csv", "table.tex", "strategies_accuracy.png",
-                "strategies_f1.png",
-                "paired_accuracy.png", "paired_f1.png"}
+    expected = {"report.md", "report.html", "table.csv", "paired.csv", "claims.csv", "table.tex", "trials.csv",
+                "curves.csv", "strategies_accuracy.png", "strategies_f1.png", "paired_accuracy.png", "paired_f1.png",
+                "curves_accuracy.png", "curves_f1.png"}
     assert {p.name for p in out.iterdir()} == expected
     for png in out.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -295,7 +301,8 @@ def test_cli_writes_files_and_logs_artifacts(store, tmp_path, capsys):
     assert "early_stopped" in tail and "failed" in tail and "CUDA out of memory \\| boom" in tail
     assert "Teacher: eval/accuracy 90.50" in md
     table = pd.read_csv(out / "table.csv")
-    assert len(table) == 6
+    assert len(table) == 7  # 3 strategies x 2 inits, and random/copy whose one trial failed
+    assert "| random | copy | no completed trial (1 failed) |" in md
     paired = pd.read_csv(out / "paired.csv")
     assert len(paired) == 8 and set(paired["metric"]) == {"eval/accuracy", "eval/f1"}
     logged = {a.path for a in store.client.list_artifacts(store.kd_parent, "report")}
@@ -307,7 +314,8 @@ def test_cli_lambda_and_depth_plots(store, tmp_path, capsys):
     rc = report.main(["--experiment", "kd-sweep", "--tracking-uri", store.uri, "--out", str(out),
                       "--metric", "accuracy", "--margin", "0.25", "--no-log"])
     assert rc == 0
-    assert {p.name for p in out.iterdir()} == {"report.md", "table.csv", "paired.csv", "claims.csv", "table.tex",
+    assert {p.name for p in out.iterdir()} == {"report.md", "report.html", "table.csv", "paired.csv", "claims.csv",
+                                                "table.tex", "trials.csv", "curves.csv", "curves_accuracy.png",
                                                 "strategies_accuracy.png", "paired_accuracy.png",
                                                 "lambda_accuracy.png", "depth_accuracy.png"}
     paired = pd.read_csv(out / "paired.csv")

@@ -614,6 +614,18 @@ class StudyDriver:
 
         for line in tracker.ui_command().splitlines():
             write(line)
+        self.log(f"report: {self.study_report()}")
+
+    def study_report(self) -> str:
+        """`tunekd report` of this invocation (its parent run): where it is, or why there is none."""
+        from tunekd import report
+
+        if os.environ.get("TUNEKD_REPORT", "1") == "0":
+            return f"not written (TUNEKD_REPORT=0); tunekd report --experiment {self.tracker.experiment}"
+        try:
+            return report.study_report(self.tracker.uri, self.tracker.experiment, self.tracker.parent_id)
+        except Exception as exc:  # noqa: BLE001 - the study itself is done and recorded: say why, go on
+            return f"not written: {exc}" if isinstance(exc, ConfigError) else f"not written: {type(exc).__name__}: {exc}"
 
     # --- per trial (called by TrialCallback) ---------------------------------------------------------
 
