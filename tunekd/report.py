@@ -1231,6 +1231,14 @@ def write_report(args) -> tuple[str, str]:
         teacher = {"eval/" + k[len("teacher/"):]: v for k, v in prun.data.metrics.items() if k.startswith("teacher/")}
         context = _study_context(client, prun)
     design = study_design(client, parent)
+    mixed = ""
+    if len(df) and not args.parent:  # several invocations: one design must hold for all of them
+        others = {str(client.get_run(p).data.tags.get(DESIGN_TAG)) for p in df["parent_id"].dropna().unique()}
+        if len(others) > 1:
+            mixed = (" The trials come from parent runs with different designs: verdicts use fixed-n tests and are "
+                     "marked unadjusted (use --parent for one invocation's design).")
+            design = {k: v for k, v in design.items() if k not in ("seeds", "scheduler", "grace_period")}
+            design["unadjusted"] = any(str(t) != "None" and '"seeds"' in str(t) for t in others)
     if len(df):
         df = _with_last_steps(client, df)
         done = df[df["status"].isin((COMPLETED, EARLY_STOPPED))]
@@ -1247,6 +1255,7 @@ def write_report(args) -> tuple[str, str]:
     parents = sorted(df["parent_id"].dropna().unique()) if len(df) else []
     source = (f"MLflow {args.tracking_uri}, experiment {args.experiment!r}, "
               + (f"parent run {args.parent}" if args.parent else f"{len(parents)} parent run(s)") + ".")
+    source += mixed
     if design.get("scheduler"):
         source += (f" Scheduler: {design['scheduler']}" + (f" (grace period {design.get('grace_period')})"
                                                           if design["scheduler"] == "asha" else "")
