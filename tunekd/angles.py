@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from tunekd.describe import copied_teacher_layers
-from tunekd.errors import ConfigError, run_cli, unknown
+from tunekd.errors import ArgumentParser, ConfigError, run_cli, unknown
 
 HIST_BINS = 80
 
@@ -613,7 +613,7 @@ def log_to_mlflow(args, loaded: Loaded, stats, files: list[Path]) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="tunekd angles",
         description=textwrap.fill("The geometric analysis of docs/method.md: at every valid token, the cosine of the angle at a student "
                     "hidden state S_i between the directions to two teacher layers, cos θ_jk = <T_j - S_i, T_k - S_i> "

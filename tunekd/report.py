@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from tunekd import curves, html_report, stats
-from tunekd.errors import ConfigError, run_cli, unknown
+from tunekd.errors import ArgumentParser, ConfigError, run_cli, unknown
 
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -765,7 +765,7 @@ def _error_line(err) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="tunekd report",
         description="Statistical report of a tunekd study recorded in MLflow: the strategy-robustness table "
                     "(mean ± sd over seeds per strategy x init x ...), paired differences of every level of a "
