@@ -8,7 +8,7 @@ The teacher's outputs come from a `cache.TeacherCache` when one holds them (look
 batch's row numbers, `batch["index"]`), else from running the teacher: all of it when its logits
 are needed, else only its layers up to the highest one the layer map uses (`truncated`).
 The loss options (`study.DistillConfig`) select each family's formula from the paper's code; see
-SPEC.md "The paper's code, family by family" and `losses`.
+docs/method.md "Losses per model family" and `losses`.
 """
 
 from __future__ import annotations

@@ -446,8 +446,10 @@ class StudyDriver:
         from tunekd.trainable import tune_trainable
 
         study = self.study
-        # Ray's per-trial TensorBoard/JSON/CSV/params.pkl loggers, read when Tune builds its callbacks
-        os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "0" if study.tune.ray_loggers else "1"
+        # Ray's automatic per-trial loggers (TensorBoard, CSV, JSON) stay off; `tune.ray_loggers` (default) adds
+        # the JSON one only: result.json (one line per epoch) and params.json per trial, what
+        # `ray.tune.ExperimentAnalysis` and `Tuner.restore(...).get_results()` read
+        os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
         if not study.tune.ray_loggers:  # the result grid then warns, per trial, that it found no result.json
             import logging
 
@@ -461,6 +463,10 @@ class StudyDriver:
 
             self.progress = StudyProgress(self.total_trials, study.name)
         callbacks.append(CheckpointCallback(self.metric, study.tune.keep_students))
+        if study.tune.ray_loggers:
+            from ray.tune.logger import JsonLoggerCallback
+
+            callbacks.append(JsonLoggerCallback())
         if self.options.resume and self.round_points is None:
             self.tuner = tune.Tuner.restore(self.ray_path, trainable, resume_unfinished=True, resume_errored=False,
                                             restart_errored=False)
@@ -603,7 +609,23 @@ class StudyDriver:
         if "best_name" in self.summary:
             self.log(f"best completed trial: {self.summary['best_name']} ({self.metric} "
                      f"{self.summary['best_value']:.2f}), run {self.summary['best_run_id']}")
-        self.log(f"browse it: {tracker.ui_command()}")
+        self.log("browse it in MLflow's UI:")
+        from tunekd.progress import write
+
+        for line in tracker.ui_command().splitlines():
+            write(line)
+        self.log(f"report: {self.study_report()}")
+
+    def study_report(self) -> str:
+        """`tunekd report` of this invocation (its parent run): where it is, or why there is none."""
+        from tunekd import report
+
+        if os.environ.get("TUNEKD_REPORT", "1") == "0":
+            return f"not written (TUNEKD_REPORT=0); tunekd report --experiment {self.tracker.experiment}"
+        try:
+            return report.study_report(self.tracker.uri, self.tracker.experiment, self.tracker.parent_id)
+        except Exception as exc:  # noqa: BLE001 - the study itself is done and recorded: say why, go on
+            return f"not written: {exc}" if isinstance(exc, ConfigError) else f"not written: {type(exc).__name__}: {exc}"
 
     # --- per trial (called by TrialCallback) ---------------------------------------------------------
 

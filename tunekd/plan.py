@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from tunekd import mapping
+from tunekd import describe, mapping
 from tunekd.study import SearchDim, Study, flatten
 
 # a randint dimension with at most this many values is checked (and cached) at every value
@@ -36,7 +36,8 @@ class Plan:
         params = flatten(raw)
         params["distill.match_embeddings"] = self.match_embeddings
         params["distill.layer_map"] = [list(p) for p in self.layer_map]
-        params["student.copied_layers"] = self.copied_layers
+        # one numbering in every output (`describe.NUMBERING`): the copied teacher layers 1-based, like the map
+        params["student.copied_teacher_layers"] = describe.copied_teacher_layers(self.copied_layers)
         if self.permutation is not None:
             params["distill.random_permutation"] = list(self.permutation)
             params["distill.map_seed_used"] = self.map_seed
@@ -137,7 +138,7 @@ _NORMALIZE = {
 
 
 def describe_loss(study: Study, family=None) -> str:
-    """One line: the loss this trial config computes, with its formula (SPEC.md "Loss"). `family` (a
+    """One line: the loss this trial config computes, with its formula (docs/method.md "The loss"). `family` (a
     `models.Family`, or None) decides whether logits are per example or per token (None: from the
     task kind alone) and the default for matching embeddings."""
     from tunekd.tasks import spec_for

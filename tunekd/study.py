@@ -324,7 +324,9 @@ class TuneConfig(_Section):
     # the best `keep_students` finished trials (by the task metric), and no optimizer state
     checkpoint_every: Int = Field(1, ge=1, le=MAX_EPOCHS)
     keep_students: Int = Field(1, ge=0, le=MAX_TRIALS)
-    ray_loggers: Bool = False  # Ray's per-trial TensorBoard/JSON/CSV/params.pkl files (Tune resumes without them)
+    # Ray's per-trial JSON result files (result.json, params.json, params.pkl: a few kB per trial), read by
+    # `ray.tune.ExperimentAnalysis` and `Tuner.restore(...).get_results()`; false: none (Tune resumes without them)
+    ray_loggers: Bool = True
     seeds: SeedsConfig | None = None  # adaptive seeds (tunekd.seeds); None: the seeds the search gives
 
 
