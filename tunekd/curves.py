@@ -110,7 +110,7 @@ def plot_curves(trials: pd.DataFrame, metric: str, path: Path, *, cells: list[st
     panels = _groups(series, cells, order)
     ncol = min(len(panels), 2)
     nrow = -(-len(panels) // ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(6.0 * ncol, 4.0 * nrow), squeeze=False)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(max(6.0 * ncol, 8.0), 4.0 * nrow + 0.4), squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
     ends = last_values(trials, metric)
@@ -140,8 +140,8 @@ def plot_curves(trials: pd.DataFrame, metric: str, path: Path, *, cells: list[st
         ax.set_title(_label(cells, vals), fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"{metric} per epoch: mean over seeds, band min–max over seeds; "
-                 "x = early-stopped trial (its last epoch)", fontsize=9)
+    fig.suptitle(f"{metric} per epoch — line: mean over the seeds that reached the epoch; band: min–max over them;\n"
+                 "x: an early-stopped trial at its last epoch (X failed, | unfinished)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
