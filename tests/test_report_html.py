@@ -31,7 +31,7 @@ def study(tmp_path_factory):
     s = Store(tmp_path_factory.mktemp("mlflow"))
     exp = s.experiment("curves")
     s.parent_id = parent = s.parent(exp, teacher=99.06)
-    for key, value in {"tunekd.teacher.baseline": f"{BASELINE:.2f}", "tunekd.teacher.rows": str(ROWS),
+    for key, value in {"tunekd.teacher.baseline": f"{BASELINE:.2f}", "tunekd.teacher.baseline_rows": str(ROWS),
                        "mlflow.note.content": NOTE}.items():
         s.client.set_tag(parent, key, value)
     s.client.log_text(parent, STUDY_YAML, "study.yaml")

@@ -148,6 +148,13 @@ def prune_students(experiment_dir: str | Path, keep: int) -> list[Path]:
     return kept
 
 
+def kept_weights(experiment_dir: str | Path, trial_id: str) -> Path | None:
+    """The weights trial `trial_id` kept in its experiment folder (`prune_students` left them: it is among the
+    best `tune.keep_students`), or None. Ray names a trial's folder with its trial id."""
+    found = sorted(Path(experiment_dir).glob(f"*{trial_id}*/checkpoint_*/{WEIGHTS}"))
+    return found[-1] if found else None
+
+
 def disk_bytes(folder: str | Path) -> int:
     """Bytes of the files under `folder`."""
     return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file() and not f.is_symlink())

@@ -39,6 +39,7 @@ MAX_BATCH = 65536
 MAX_TRIALS = 100_000  # grid points x num_samples
 MAX_STUDY_BYTES = 1 << 20
 MAX_YAML_DEPTH = 32
+MAX_INT_DIGITS = 1000  # longer digit strings are no value a study needs (Python's own limit is 4300)
 MAX_NAME = 64
 Seed = Annotated[int, Strict(), Field(ge=0, le=MAX_SEED)]
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -289,14 +290,17 @@ class ResourcesConfig(_Section):
 
 
 class SeedsConfig(_Section):
-    """Adaptive seeds (`tune.seeds`): run every cell with `min` seeds, then one more seed per round for each
-    strategy/cell pair whose paired TOST verdict against `reference` is still inconclusive, up to `max`."""
+    """Adaptive seeds (`tune.seeds`): a sequential design (tunekd.stats). Every cell runs `min` seeds, then one
+    more seed per round for each level/cell pair of the `compare` dimension whose verdict against `reference`
+    is still open, up to `max` (fixed up front); α is spent over the looks (`spending`)."""
 
-    min: Int = Field(3, ge=2, le=1000)
-    max: Int = Field(10, ge=2, le=1000)
+    min: Int = Field(3, ge=2, le=100)
+    max: Int = Field(10, ge=2, le=100)
     margin: Float = Field(1.0, gt=0)
-    reference: str = Field("forward", min_length=1)
+    compare: str = Field("distill.strategy", min_length=1)  # the searched dimension whose levels are compared
+    reference: str | Float = "forward"  # a level of `compare` (a number for a numeric dimension, e.g. λ 3)
     alpha: Float = Field(0.05, gt=0, lt=0.5)
+    spending: Literal["obrien_fleming", "pocock"] = "obrien_fleming"
 
     @model_validator(mode="after")
     def _range(self):
@@ -320,13 +324,18 @@ class TuneConfig(_Section):
     # the best `keep_students` finished trials (by the task metric), and no optimizer state
     checkpoint_every: Int = Field(1, ge=1, le=MAX_EPOCHS)
     keep_students: Int = Field(1, ge=0, le=MAX_TRIALS)
-    ray_loggers: Bool = False  # Ray's per-trial TensorBoard/JSON/CSV/params.pkl files (Tune resumes without them)
+    # Ray's per-trial JSON result files (result.json, params.json, params.pkl: a few kB per trial), read by
+    # `ray.tune.ExperimentAnalysis` and `Tuner.restore(...).get_results()`; false: none (Tune resumes without them)
+    ray_loggers: Bool = True
     seeds: SeedsConfig | None = None  # adaptive seeds (tunekd.seeds); None: the seeds the search gives
 
 
 class TrackingConfig(_Section):
     uri: str = "sqlite:///mlflow.db"
     experiment: str | None = Field(None, min_length=1, max_length=256)  # default: the study name
+
+
+_NONE = object()
 
 
 class SearchDim(_Section):
@@ -345,6 +354,11 @@ class SearchDim(_Section):
         value = getattr(self, kind)
         if kind in ("grid", "choice") and not value:
             raise ValueError(f"{kind} needs at least one value")
+        if kind == "grid":  # a repeated value would run the same trials twice
+            repeated = next((v for i, v in enumerate(value) if v in value[:i]), _NONE)
+            if repeated is not _NONE:
+                raise ValueError(f"grid value {repeated!r} is given twice (a grid runs each value once; "
+                                 "for repeats vary seed or tune.num_samples)")
         if kind in ("uniform", "loguniform", "randint") and not value[0] < value[1]:
             raise ValueError(f"{kind} needs [low, high] with low < high, got {list(value)}")
         if kind == "loguniform" and value[0] <= 0:
@@ -540,21 +554,28 @@ def _check_schedule(study: Study, source: str) -> None:
 
 
 def _check_seeds(study: Study, source: str) -> None:
-    """`tune.seeds` needs a grid study over distill.strategy (with the reference among its values), run FIFO
-    (the verdicts compare final epochs; ASHA would stop trials early), one sample, and no seed dimension."""
+    """`tune.seeds` needs a grid study over its `compare` dimension (with the reference among its values), run
+    FIFO (the verdicts compare final epochs; ASHA would stop trials early), one sample, and no seed dimension."""
     cfg = study.tune.seeds
     if cfg is None:
         return
     where = f"{source}: tune.seeds"
-    dim = study.search.get("distill.strategy")
+    dim = study.search.get(cfg.compare)
     if dim is None or dim.kind != "grid":
-        raise ConfigError(f"{where} compares strategies: it needs a search.distill.strategy grid")
+        raise ConfigError(f"{where}.compare {cfg.compare!r}: it needs a search.{cfg.compare} grid "
+                          f"(searched: {', '.join(study.search) or 'nothing'})")
     values = list(dim.grid)
-    if cfg.reference not in values:
-        raise ConfigError(f"{where}.reference {cfg.reference!r} is not one of the searched strategies "
-                          f"({', '.join(map(str, values))})")
+
+    def same(a, b) -> bool:
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+            return float(a) == float(b)
+        return str(a) == str(b)
+
+    if not any(same(cfg.reference, v) for v in values):
+        raise ConfigError(f"{where}.reference {cfg.reference!r} is not one of the searched values of "
+                          f"{cfg.compare} ({', '.join(map(str, values))})")
     if len(values) < 2:
-        raise ConfigError(f"{where} needs at least 2 strategies in search.distill.strategy")
+        raise ConfigError(f"{where} needs at least 2 values in search.{cfg.compare}")
     if "seed" in study.search:
         raise ConfigError(f"{where} chooses the seeds itself: remove search.seed")
     if study.tune.searcher != "grid":
@@ -630,6 +651,17 @@ class StudyLoader(yaml.SafeLoader):
                     raise StudyYAMLError(None, None, f"duplicate key {key!r}", key_node.start_mark)
         return super().construct_mapping(node, deep=deep)
 
+
+def _construct_int(loader, node):
+    """An int of at most MAX_INT_DIGITS digits (Python refuses to convert longer digit strings, with a
+    traceback)."""
+    digits = sum(c.isdigit() for c in node.value)
+    if digits > MAX_INT_DIGITS:
+        raise StudyYAMLError(None, None, f"an integer of {digits} digits (at most {MAX_INT_DIGITS})", node.start_mark)
+    return loader.construct_yaml_int(node)
+
+
+StudyLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 
 # YAML 1.2 floats without a dot (`1e-4`, `5E3`): PyYAML (YAML 1.1) reads them as strings, which the
 # strict float fields would refuse.

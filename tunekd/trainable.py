@@ -258,12 +258,51 @@ def scratch_dir(nbytes: int) -> str | None:
     return shm if os.access(shm, os.W_OK) and st.f_bavail * st.f_frsize > 2 * nbytes else None
 
 
+# How long a worker that exits waits for its trial threads (`_join_at_exit`); a thread past it is left as before.
+THREAD_EXIT_WAIT_S = 30.0
+_TRIAL_THREADS: list = []  # the threads that ran tune_trainable in this worker (weak references)
+_JOIN_REGISTERED: list[bool] = []  # the atexit handler is registered (once per worker)
+
+
+def _join_trial_threads() -> None:
+    for ref in _TRIAL_THREADS:
+        thread = ref()
+        if thread is not None and thread.is_alive():
+            thread.join(timeout=THREAD_EXIT_WAIT_S)
+
+
+def _join_at_exit() -> None:
+    """Make this worker's exit wait for the trial's thread (the thread running `tune_trainable`).
+
+    Ray Tune runs a function trainable in a daemon thread and stops a trial (ASHA's stop, the end of a
+    study) by `sys.exit(0)` inside that thread's `tune.report`, without waiting for it (`cleanup` joins with
+    timeout 0); the actor then exits. The thread is still unwinding the SystemExit, freeing the trial's
+    tensors (`THPVariable_dealloc`), when the interpreter finalises; a daemon thread that takes the GIL
+    after that is ended by `pthread_exit`, whose forced unwind through torch's non-throwing C++ destructor
+    calls std::terminate: `*** SIGABRT received`, "Fatal Python error: Aborted" and a native stack on the
+    console of a study that succeeded. atexit handlers run before the interpreter starts finalising, so
+    joining the thread there lets it finish freeing first."""
+    import atexit
+    import threading
+    import weakref
+
+    if not _JOIN_REGISTERED:
+        atexit.register(_join_trial_threads)
+        _JOIN_REGISTERED.append(True)
+    current = threading.current_thread()
+    if current is threading.main_thread():
+        return
+    _TRIAL_THREADS[:] = [r for r in _TRIAL_THREADS if r() is not None and r().is_alive()]
+    _TRIAL_THREADS.append(weakref.ref(current))
+
+
 def tune_trainable(config: dict[str, Any], shared: Shared) -> None:
     """The function Ray Tune runs."""
     import logging
 
     from ray import tune
 
+    _join_at_exit()
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # no "checkpoint created" line per epoch
     checkpoint = tune.get_checkpoint()
 
