@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from tunekd import stats
+
 EPOCH = "epoch"
 PREFIXES = ("eval/", "train/")
 STATUS_MARK = {"early_stopped": "x", "failed": "X", "running": "|"}  # where a trial that did not complete ended
-CHANCE_ALPHA = 0.01  # the teacher sanity check's level (tunekd.teacher.SANITY_ALPHA)
 
 History = dict[str, dict[int, float]]  # metric -> {epoch: value}
 
@@ -110,7 +111,7 @@ def plot_curves(trials: pd.DataFrame, metric: str, path: Path, *, cells: list[st
     panels = _groups(series, cells, order)
     ncol = min(len(panels), 2)
     nrow = -(-len(panels) // ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(6.0 * ncol, 4.0 * nrow), squeeze=False)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(max(6.0 * ncol, 8.0), 4.0 * nrow + 0.4), squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
     ends = last_values(trials, metric)
@@ -140,8 +141,8 @@ def plot_curves(trials: pd.DataFrame, metric: str, path: Path, *, cells: list[st
         ax.set_title(_label(cells, vals), fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"{metric} per epoch: mean over seeds, band min–max over seeds; "
-                 "x = early-stopped trial (its last epoch)", fontsize=9)
+    fig.suptitle(f"{metric} per epoch — line: mean over the seeds that reached the epoch; band: min–max over them;\n"
+                 "x: an early-stopped trial at its last epoch (X failed, | unfinished)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -151,28 +152,14 @@ def plot_curves(trials: pd.DataFrame, metric: str, path: Path, *, cells: list[st
 # --- at chance ---------------------------------------------------------------------------------
 
 
-def at_chance(values, baseline: float, rows: int | None, alpha: float = CHANCE_ALPHA) -> np.ndarray:
-    """Per value (an accuracy in percent on `rows` eval rows): True when it is not clearly above the
-    chance level `baseline` (percent; the majority class), by the teacher sanity check's one-sided exact
-    binomial test at level `alpha`. Without `rows`: True when the value is at or below `baseline`."""
-    from scipy import stats
-
-    v = np.asarray(values, dtype=float)
-    if rows is None or rows < 1:
-        return v <= baseline
-    k = np.rint(v / 100.0 * rows).astype(int)
-    p = np.array([stats.binomtest(int(x), rows, baseline / 100.0, alternative="greater").pvalue for x in k])
-    return p >= alpha
-
-
 def chance_cells(trials: pd.DataFrame, metric: str, cells: list[str], baseline: float, rows: int | None,
                  order: Callable | None = None) -> pd.DataFrame:
     """Per cell: `students` (trials with a value of `metric`), `at_chance` (of those, how many are not clearly
-    above chance at their last epoch, `at_chance`), `epochs` (the last epochs, e.g. "4" or "1–4")."""
+    above chance at their last epoch, `stats.at_chance`), `epochs` (the last epochs, e.g. "4" or "1–4")."""
     ends = last_values(trials, metric)
     rows_out = []
     for vals, g in _groups(ends, cells, order):
-        flags = at_chance(g[metric].to_numpy(), baseline, rows)
+        flags = np.array([stats.at_chance(float(v), baseline, rows) for v in g[metric]], dtype=bool)
         lo, hi = int(g[EPOCH].min()), int(g[EPOCH].max())
         rows_out.append({**dict(zip(cells, vals)), "students": len(g), "at_chance": int(flags.sum()),
                          "epochs": str(lo) if lo == hi else f"{lo}–{hi}"})
@@ -182,7 +169,7 @@ def chance_cells(trials: pd.DataFrame, metric: str, cells: list[str], baseline: 
 def chance_test(baseline: float, rows: int | None) -> str:
     """What "at chance" means here, in words."""
     return (f"at chance = not clearly above the majority class {baseline:.2f} on {rows} eval rows by a one-sided "
-            f"exact binomial test at level {CHANCE_ALPHA:g}" if rows else
+            f"exact binomial test at level {stats.AT_CHANCE_ALPHA:g}" if rows else
             f"at chance = at or below the majority class {baseline:.2f}")
 
 

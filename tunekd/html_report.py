@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 _IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+\.png)\)")
+_STUDY_FILE = "TUNEKD-STUDY-FILE"
 _LINK = re.compile(r"<a\b[^>]*>(.*?)</a>", re.S)
 _STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; max-width: 1200px; margin: 2em auto;
@@ -46,7 +47,7 @@ def _with_study(markdown_text: str, description: str | None, study_yaml: str | N
     if description:
         extra += ["## The study", "", "As described on its MLflow parent run:", "", description.strip(), ""]
     if study_yaml:
-        extra += ["### Study file (resolved)", "", "```yaml", study_yaml.rstrip(), "```", ""]
+        extra += [_STUDY_FILE, ""]  # a folded <details> block, put in after the Markdown is rendered
     if not extra:
         return markdown_text
     head, sep, rest = markdown_text.partition("\n## ")
@@ -62,6 +63,9 @@ def render(markdown_text: str, folder: Path, *, title: str, description: str | N
     md.preprocessors.deregister("html_block")  # raw HTML stays text
     md.inlinePatterns.deregister("html")
     body = md.convert(inline_images(_with_study(markdown_text, description, study_yaml), folder))
+    if study_yaml:
+        body = body.replace(f"<p>{_STUDY_FILE}</p>", "<details><summary>Study file (resolved; click to unfold)</summary>"
+                            f"<pre>{html.escape(study_yaml.rstrip())}</pre></details>")
     body = _LINK.sub(r"\1", body)  # automatic links to plain text: nothing to follow out of the file
     body = body.replace("<strong>Warning", '<strong class="warning">Warning')
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
