@@ -6,16 +6,16 @@ lists the early-stopped, failed and unfinished ones apart:
 - the strategy-robustness table: one row per strategy x init (x every other search dimension that
   varies, e.g. student depth or lambda), one column per task metric, cells "mean ± sd (n)" over
   seeds (sample sd, ddof=1);
-- paired differences of every strategy against a reference strategy, paired by seed within the same
-  init/depth/lambda/...: mean difference, 95% t confidence interval, and an equivalence verdict by
-  two one-sided t tests (TOST) with margin δ; each pair is compared at the deepest epoch (ASHA rung) both
-  of its trials reached (per-epoch histories from MLflow), so early-stopped trials are included; the
-  column `rung` says which epoch(s) a row's pairs use (`--final-only`: completed trials, final epoch);
+- paired differences of every level of a searched dimension (the strategy by default) against a reference
+  level, paired by seed within the same init/depth/lambda/...: mean difference, t intervals and verdicts from
+  `tunekd.stats` (TOST per pair, "different" family-wise, the sequential design of adaptive seeds), at an epoch
+  that does not depend on the outcome (final under FIFO, the grace rung under ASHA; deeper rungs descriptive),
+  and per cell the intersection–union headline and a randomized-block analysis (`claims.csv`);
 - plots: metric vs λ and metric vs depth (when they vary) and a strategy bar chart;
-- `report.md`, `table.csv`, `paired.csv` and the PNGs in `--out`, also logged as artifacts
-  (folder `report/`) on the study's parent run.
+- `report.md`, `report.html`, `table.csv`, `paired.csv`, `claims.csv`, `table.tex`, `trials.csv` and the PNGs in
+  `--out`, also logged as artifacts (folder `report/`) on the study's parent run.
 
-The statistics are scipy's (`scipy.stats.ttest_1samp`); tables are pandas; plots matplotlib (Agg).
+The statistics are `tunekd.stats` (scipy, statsmodels); tables are pandas; plots matplotlib (Agg).
 """
 
 from __future__ import annotations
@@ -140,12 +140,6 @@ def metric_columns(df: pd.DataFrame, prefix: str = "eval/") -> list[str]:
 
 def completed(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["status"] == COMPLETED] if "status" in df else df
-
-
-def rung_aware(df: pd.DataFrame, metric: str) -> bool:
-    """Whether `df` carries the per-epoch histories of `metric` (`with_histories`): pairs are then compared at
-    the deepest rung both trials reached, early-stopped trials included."""
-    return HISTORY + metric in df
 
 
 def design_keys(df: pd.DataFrame) -> list[str]:

@@ -381,7 +381,8 @@ def sequential_verdicts(paths: np.ndarray, margin: float, bounds: Boundaries) ->
 def simulate_cell(deltas, sd: float, margin: float, bounds: Boundaries, reps: int = 20_000,
                   seed: int = 0) -> dict:
     """The sequential design on simulated trials of one cell: the reference and one level per entry of `deltas`
-    (its true difference to the reference); trial value = seed effect + Δ + noise with var sd²/2, so each pair's
+    (its true difference to the reference); trial value = Δ + noise with var sd²/2 (a seed effect would cancel in
+    the paired differences), so each pair's
     differences have sd `sd` (and pairs sharing the reference correlate 0.5). Returns per pair the probability
     of each verdict and the expected seeds, and the expected trials of the cell (the reference runs as many
     seeds as its longest pair)."""
