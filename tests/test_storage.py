@@ -1,0 +1,139 @@
+"""tunekd.storage against a real S3 HTTP endpoint on 127.0.0.1 (moto's standalone server): URI checks, the
+reachability/write probe, publishing with a completion record, torn uploads refused, the node-local cache
+(atomic, keyed, LRU size bound)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from tests.helpers import MotoS3
+from tunekd import storage
+from tunekd.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    server = MotoS3(tmp_path_factory.mktemp("moto"))
+    server.create_bucket("bkt")
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    try:
+        yield server
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
+
+
+def _folder(path, sizes: dict[str, int]):
+    path.mkdir(parents=True)
+    for name, n in sizes.items():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_bytes(bytes(range(256)) * (n // 256) + b"x" * (n % 256))
+    return path
+
+
+# --- names (no server) ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("uri, words", [
+    ("ftp://host/x", "scheme 'ftp' is not supported"),
+    ("s3://AKIA:secret@bkt/x", "credentials do not go in the study file"),
+    ("s3://bkt/x?endpoint_override=http://127.0.0.1:9000", "AWS_ENDPOINT_URL"),
+    ("s3:///x", "no bucket"),
+])
+def test_check_uri_refuses(uri, words):
+    with pytest.raises(ConfigError, match=words) as e:
+        storage.check_uri(uri)
+    assert "secret" not in str(e.value)
+
+
+def test_names():
+    assert storage.resolve("s3://bkt//a/b/") == "s3://bkt/a/b"
+    assert storage.resolve("gcs://bkt/a") == "gs://bkt/a"
+    assert storage.join("s3://bkt/a/", "/b", "c") == "s3://bkt/a/b/c"
+    assert storage.is_under("s3://bkt/a/run-1", "s3://bkt/a/")
+    assert not storage.is_under("s3://bkt/ab/run-1", "s3://bkt/a")  # a prefix of the name is not a folder
+    assert not storage.is_under("s3://bkt/a", "s3://bkt/a")
+    assert not storage.is_under("s3://other/a/run", "s3://bkt/a")
+    assert not storage.is_under("/tmp/a/run", "s3://bkt/a")
+    assert storage.is_under("/tmp/a/../a/run", "/tmp/a")
+    storage.check_uri("s3://bkt/prefix")
+    storage.check_uri("gs://bkt")
+    storage.check_uri("ray_results")
+
+
+# --- against the endpoint -------------------------------------------------------------------------
+
+
+def test_check_writable(s3):
+    storage.check_writable("s3://bkt/study")
+    assert storage._files(*storage.filesystem("s3://bkt/study")) == {}  # the probe is deleted
+    with pytest.raises(ConfigError, match=r"'s3://nobucket/x' is not reachable and writable \(endpoint "
+                                          rf"{s3.endpoint} from AWS_ENDPOINT_URL\)") as e:
+        storage.check_writable("s3://nobucket/x")
+    assert "\n" not in str(e.value) and s3.env["AWS_SECRET_ACCESS_KEY"] not in str(e.value)
+
+
+def test_publish_download_and_torn(s3, tmp_path):
+    src = _folder(tmp_path / "src", {"a.bin": 1000, "sub/b.json": 10})
+    uri = "s3://bkt/pub/one"
+    assert not storage.complete(uri)
+    assert storage.publish(src, uri) == 1010
+    assert storage.record(uri) == {"files": {"a.bin": 1000, "sub/b.json": 10}}
+    rec = storage.download(uri, tmp_path / "got")
+    assert rec["files"]["a.bin"] == 1000
+    assert (tmp_path / "got" / "a.bin").read_bytes() == (src / "a.bin").read_bytes()
+    assert (tmp_path / "got" / "sub" / "b.json").read_bytes() == (src / "sub" / "b.json").read_bytes()
+    # an upload cut short before its record: not there
+    fs, root = storage.filesystem("s3://bkt/pub/cut")
+    with fs.open_output_stream(f"{root}/a.bin") as out:
+        out.write(b"partial")
+    assert not storage.complete("s3://bkt/pub/cut")
+    with pytest.raises(FileNotFoundError):
+        storage.download("s3://bkt/pub/cut", tmp_path / "cut")
+    # a file replaced by a shorter one after the record: refused, and nothing left locally
+    with fs.open_output_stream(f"{root.rsplit('/', 1)[0]}/one/a.bin") as out:
+        out.write(b"short")
+    with pytest.raises(storage.TornUpload, match="a.bin is missing or not the size"):
+        storage.download(uri, tmp_path / "torn")
+    assert not (tmp_path / "torn").exists()
+
+
+def test_local_copy_is_keyed_atomic_and_lru(s3, tmp_path):
+    root = tmp_path / "node"
+    uris = []
+    for i in range(3):
+        uri = f"s3://bkt/lru/k{i}"
+        storage.publish(_folder(tmp_path / f"s{i}", {"data.bin": 4000}), uri)
+        uris.append(uri)
+    path, fetched = storage.local_copy(uris[0], "kind/k0", root=root, max_bytes=10_000)
+    assert fetched and path == root / "kind" / "k0" and (path / "data.bin").stat().st_size == 4000
+    path, fetched = storage.local_copy(uris[0], "kind/k0", root=root, max_bytes=10_000)
+    assert not fetched  # the node's copy is reused
+    assert [p.name for p in root.joinpath("kind").iterdir()] == ["k0"]  # no temporary folder left
+    storage.local_copy(uris[1], "kind/k1", root=root, max_bytes=10_000)
+    os.utime(root / "kind/k1" / storage.COMPLETE, (1, 1))  # k1 the least recently used
+    storage.local_copy(uris[2], "kind/k2", root=root, max_bytes=10_000)  # 3 x ~4 kB > 10 kB: one goes
+    assert sorted(p.name for p in root.joinpath("kind").iterdir()) == ["k0", "k2"]
+    # a bound smaller than the copy in use keeps that one
+    path, _ = storage.local_copy(uris[1], "kind/k1", root=root, max_bytes=1)
+    assert sorted(p.name for p in root.joinpath("kind").iterdir()) == ["k1"]
+    assert json.loads((path / storage.COMPLETE).read_text())["files"] == {"data.bin": 4000}
+
+
+def test_adopt_and_local_publish(tmp_path):
+    """Publishing to a local folder works the same (a study on local storage uses the same code)."""
+    src = _folder(tmp_path / "src", {"x.bin": 300})
+    storage.publish(src, str(tmp_path / "store" / "k"))
+    assert storage.complete(str(tmp_path / "store" / "k"))
+    path = storage.adopt(src, "teachers/k", root=tmp_path / "node")
+    assert path == tmp_path / "node" / "teachers" / "k" and not src.exists()
+    again, fetched = storage.local_copy(str(tmp_path / "store" / "k"), "teachers/k", root=tmp_path / "node")
+    assert again == path and not fetched
