@@ -57,6 +57,8 @@ def save(folder: str | Path, distiller, state, *, resumable: bool = True) -> Non
 def load(folder: str | Path, distiller, state) -> None:
     """Restore the student, projections, optimizer, scheduler, RNG states and position from `folder`."""
     folder = Path(folder)
+    if not (folder / PROGRESS).is_file():  # written last: a checkpoint without it was cut short (e.g. an upload)
+        raise RuntimeError(f"checkpoint {folder} is incomplete: {PROGRESS} is missing")
     progress = json.loads((folder / PROGRESS).read_text())
     # a file not the size progress.json records was cut short (optimizer and RNG states may be gone: a
     # finished trial's are deleted by `finish_trial`)

@@ -84,13 +84,19 @@ def output_locations(study, study_file: str | None = None) -> dict[str, str]:
     uri = study.tracking.uri
     if uri.startswith("sqlite:///"):
         uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
-    storage = Path(study.tune.storage_path).expanduser().resolve()
-    return {
+    from tunekd import storage as tstorage
+
+    storage = tstorage.resolve(study.tune.storage_path)
+    out = {
         "mlflow": f"{uri} (experiment {study.experiment!r})",
-        "ray": f"{storage}/{study.name}-<date>-<time>",
+        "ray": tstorage.join(storage, f"{study.name}-<date>-<time>"),
         "teacher": str(Path(study.teacher.cache_dir).expanduser().resolve() / "teachers"),
-        "teacher cache": str(storage / "teacher_cache"),
+        "teacher cache": tstorage.join(storage, "teacher_cache"),
     }
+    if tstorage.is_remote(storage):  # fine-tuned teachers on the storage too; each node keeps copies
+        out["teacher"] = tstorage.join(storage, "teachers")
+        out["node cache"] = f"{tstorage.node_cache_root()} (each node's copies; ${tstorage.NODE_CACHE_ENV})"
+    return out
 
 
 OUTPUTS_HELP = """outputs (relative to the working directory; see --dry-run for a study's absolute paths):

@@ -43,6 +43,8 @@ from tunekd.errors import SIGNAL_NAMES, ConfigError, Interrupted
 from tunekd.study import Study, grid_size, max_epochs
 
 
+CACHE_SOURCE_TAG = "tunekd.cache_source"  # a trial run's teacher cache: local, storage, object store, online
+
 # the stop signal this process received (`StudyDriver.stop_signals`), for the Tune callbacks, which Tune
 # pickles and so cannot hold the driver: a trial whose worker the signal ended is not failed but unfinished
 STOPPING: list[int] = []
@@ -96,6 +98,7 @@ class StudyDriver:
         self.tuner = None
         self.results = None  # tune.ResultGrid
         self.started: set[str] = set()
+        self.cache_sources: dict[str, str] = {}  # trial id -> its latest perf/cache_source (tag tunekd.cache_source)
         self.progress = None  # progress.StudyProgress: the study's bar (trials running / done / stopped)
         self.owns_ray = False  # connect started or attached Ray (and disconnect shuts it down)
         self.interrupted = False  # a stop signal stopped the trials (Tune returns with unfinished ones)
@@ -221,7 +224,7 @@ class StudyDriver:
 
         study = self.study
         check_outputs(study, num_cpus=self.options.num_cpus, address=self.options.address,  # paths, URI, CPUs/GPUs
-                      resources=not self.options.dry_run)
+                      resources=not self.options.dry_run, probe=not self.options.dry_run)
         self.log(f"study {study.name!r}: {len(study.search)} search dimensions, grid of {grid_size(study)} x "
                  f"{study.tune.num_samples} samples; scheduler {study.tune.scheduler}, searcher {study.tune.searcher}")
         if self.options.track:
@@ -376,20 +379,26 @@ class StudyDriver:
     def setup_cache(self) -> None:
         """The teacher-output cache for every trial at `points`, and the data every trial shares."""
         from tunekd import cache as tcache
+        from tunekd import storage
         from tunekd.trainable import make_shared
 
         model = self.family.load(self.teacher.path, self.spec, trust_remote_code=self.study.teacher.trust_remote_code)
         self.cache = tcache.for_study(self.study, self.family, model, self.encoded, self.points, trials=self.trials,
                                       tokenizer=self.tokenizer, log=self.log)
+        # a cluster whose nodes may not share a local storage folder gets small caches through the object store;
+        # on object storage every node reads the cache from there (`cache.open_shared`)
+        remote = storage.is_remote(self.study.tune.storage_path)
         self.shared = make_shared(self.study, self.family.name, model, self.encoded, self.cache,
-                                  ship_cache=bool(self.options.address))
+                                  ship_cache=bool(self.options.address) and not remote)
         self.teacher_model_config = model.config
 
     def setup_tracking(self) -> None:
         """The MLflow parent run of this invocation, or the one --resume continues; the Ray path."""
-        storage = Path(self.study.tune.storage_path).expanduser().resolve()
+        from tunekd import storage as tstorage
+
+        storage = tstorage.resolve(self.study.tune.storage_path)  # a folder, or a URI (s3://bucket/prefix)
         if not self.options.track:
-            self.ray_path = str(storage / f"{self.study.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+            self.ray_path = tstorage.join(storage, f"{self.study.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
             return
         from tunekd.tasks import task_params
         from tunekd.tracking import StudyTracker
@@ -422,7 +431,7 @@ class StudyDriver:
         from tunekd.seeds import Design, design_record
 
         run_name = f"{study.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-        self.ray_path = str(storage / run_name)
+        self.ray_path = tstorage.join(storage, run_name)
         study_file = Path(opts.study_file) if opts.study_file else None
         parent = tracker.start_parent(run_name, {
             "study_file": str(study_file.resolve()) if study_file else "", "overrides": opts.overrides,
@@ -479,7 +488,8 @@ class StudyDriver:
             param_space=space,
             tune_config=config,
             run_config=tune.RunConfig(
-                name=Path(self.ray_path).name, storage_path=str(Path(self.ray_path).parent), verbose=0,
+                name=self.ray_path.rstrip("/").rsplit("/", 1)[1], storage_path=self.ray_path.rstrip("/").rsplit("/", 1)[0],
+                verbose=0,
                 callbacks=callbacks,
                 # a running trial's latest checkpoint only; finished trials: `CheckpointCallback`
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
@@ -569,7 +579,9 @@ class StudyDriver:
                                    "as the last one (their results are not found in MLflow)")
             k = len(rounds)
             self.ray_path = f"{base}-round{k}"
-            if Path(self.ray_path).exists():  # a resumed round: a fresh Ray folder of its own
+            from tunekd import storage
+
+            if storage.exists(self.ray_path):  # a resumed round: a fresh Ray folder of its own
                 self.ray_path += f"-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
             pending = sum(p["state"] != "final" for p in plan.pairs)
             self.log(f"seeds: round {k}: {len(plan.needed)} trials for {pending} undecided strategy/cell pairs "
@@ -689,6 +701,13 @@ class TrialCallback(_callback_base()):
         metrics = {k: v for k, v in result.items() if k.startswith(("eval/", "train/", "perf/"))}
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         d.tracker.log_trial_metrics(trial.trial_id, metrics, step)
+        source = result.get("perf/cache_source")
+        if source is not None and d.cache_sources.get(trial.trial_id) != source:  # a tag, once per change
+            d.cache_sources[trial.trial_id] = source
+            d.tracker.tag_trial(trial.trial_id, CACHE_SOURCE_TAG, source)
+            if source == "online" and d.cache is not None and d.cache.mode != "off":
+                d.log(f"  WARNING: {trial.trial_id} runs the teacher online: the teacher cache "
+                      f"{d.cache.folder} was not readable on its node (perf/cache_source=online)")
         shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("eval/") or k == "train/loss")
         d.log(f"  {trial.trial_id} epoch {step}: {shown}")
 

@@ -59,24 +59,26 @@ def is_remote(path: str) -> bool:
 
 def check_uri(path: str, key: str = "tune.storage_path") -> None:
     """A storage path is a local folder or `<scheme>://bucket[/prefix]` with a known scheme, no credentials
-    and no query (the endpoint comes from AWS_ENDPOINT_URL); a ConfigError line otherwise."""
+    and no query (the endpoint comes from AWS_ENDPOINT_URL); a ConfigError line otherwise, starting with
+    `key` (none when `key` is '': the study validator names it)."""
     if "://" not in path:
         return
     parts = urlsplit(path)
     s = parts.scheme.lower()
     if s == "file":
         return
+    what = f"{key} " if key else ""
+    if parts.username or parts.password or "@" in parts.netloc:  # the URI itself is not repeated: a secret
+        raise ConfigError(f"{what}{s}://...: credentials do not go in the study file; remove them from the URI and "
+                          "set them in the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile or a role)")
     if s not in SCHEMES:
-        raise ConfigError(f"{key} {path!r}: scheme {s!r} is not supported; use a local folder, "
-                          "s3://bucket/prefix or gs://bucket/prefix")
-    if parts.username or parts.password or "@" in parts.netloc:
-        raise ConfigError(f"{key}: credentials do not go in the study file; remove them from the URI and set them "
-                          "in the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile or a role)")
+        raise ConfigError(f"{what}{path!r}: scheme {s!r} is not supported; use a local folder, s3://bucket/prefix "
+                          "or gs://bucket/prefix")
     if parts.query or parts.fragment:
-        raise ConfigError(f"{key} {s}://{parts.netloc}{parts.path}?...: a storage URI takes no query; give an "
+        raise ConfigError(f"{what}{s}://{parts.netloc}{parts.path}?...: a storage URI takes no query; give an "
                           "S3-compatible endpoint in AWS_ENDPOINT_URL (e.g. http://minio:9000)")
     if not parts.netloc:
-        raise ConfigError(f"{key} {path!r}: no bucket; expected {s}://bucket/prefix")
+        raise ConfigError(f"{what}{path!r}: no bucket; expected {s}://bucket/prefix")
 
 
 def resolve(path: str) -> str:
@@ -121,7 +123,7 @@ def filesystem(path: str):
     return pafs.FileSystem.from_uri(resolve(path))
 
 
-def _reason(exc: BaseException) -> str:
+def reason(exc: BaseException) -> str:
     """An error's first line without request ids (no credentials are ever in it: pyarrow does not print them)."""
     line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     return line.split(" (Request ID:")[0]
@@ -141,7 +143,7 @@ def check_writable(path: str, key: str = "tune.storage_path") -> None:
             back = inp.read()
         fs.delete_file(p)
     except Exception as exc:  # noqa: BLE001 - any failure of the probe is the one line
-        raise ConfigError(f"{key} {resolve(path)!r} is not reachable and writable{where}: {_reason(exc)}") from None
+        raise ConfigError(f"{key} {resolve(path)!r} is not reachable and writable{where}: {reason(exc)}") from None
     if back != b"tunekd":
         raise ConfigError(f"{key} {resolve(path)!r}: a probe object read back differs from what was written")
 
