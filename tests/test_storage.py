@@ -137,3 +137,73 @@ def test_adopt_and_local_publish(tmp_path):
     assert path == tmp_path / "node" / "teachers" / "k" and not src.exists()
     again, fetched = storage.local_copy(str(tmp_path / "store" / "k"), "teachers/k", root=tmp_path / "node")
     assert again == path and not fetched
+
+
+# --- the teacher cache on object storage ------------------------------------------------------------
+
+
+def test_teacher_cache_on_s3_is_published_and_read_per_node(s3, tmp_path, monkeypatch, one_thread, family, teacher,
+                                                            encoded):
+    """The driver builds the cache, publishes it (manifest and completion record in the bucket) and keeps it
+    as its node's copy; another node (another node cache) reads it from the bucket once, then locally; the
+    values equal the driver's local build; a torn upload makes a trial run online and say why."""
+    import numpy as np
+
+    from tunekd import cache as tc
+
+    driver_node, other_node = tmp_path / "driver_node", tmp_path / "other_node"
+    monkeypatch.setenv(storage.NODE_CACHE_ENV, str(driver_node))
+    info = tc.prepare(family, teacher, encoded["train"], "s3://bkt/study/teacher_cache", layers=(0, 2),
+                      max_length=32, batch_size=16)
+    assert info.mode == "full" and info.folder == f"s3://bkt/study/teacher_cache/{info.key}" and not info.reused
+    rec = storage.record(info.folder)
+    assert "manifest.json" in rec["files"] and info.nbytes == sum(rec["files"].values())
+    local = tc.prepare(family, teacher, encoded["train"], tmp_path / "local_cache", layers=(0, 2), max_length=32,
+                       batch_size=16)
+    assert local.key == info.key  # the same cache, wherever it is kept
+    again = tc.prepare(family, teacher, encoded["train"], "s3://bkt/study/teacher_cache", layers=(0, 2),
+                       max_length=32, batch_size=16)
+    assert again.reused and again.folder == info.folder and again.teacher_rows == 0
+
+    tc._OPEN.clear()
+    cache, source, why = tc.open_shared(info)
+    assert (source, why) == ("local", "")  # the driver's node kept its copy
+    monkeypatch.setenv(storage.NODE_CACHE_ENV, str(other_node))
+    tc._OPEN.clear()
+    cache, source, why = tc.open_shared(info)
+    assert (source, why) == ("storage", "") and (other_node / "teacher_cache" / info.key / "manifest.json").is_file()
+    tc._OPEN.clear()
+    assert tc.open_shared(info)[1] == "local"  # read once per node
+    reference = tc.TeacherCache.open(local.folder)
+    for name in ("logits", "rows", "encoder.h2"):
+        assert np.array_equal(np.asarray(cache.arrays[name]), np.asarray(reference.arrays[name])), name
+
+    # a torn upload (a file cut short after its record) on a node without a copy: online, with the reason
+    fs, root = storage.filesystem(info.folder)
+    with fs.open_output_stream(f"{root}/logits.npy") as out:
+        out.write(b"cut")
+    monkeypatch.setenv(storage.NODE_CACHE_ENV, str(tmp_path / "third_node"))
+    tc._OPEN.clear()
+    cache, source, why = tc.open_shared(info)
+    assert cache is None and source == "online" and "logits.npy is missing or not the size" in why
+    assert tc.open_shared(info, arrays=reference)[1] == "object store"
+    assert tc.open_shared(tc.CacheInfo(mode="off", reason="")) == (None, "online", "")
+
+
+def test_cli_refuses_an_unwritable_bucket_in_one_line(s3, tmp_path, monkeypatch, capsys):
+    """A study on a bucket that does not exist: one line naming it and the endpoint (no credentials), exit 2,
+    nothing written in the working folder, nothing in the bucket."""
+    import yaml
+
+    from tunekd import run as cli
+
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "bucket", "task": {"name": "synthetic", "synthetic": {"train_size": 16, "eval_size": 16}},
+        "teacher": {"model": "minilm"}, "student": {"layers": 2}, "tune": {"storage_path": "s3://missing/x"}}))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main([str(path)]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and "'s3://missing/x' is not reachable and writable" in err[0], err
+    assert s3.endpoint in err[0] and s3.env["AWS_SECRET_ACCESS_KEY"] not in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]
