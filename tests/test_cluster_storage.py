@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import MotoS3, _process_table, descendants, free_port, kill_tree, listening, wait_for
+from tests.helpers import MotoS3, _process_table, descendants, environ, free_port, kill_tree, listening, wait_for
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(os.environ.get("TUNEKD_CLUSTER_TEST") != "1",
@@ -71,14 +71,22 @@ class Cluster:
 
     def __init__(self, root: Path):
         self.root = root
+        self.temp = root / "ray"
+        self.procs: list[subprocess.Popen] = []
         self.s3 = MotoS3(root)
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
+        root = self.root
         self.s3.create_bucket("study")
         self.env = {**os.environ, **self.s3.env, "PYTHONPATH": str(REPO), "TUNEKD_THREADS": "1",
                     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
                     "RAY_AUTH_MODE": "disabled", "TUNEKD_REPORT": "0", "PYTHONUNBUFFERED": "1"}
         self.env.pop("RAY_ADDRESS", None)
-        self.procs: list[subprocess.Popen] = []
-        self.temp = root / "ray"
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         for name in ("head", "worker", "driver", "reader"):
@@ -151,90 +159,92 @@ def _loopback(addr: str) -> bool:
 def _bucket(prefix: str) -> dict[str, int]:
     from tunekd import storage
 
-    return storage._files(*storage.filesystem(f"s3://study/{prefix}"))
+    return storage.files(*storage.filesystem(f"s3://study/{prefix}"))
 
 
 def test_study_on_s3_two_node_cluster_and_resume():
     root = Path(tempfile.mkdtemp(prefix="tkc", dir="/tmp"))  # short: Ray's socket paths live under it
     cluster = Cluster(root)
-    saved = {k: os.environ.get(k) for k in cluster.s3.env}
-    os.environ.update(cluster.s3.env)  # this process reads the bucket and the MLflow server too
     try:
-        import ray
-
-        # two alive nodes, every listening socket on loopback
-        nodes = json.loads(subprocess.run(
-            [sys.executable, "-c", f"import ray, json; ray.init(address='{cluster.address}', logging_level='ERROR'); "
-                                   "print(json.dumps([[n['NodeManagerAddress'], n['Alive']] for n in ray.nodes()]))"],
-            env=cluster.env, capture_output=True, text=True, timeout=120).stdout.strip().splitlines()[-1])
-        assert nodes == [["127.0.0.1", True], ["127.0.0.1", True]], nodes
-        bound = {addr for addr, _, _ in listening(cluster.pids())}
-        assert bound and all(_loopback(a) for a in bound), bound
-        del ray
-
-        # 1. a study on S3, run to the end
-        _study(root / "driver" / "cluster.yaml", "cluster", epochs=2, train_size=64)
-        t0 = time.time()
-        proc = cluster.driver()
-        out, _ = proc.communicate(timeout=900)
-        print(f"first study: {time.time() - t0:.0f} s")
-        assert proc.returncode == 0, out[-6000:]
-        client, children = _runs(cluster.tracking, "cluster")
-        sources = {r.data.tags["tunekd.trial_id"]: r.data.tags.get("tunekd.cache_source") for r in children}
-        print("trial -> perf/cache_source (first study):", sources)
-        assert len(sources) == 2 and set(sources.values()) <= {"local", "storage"}, sources
-        assert "storage" in sources.values(), sources  # the worker node read the cache from the bucket
-        assert {r.data.tags["tunekd.status"] for r in children} == {"completed"}
-        assert "runs the teacher online" not in out
-        keys = _bucket("runs")
-        assert any(k.startswith("teacher_cache/") and k.endswith("manifest.json") for k in keys), sorted(keys)[:20]
-        assert any(k.startswith("teachers/") and k.endswith("tunekd_teacher.json") for k in keys)
-        assert any("/checkpoint_" in k for k in keys)  # Ray's trial folders in the bucket
-        assert list((root / "worker_cache").glob("teacher_cache/*/manifest.json"))  # the worker's node copy
-        artifacts = _bucket("mlflow")
-        assert any(k.endswith("fingerprint.json") for k in artifacts), sorted(artifacts)[:20]
-        assert sorted(p.name for p in (root / "driver").iterdir()) == ["cluster.yaml"]
-
-        # 2. the driver killed mid-study, then --resume from the bucket
-        _study(root / "driver" / "cluster.yaml", "resumed", epochs=3, train_size=400)
-        proc = cluster.driver()
-        wait_for(lambda: any(k.startswith("resumed-") and k.endswith("/checkpoint_000000/progress.json")
-                             for k in _bucket("runs")), timeout=600, every=1)
-        tree = descendants(proc.pid)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-        kill_tree(tree)
-        cut = _runs(cluster.tracking, "resumed")[1]
-        assert cut and not all(r.data.tags.get("tunekd.status") == "completed" for r in cut)
-        t0 = time.time()
-        proc = cluster.driver("--resume")
-        out, _ = proc.communicate(timeout=900)
-        print(f"--resume after the killed driver: {time.time() - t0:.0f} s, exit {proc.returncode}")
-        assert proc.returncode == 0, out[-6000:]
-        assert "resuming parent run" in out
-        client, children = _runs(cluster.tracking, "resumed")
-        active = [r for r in children if r.data.tags.get("tunekd.status") != "superseded"]
-        table = {r.data.tags["tunekd.trial_id"]: (r.data.tags.get("tunekd.cache_source"),
-                                                  r.data.tags.get("tunekd.status"),
-                                                  [m.step for m in client.get_metric_history(r.info.run_id,
-                                                                                             "eval/accuracy")])
-                 for r in active}
-        print("trial -> (perf/cache_source, status, epochs logged) after --resume:", table)
-        assert len(table) == 2 and all(v[1] == "completed" and v[2] == [1, 2, 3] for v in table.values()), table
-        assert {v[0] for v in table.values()} <= {"local", "storage"}, table
-        assert sorted(p.name for p in (root / "driver").iterdir()) == ["cluster.yaml"]
-
-        # 3. tunekd report reads the study's artifacts through the server from the bucket
-        rep = subprocess.run([sys.executable, "-m", "tunekd", "report", "--experiment", "cluster", "--tracking-uri",
-                              cluster.tracking, "--no-log"], cwd=root / "reader", env=cluster.env,
-                             capture_output=True, text=True, timeout=600)
-        assert rep.returncode == 0, rep.stdout[-3000:] + rep.stderr[-3000:]
-        assert (root / "reader" / "report" / "cluster" / "report.md").is_file()
+        with environ(cluster.s3.env):  # this process reads the bucket and the MLflow server too
+            _study_and_resume(cluster, root)
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _study_and_resume(cluster: Cluster, root: Path) -> None:
+    # two alive nodes, every listening socket on loopback
+    nodes = json.loads(subprocess.run(
+        [sys.executable, "-c", f"import ray, json; ray.init(address='{cluster.address}', logging_level='ERROR'); "
+                               "print(json.dumps([[n['NodeManagerAddress'], n['Alive']] for n in ray.nodes()]))"],
+        env=cluster.env, capture_output=True, text=True, timeout=120).stdout.strip().splitlines()[-1])
+    assert nodes == [["127.0.0.1", True], ["127.0.0.1", True]], nodes
+    bound = {addr for addr, _, _ in listening(cluster.pids())}
+    assert bound and all(_loopback(a) for a in bound), bound
+
+    # 1. a study on S3, run to the end
+    _study(root / "driver" / "cluster.yaml", "cluster", epochs=2, train_size=64)
+    t0 = time.time()
+    proc = cluster.driver()
+    out, _ = proc.communicate(timeout=900)
+    print(f"first study: {time.time() - t0:.0f} s")
+    assert proc.returncode == 0, out[-6000:]
+    client, children = _runs(cluster.tracking, "cluster")
+    sources = {r.data.tags["tunekd.trial_id"]: r.data.tags.get("tunekd.cache_source") for r in children}
+    print("trial -> perf/cache_source (first study):", sources)
+    assert len(sources) == 2 and set(sources.values()) <= {"local", "storage"}, sources
+    assert "storage" in sources.values(), sources  # the worker node read the cache from the bucket
+    assert {r.data.tags["tunekd.status"] for r in children} == {"completed"}
+    assert "runs the teacher online" not in out
+    keys = _bucket("runs")
+    assert any(k.startswith("teacher_cache/") and k.endswith("manifest.json") for k in keys), sorted(keys)[:20]
+    assert any(k.startswith("teachers/") and k.endswith("tunekd_teacher.json") for k in keys)
+    assert any("/checkpoint_" in k for k in keys)  # Ray's trial folders in the bucket
+    # finished trials pruned in the bucket: no optimizer state, the best one's weights only (keep_students 1)
+    assert not [k for k in keys if k.endswith(("/optim.pt", "/rng.pt"))], sorted(keys)
+    assert len([k for k in keys if k.startswith("cluster-") and k.endswith("/model.safetensors")]) == 1
+    assert list((root / "worker_cache").glob("teacher_cache/*/manifest.json"))  # the worker's node copy
+    artifacts = _bucket("mlflow")
+    assert any(k.endswith("fingerprint.json") for k in artifacts), sorted(artifacts)[:20]
+    assert sorted(p.name for p in (root / "driver").iterdir()) == ["cluster.yaml"]
+
+    # 2. the driver killed mid-study, then --resume from the bucket
+    _study(root / "driver" / "cluster.yaml", "resumed", epochs=3, train_size=400)
+    proc = cluster.driver()
+    wait_for(lambda: any(k.startswith("resumed-") and k.endswith("/checkpoint_000000/progress.json")
+                         for k in _bucket("runs")), timeout=600, every=1)
+    tree = descendants(proc.pid)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    kill_tree(tree)
+    client, cut = _runs(cluster.tracking, "resumed")
+    print("trial -> (status, epochs logged) when the driver was killed:",
+          {r.data.tags["tunekd.trial_id"]: (r.data.tags.get("tunekd.status"),
+                                            [m.step for m in client.get_metric_history(r.info.run_id, "eval/accuracy")])
+           for r in cut})
+    assert cut and not all(r.data.tags.get("tunekd.status") == "completed" for r in cut)
+    t0 = time.time()
+    proc = cluster.driver("--resume")
+    out, _ = proc.communicate(timeout=900)
+    print(f"--resume after the killed driver: {time.time() - t0:.0f} s, exit {proc.returncode}")
+    assert proc.returncode == 0, out[-6000:]
+    assert "resuming parent run" in out
+    client, children = _runs(cluster.tracking, "resumed")
+    active = [r for r in children if r.data.tags.get("tunekd.status") != "superseded"]
+    table = {r.data.tags["tunekd.trial_id"]: (r.data.tags.get("tunekd.cache_source"),
+                                              r.data.tags.get("tunekd.status"),
+                                              [m.step for m in client.get_metric_history(r.info.run_id,
+                                                                                         "eval/accuracy")])
+             for r in active}
+    print("trial -> (perf/cache_source, status, epochs logged) after --resume:", table)
+    assert len(table) == 2 and all(v[1] == "completed" and v[2] == [1, 2, 3] for v in table.values()), table
+    assert {v[0] for v in table.values()} <= {"local", "storage"}, table
+    assert sorted(p.name for p in (root / "driver").iterdir()) == ["cluster.yaml"]
+
+    # 3. tunekd report reads the study's artifacts through the server from the bucket
+    rep = subprocess.run([sys.executable, "-m", "tunekd", "report", "--experiment", "cluster", "--tracking-uri",
+                          cluster.tracking, "--no-log"], cwd=root / "reader", env=cluster.env,
+                         capture_output=True, text=True, timeout=600)
+    assert rep.returncode == 0, rep.stdout[-3000:] + rep.stderr[-3000:]
+    assert (root / "reader" / "report" / "cluster" / "report.md").is_file()

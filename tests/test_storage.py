@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from tests.helpers import MotoS3
+from tests.helpers import MotoS3, environ
 from tunekd import storage
 from tunekd.errors import ConfigError
 
@@ -18,16 +18,10 @@ from tunekd.errors import ConfigError
 def s3(tmp_path_factory):
     server = MotoS3(tmp_path_factory.mktemp("moto"))
     server.create_bucket("bkt")
-    saved = {k: os.environ.get(k) for k in server.env}
-    os.environ.update(server.env)
     try:
-        yield server
+        with environ(server.env):
+            yield server
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         server.stop()
 
 
@@ -74,7 +68,7 @@ def test_names():
 
 def test_check_writable(s3):
     storage.check_writable("s3://bkt/study")
-    assert storage._files(*storage.filesystem("s3://bkt/study")) == {}  # the probe is deleted
+    assert storage.files(*storage.filesystem("s3://bkt/study")) == {}  # the probe is deleted
     with pytest.raises(ConfigError, match=r"'s3://nobucket/x' is not reachable and writable \(endpoint "
                                           rf"{s3.endpoint} from AWS_ENDPOINT_URL\)") as e:
         storage.check_writable("s3://nobucket/x")
@@ -207,3 +201,30 @@ def test_cli_refuses_an_unwritable_bucket_in_one_line(s3, tmp_path, monkeypatch,
     assert len(err) == 1 and "'s3://missing/x' is not reachable and writable" in err[0], err
     assert s3.endpoint in err[0] and s3.env["AWS_SECRET_ACCESS_KEY"] not in err[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]
+
+
+def test_finished_trials_pruned_on_s3(s3):
+    """On object storage as on disk: a finished trial loses its optimizer and RNG states and gets its score,
+    and only the best `keep` finished trials keep their weights (the same functions, through pyarrow.fs).
+    The driver's trial paths come without the scheme (`driver.storage_uri` puts it back)."""
+    from tunekd import checkpoints
+    from tunekd.driver import storage_uri
+
+    fs, root = storage.filesystem("s3://bkt/prune/exp")
+    for trial in ("a", "b", "c", "running"):
+        for name, n in ((checkpoints.WEIGHTS, 100), (checkpoints.OPTIM, 200), (checkpoints.RNG, 10),
+                        (checkpoints.PROGRESS, 5)):
+            with fs.open_output_stream(f"{root}/{trial}/checkpoint_000001/{name}") as out:
+                out.write(b"x" * n)
+    assert storage_uri("bkt/prune/exp/a", "s3://bkt/prune/exp") == "s3://bkt/prune/exp/a"
+    assert storage_uri("/local/exp/a", "/local/exp") == "/local/exp/a"
+    for trial, score in (("a", 50.0), ("b", 75.0), ("c", None)):
+        checkpoints.finish_trial(storage_uri(f"{root}/{trial}", "s3://bkt/prune/exp"), score)
+    kept = checkpoints.prune_students("s3://bkt/prune/exp", 1)
+    assert kept == ["s3://bkt/prune/exp/b/checkpoint_000001"]
+    left = storage.files(fs, root)
+    assert sorted(k for k in left if k.endswith(checkpoints.WEIGHTS)) == [
+        "b/checkpoint_000001/model.safetensors", "running/checkpoint_000001/model.safetensors"]
+    assert sorted(k.split("/")[0] for k in left if k.endswith(checkpoints.OPTIM)) == ["running"]
+    assert json.loads(storage.read_bytes("s3://bkt/prune/exp/b/checkpoint_000001/final.json")) == {"score": 75.0}
+    assert json.loads(storage.read_bytes("s3://bkt/prune/exp/c/checkpoint_000001/final.json")) == {"score": None}

@@ -471,7 +471,7 @@ class StudyDriver:
             from tunekd.progress import StudyProgress
 
             self.progress = StudyProgress(self.total_trials, study.name)
-        callbacks.append(CheckpointCallback(self.metric, study.tune.keep_students))
+        callbacks.append(CheckpointCallback(self.metric, study.tune.keep_students, self.ray_path))
         if study.tune.ray_loggers:
             from ray.tune.logger import JsonLoggerCallback
 
@@ -525,9 +525,9 @@ class StudyDriver:
             from tunekd import checkpoints
 
             for result in self.results:
-                if result.path and Path(result.path).is_dir():
+                if result.path:
                     score = None if result.error else (result.metrics or {}).get(self.metric)
-                    checkpoints.finish_trial(result.path, score)
+                    checkpoints.finish_trial(storage_uri(result.path, self.ray_path), score)
             checkpoints.prune_students(self.ray_path, self.study.tune.keep_students)
         if self.tracker is None:
             return
@@ -746,22 +746,25 @@ def attach_callbacks(tuner, driver: StudyDriver) -> None:
         found = callbacks[-1:]
     for cb in found:
         cb.driver = driver
-    run_config.callbacks = [*callbacks, CheckpointCallback(driver.metric, driver.study.tune.keep_students)]
+    run_config.callbacks = [*callbacks, CheckpointCallback(driver.metric, driver.study.tune.keep_students,
+                                                           driver.ray_path)]
 
 
 class CheckpointCallback(_callback_base()):
     """A trial that ended keeps no optimizer or RNG state, and its weights only while it is among the
-    experiment's best `keep` finished trials (`tunekd.checkpoints`). Holds plain values (Tune pickles it)."""
+    experiment's best `keep` finished trials (`tunekd.checkpoints`), also on object storage (`ray_path`, a
+    folder or URI, says which). Holds plain values (Tune pickles it)."""
 
-    def __init__(self, metric: str, keep: int):
-        self.metric, self.keep = metric, keep
+    def __init__(self, metric: str, keep: int, ray_path: str = ""):
+        self.metric, self.keep, self.ray_path = metric, keep, ray_path
 
     def _finish(self, trial, failed: bool = False) -> None:
         from tunekd import checkpoints
 
-        if trial.path and Path(trial.path).is_dir():  # a failed trial's weights are not kept
-            checkpoints.finish_trial(trial.path, None if failed else (trial.last_result or {}).get(self.metric))
-            checkpoints.prune_students(Path(trial.path).parent, self.keep)
+        if trial.path:  # a failed trial's weights are not kept
+            path = storage_uri(trial.path, getattr(self, "ray_path", ""))
+            checkpoints.finish_trial(path, None if failed else (trial.last_result or {}).get(self.metric))
+            checkpoints.prune_students(path.rstrip("/").rsplit("/", 1)[0], self.keep)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._finish(trial)
@@ -769,6 +772,15 @@ class CheckpointCallback(_callback_base()):
     def on_trial_error(self, iteration, trials, trial, **info):
         if not STOPPING:  # a worker the stop signal ended keeps its checkpoint for --resume
             self._finish(trial, failed=True)
+
+
+def storage_uri(path: str, ray_path: str) -> str:
+    """A trial's or result's `path` as Ray gives it (within its file system: `bucket/prefix/...` on object
+    storage) as a folder or URI `tunekd.storage` opens, with the scheme of the study's `ray_path`."""
+    from tunekd import storage
+
+    scheme = storage.scheme(ray_path or "")
+    return f"{scheme}://{path.lstrip('/')}" if scheme and "://" not in path else path
 
 
 def trial_error_text(trial) -> str:

@@ -161,7 +161,7 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
-def _files(fs, root: str) -> dict[str, int]:
+def files(fs, root: str) -> dict[str, int]:
     """{path relative to `root`: size} of the files under `root`."""
     import pyarrow.fs as pafs
 
@@ -190,19 +190,19 @@ def publish(folder: str | Path, path: str) -> int:
     import pyarrow.fs as pafs
 
     folder = Path(folder)
-    files = {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*"))
+    sizes = {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*"))
              if f.is_file() and f.name != COMPLETE}
     fs, root = filesystem(path)
     local = pafs.LocalFileSystem()
-    for name in files:
+    for name in sizes:
         if isinstance(fs, pafs.LocalFileSystem):  # object stores have no folders to create
             fs.create_dir(f"{root}/{name}".rsplit("/", 1)[0], recursive=True)
         pafs.copy_files(str(folder / name), f"{root}/{name}", source_filesystem=local, destination_filesystem=fs)
     if isinstance(fs, pafs.LocalFileSystem):
         fs.create_dir(root, recursive=True)
     with fs.open_output_stream(f"{root}/{COMPLETE}") as out:
-        out.write(json.dumps({"files": files}).encode())
-    return sum(files.values())
+        out.write(json.dumps({"files": sizes}).encode())
+    return sum(sizes.values())
 
 
 def download(path: str, folder: str | Path) -> dict:
@@ -214,7 +214,7 @@ def download(path: str, folder: str | Path) -> dict:
     if rec is None:
         raise FileNotFoundError(f"nothing published at {resolve(path)} (no {COMPLETE})")
     fs, root = filesystem(path)
-    present = _files(fs, root)
+    present = files(fs, root)
     bad = [n for n, size in rec["files"].items() if present.get(n) != size]
     if bad:
         raise TornUpload(f"{resolve(path)}: {bad[0]} is missing or not the size its {COMPLETE} records "
@@ -288,8 +288,8 @@ def adopt(folder: str | Path, key: str, *, root: str | Path | None = None) -> Pa
     target = root / key
     folder = Path(folder)
     if not (folder / COMPLETE).is_file():
-        files = {str(f.relative_to(folder)): f.stat().st_size for f in folder.rglob("*") if f.is_file()}
-        (folder / COMPLETE).write_text(json.dumps({"files": files}))
+        sizes = {str(f.relative_to(folder)): f.stat().st_size for f in folder.rglob("*") if f.is_file()}
+        (folder / COMPLETE).write_text(json.dumps({"files": sizes}))
     target.parent.mkdir(parents=True, exist_ok=True)
     if (target / COMPLETE).is_file():
         shutil.rmtree(folder, ignore_errors=True)
