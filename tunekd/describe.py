@@ -103,7 +103,9 @@ OUTPUTS_HELP = """outputs (relative to the working directory; see --dry-run for 
   ./mlflow.db                         MLflow store: parent and trial runs (tracking.uri, --tracking-uri)
   ./ray_results/<study>-<date>-<time> Ray's trial folders and checkpoints (tune.storage_path)
   ./ray_results/teacher_cache/        the teacher-output cache (under tune.storage_path)
-  ./.tunekd_cache/teachers/           fine-tuned teachers, reused by content hash (teacher.cache_dir)"""
+  ./.tunekd_cache/teachers/           fine-tuned teachers, reused by content hash (teacher.cache_dir)
+  (tune.storage_path s3://... or gs://...: Ray's folders, the teacher cache and the fine-tuned teachers
+   all under it, each node's copies in ~/.cache/tunekd/storage; see README "Running on a cluster")"""
 
 
 def dry_run_lines(study, trials: Iterable[tuple[dict, Any, Any]]) -> list[str]:
