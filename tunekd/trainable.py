@@ -24,7 +24,7 @@ import torch
 
 from tunekd import cache as tcache
 from tunekd import checkpoints
-from tunekd import distill, plan
+from tunekd import distill, plan, thread_exit
 from tunekd.data import Encoded
 from tunekd.models import FAMILIES
 from tunekd.students import build_projections, build_student
@@ -269,14 +269,16 @@ def tune_trainable(config: dict[str, Any], shared: Shared) -> None:
     checkpoint = tune.get_checkpoint()
 
     def report(metrics, folder):
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder) if folder else None)
+        with thread_exit.reporting():  # where Tune stops a trial (SystemExit): `thread_exit`
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder) if folder else None)
 
-    if checkpoint is None:
-        run_trial(dict(config), shared, report=report)
-        return
-    # Only the checkpoint Tune names, never a newer one on disk: a worker writes its checkpoint before the
-    # driver sees that epoch's result, so a driver killed in between leaves a newer checkpoint whose epoch
-    # MLflow never got; restoring from it would leave that step missing. The epoch is trained again instead
-    # (deterministically: `checkpoints`), and the tracker skips the steps it already has.
-    with checkpoint.as_directory() as folder:
-        run_trial(dict(config), shared, report=report, restore_dir=folder)
+    with thread_exit.stoppable():
+        if checkpoint is None:
+            run_trial(dict(config), shared, report=report)
+            return
+        # Only the checkpoint Tune names, never a newer one on disk: a worker writes its checkpoint before the
+        # driver sees that epoch's result, so a driver killed in between leaves a newer checkpoint whose epoch
+        # MLflow never got; restoring from it would leave that step missing. The epoch is trained again instead
+        # (deterministically: `checkpoints`), and the tracker skips the steps it already has.
+        with checkpoint.as_directory() as folder:
+            run_trial(dict(config), shared, report=report, restore_dir=folder)
