@@ -483,13 +483,13 @@ class StudyDriver:
             return
         space, config = ((param_space(study), tune_config(study, self.metric)) if self.round_points is None
                          else round_space(study, self.metric, self.round_points))
+        parent, _, name = self.ray_path.rstrip("/").rpartition("/")  # a folder or a URI
         self.tuner = tune.Tuner(
             trainable,
             param_space=space,
             tune_config=config,
             run_config=tune.RunConfig(
-                name=self.ray_path.rstrip("/").rsplit("/", 1)[1], storage_path=self.ray_path.rstrip("/").rsplit("/", 1)[0],
-                verbose=0,
+                name=name, storage_path=parent, verbose=0,
                 callbacks=callbacks,
                 # a running trial's latest checkpoint only; finished trials: `CheckpointCallback`
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
@@ -762,7 +762,7 @@ class CheckpointCallback(_callback_base()):
         from tunekd import checkpoints
 
         if trial.path:  # a failed trial's weights are not kept
-            path = storage_uri(trial.path, getattr(self, "ray_path", ""))
+            path = storage_uri(trial.path, self.ray_path)
             checkpoints.finish_trial(path, None if failed else (trial.last_result or {}).get(self.metric))
             checkpoints.prune_students(path.rstrip("/").rsplit("/", 1)[0], self.keep)
 
