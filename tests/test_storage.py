@@ -228,3 +228,27 @@ def test_finished_trials_pruned_on_s3(s3):
     assert sorted(k.split("/")[0] for k in left if k.endswith(checkpoints.OPTIM)) == ["running"]
     assert json.loads(storage.read_bytes("s3://bkt/prune/exp/b/checkpoint_000001/final.json")) == {"score": 75.0}
     assert json.loads(storage.read_bytes("s3://bkt/prune/exp/c/checkpoint_000001/final.json")) == {"score": None}
+
+
+def test_driver_tags_the_cache_source_and_warns_when_online():
+    """Tag `tunekd.cache_source` once per change of a trial's `perf/cache_source`; a console warning when a
+    trial runs the teacher online although the driver built a cache (not when the cache is off)."""
+    from types import SimpleNamespace
+
+    from tunekd import cache as tc
+    from tunekd.driver import CACHE_SOURCE_TAG, TrialCallback
+
+    tags, lines = [], []
+    tracker = SimpleNamespace(log_trial_metrics=lambda *a: None, tag_trial=lambda *a: tags.append(a))
+    driver = SimpleNamespace(tracker=tracker, cache_sources={}, log=lines.append,
+                             cache=tc.CacheInfo(mode="full", reason="", folder="s3://bkt/c/k", key="k"))
+    cb = TrialCallback(driver)
+    trial = SimpleNamespace(trial_id="t1")
+    for epoch, source in ((1, "storage"), (2, "storage"), (3, "online")):
+        cb.on_trial_result(0, [], trial, {"epoch": epoch, "perf/cache_source": source, "eval/accuracy": 50.0})
+    assert tags == [("t1", CACHE_SOURCE_TAG, "storage"), ("t1", CACHE_SOURCE_TAG, "online")]
+    warnings = [ln for ln in lines if "WARNING" in ln]
+    assert len(warnings) == 1 and "t1 runs the teacher online" in warnings[0] and "s3://bkt/c/k" in warnings[0]
+    driver.cache, driver.cache_sources, lines[:] = tc.CacheInfo(mode="off", reason=""), {}, []
+    cb.on_trial_result(0, [], trial, {"epoch": 1, "perf/cache_source": "online"})
+    assert not [ln for ln in lines if "WARNING" in ln]
