@@ -96,14 +96,14 @@ class Shared:
         """The teacher's config and weights without building the model (enough to build a student)."""
         return TeacherWeights(self.config(), self.teacher_state)
 
-    def open_cache(self) -> tcache.TeacherCache | None:
-        """The teacher-output cache: its folder when this machine has it, else the shipped arrays, else None
-        (the trial then runs the teacher online)."""
-        info = self.cache
-        if info is None or info.mode == "off":
-            return None
-        found = tcache.open_cached(info.folder) if info.folder else None
-        return found if found is not None else self.cache_arrays
+    def open_cache(self) -> tuple[tcache.TeacherCache | None, str]:
+        """The teacher-output cache and where it came from (`cache.open_shared`: this node's folder, object
+        storage read into the node cache, the shipped arrays, or None: the trial runs the teacher online,
+        and says so when the driver built a cache)."""
+        cache, source, why = tcache.open_shared(self.cache, self.cache_arrays)
+        if why:
+            print(f"[tunekd] WARNING: this trial runs the teacher online (perf/cache_source=online): {why}", flush=True)
+        return cache, source
 
 
 @contextlib.contextmanager
@@ -193,7 +193,7 @@ def run_trial(overrides: dict[str, Any], shared: Shared, *, report=None, restore
     torch.set_num_threads(int(threads) if threads else max(1, int(study.tune.resources.cpu)))
     config = shared.config()
     train = shared.encoded["train"]
-    cache = shared.open_cache()
+    cache, cache_source = shared.open_cache()
     if cache is not None and cache.rows != len(train):
         raise RuntimeError(f"teacher cache {shared.cache.folder}: {cache.rows} rows, the training split {len(train)}; "
                            "it was built from other data")
@@ -227,6 +227,7 @@ def run_trial(overrides: dict[str, Any], shared: Shared, *, report=None, restore
     def on_epoch(epoch, metrics, st):
         nonlocal checkpoint_s
         metrics["perf/cache_hit"] = float(cache is not None)
+        metrics["perf/cache_source"] = cache_source
         metrics["perf/teacher_built"] = float(teacher is not None)
         if report is None:
             return
