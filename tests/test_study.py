@@ -105,6 +105,15 @@ def test_per_value_settings_go_with_their_value_only():
         assert study.trial({"student.init": "copy", "distill.lambda_hid": 1}).distill.temperature == s.distill.temperature
     assert s.linked_settings({"student.init": "random"}) == {"train.lr": 1e-3, "train.epochs": 5}
     assert s.linked_settings({"student.init": "copy"}) == {}
+    # --set: a dimension's own settings changed or dropped; a new grid replaces the dimension with them
+    raw = _with(search={"student.init": {"grid": ["copy", "random"], "per_value": {"random": {"train.lr": 1e-3}}}})
+    assert validate(apply_overrides(raw, ["search.student.init.per_value={random: {train.lr: 2e-3}}"])
+                    ).trial({"student.init": "random"}).train.lr == 2e-3
+    dropped = validate(apply_overrides(raw, ["search.student.init.per_value=null", "search.train.lr.grid=[1e-4]"]))
+    assert dropped.search["student.init"].per_value is None and dropped.search["train.lr"].grid == [1e-4]
+    with pytest.raises(ConfigError, match=r"searched itself .*per_value=null"):
+        validate(apply_overrides(raw, ["search.train.lr.grid=[1e-4]"]))
+    assert validate(apply_overrides(raw, ["search.student.init.grid=[copy]"])).search["student.init"].per_value is None
 
 
 def test_explicit_layer_map_is_a_strategy():

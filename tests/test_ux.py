@@ -36,7 +36,7 @@ def _params(study, point):
 
 
 def test_trial_name_fixed_parts_and_varying_dims():
-    study = _study("search.train.lr.grid=[0.0001,0.0002]")
+    study = _study("search.student.init.per_value=null", "search.train.lr.grid=[0.0001,0.0002]")
     p = _params(study, {"student.init": "copy", "distill.strategy": "forward", "train.lr": 2e-4})
     assert describe.trial_name(p, list(study.search)) == "forward·copy·S3·λ3·s0·lr=0.0002"
     # MLflow gives params back as strings: the same name
@@ -152,7 +152,7 @@ def test_parent_summary_best_counts_artifacts(tracked, tmp_path):
     resolved = yaml.safe_load((out / "study.yaml").read_text())
     assert resolved["name"] == "ux" and resolved["search"]["seed"] == {"grid": [0, 1], "choice": None,
                                                                       "uniform": None, "loguniform": None,
-                                                                      "randint": None}
+                                                                      "randint": None, "per_value": None}
     assert (out / "study.original.yaml").read_text() == QUICKSTART.read_text()
 
 

@@ -657,7 +657,8 @@ def _check_search(study: Study, raw: dict, source: str) -> None:
                     raise ConfigError(f"{where}: a value's own setting must be a key of "
                                       f"{', '.join(PER_VALUE_SECTIONS)} (what one trial trains)")
                 if setting in study.search:
-                    raise ConfigError(f"{where}: it is searched itself (search.{setting}); set it in one place")
+                    raise ConfigError(f"{where}: it is searched itself (search.{setting}); set it in one place "
+                                      f"(e.g. --set search.{path}.per_value=null)")
         for point in dim.sample_points():
             trial = copy.deepcopy(raw)
             trial["search"] = {}
@@ -753,8 +754,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             search = raw.setdefault("search", {}) or {}
             raw["search"] = search
             head, _, last = dim.rpartition(".")
-            if last in SEARCH_KINDS and head:
+            if last in SEARCH_KINDS and head:  # a new range or list of values: the dimension is replaced
                 search[head] = {last: value}
+            elif last == "per_value" and head in search and isinstance(search[head], dict):
+                search[head] = {**search[head], "per_value": value}  # the dimension's own settings (null: none)
             elif value is None:
                 if dim not in search:
                     hint = str(unknown("", dim, list(search))).partition(" (did you mean")[2]
