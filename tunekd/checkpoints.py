@@ -115,15 +115,19 @@ def set_rng_state(saved: dict) -> None:
 # --- a finished trial ---------------------------------------------------------------------------
 
 
-def finish_trial(trial_dir: str | Path, score: float | None) -> None:
+def finish_trial(trial_dir: str | Path, score: float | None | dict[str, float | None]) -> None:
     """A trial that ended: delete its optimizer and RNG states (nothing continues it) and record its score
-    (the study's metric at its last epoch) beside the weights, for `prune_students`."""
-    for folder in Path(trial_dir).glob("checkpoint_*"):
-        for name in RESUME_ONLY:
-            (folder / name).unlink(missing_ok=True)
-        if (folder / WEIGHTS).is_file():
-            ok = score is not None and math.isfinite(float(score))
-            (folder / FINAL).write_text(json.dumps({"score": float(score) if ok else None}))
+    (the study's metric at its last epoch) beside the weights, for `prune_students`. A trial group
+    (`tunekd.groups`) gives {member subfolder: score}: each member's checkpoint is finished as a trial's."""
+    scores = score if isinstance(score, dict) else {"": score}
+    for checkpoint in Path(trial_dir).glob("checkpoint_*"):
+        for sub, value in scores.items():
+            folder = checkpoint / sub
+            for name in RESUME_ONLY:
+                (folder / name).unlink(missing_ok=True)
+            if (folder / WEIGHTS).is_file():
+                ok = value is not None and math.isfinite(float(value))
+                (folder / FINAL).write_text(json.dumps({"score": float(value) if ok else None}))
 
 
 def prune_students(experiment_dir: str | Path, keep: int) -> list[Path]:
@@ -131,7 +135,8 @@ def prune_students(experiment_dir: str | Path, keep: int) -> list[Path]:
     folder name), delete the other finished trials' weights, and those of trials without a finite score
     (failed ones); returns the checkpoint folders kept."""
     finished = []
-    for marker in Path(experiment_dir).glob(f"*/checkpoint_*/{FINAL}"):
+    markers = [*Path(experiment_dir).glob(f"*/checkpoint_*/{FINAL}"), *Path(experiment_dir).glob(f"*/checkpoint_*/*/{FINAL}")]
+    for marker in markers:  # a trial's, or a group member's (`tunekd.groups`)
         try:
             score = json.loads(marker.read_text()).get("score")
         except (OSError, ValueError):
