@@ -5,6 +5,7 @@ up front; a grouped study records each member as its own child run, equal to the
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -141,13 +142,13 @@ def test_a_restored_group_continues_every_member_exactly(family, teacher, encode
 def test_group_points_and_views():
     points = [{"seed": s, "distill.strategy": t} for s in (3, 4) for t in ("forward", "reverse")]
     grouped = groups.group_points(points, ["distill.strategy"])
-    assert grouped == [{"seed": 3, groups.MEMBERS: [{"distill.strategy": "forward"}, {"distill.strategy": "reverse"}]},
-                       {"seed": 4, groups.MEMBERS: [{"distill.strategy": "forward"}, {"distill.strategy": "reverse"}]}]
+    values = json.dumps([{"distill.strategy": "forward"}, {"distill.strategy": "reverse"}])
+    assert grouped == [{"seed": 3, groups.MEMBERS: values}, {"seed": 4, groups.MEMBERS: values}]
     assert [m for g in grouped for m in groups.members(g)] == points
     result = groups.group_result({0: {"epoch": 2, "eval/accuracy": 60.0}, 1: {"epoch": 2, "eval/accuracy": 70.0}},
                                  {2: "NonFiniteLoss: x"}, "eval/accuracy")
     assert result["eval/accuracy"] == 70.0 and result["epoch"] == 2
-    config = {"seed": 3, groups.MEMBERS: [{"distill.strategy": s} for s in ("a", "b", "c")]}
+    config = {"seed": 3, groups.MEMBERS: json.dumps([{"distill.strategy": s} for s in ("a", "b", "c")])}
     views = list(groups.views("t1", config, result))
     assert [(v.trial_id, v.folder, v.error) for v in views] == [
         ("t1/0", "m0", None), ("t1/1", "m1", None), ("t1/2", "m2", "NonFiniteLoss: x")]
@@ -179,5 +180,81 @@ def test_bad_group_by_is_one_clear_line(edit, words):
 def test_grouped_space_keeps_the_other_dimensions():
     study = validate(BASE)
     space = groups.grouped_space({"distill.strategy": "S", "train.batch_size": "B"}, study)
-    assert space == {"train.batch_size": "B", groups.MEMBERS: [{"distill.strategy": "forward"},
-                                                                {"distill.strategy": "none"}]}
+    assert space == {"train.batch_size": "B",
+                     groups.MEMBERS: json.dumps([{"distill.strategy": "forward"}, {"distill.strategy": "none"}])}
+
+
+# --- end to end ----------------------------------------------------------------------------------
+
+
+def _study_file(tmp_path, tiny_bert_dir, name, **tune):
+    raw = {
+        "name": name, "seed": 0,
+        "task": {"name": "synthetic", "synthetic": {"train_size": 48, "eval_size": 16}, "max_length": 16},
+        "teacher": {"model": str(tiny_bert_dir)},
+        "student": {"layers": 3, "init": "random"},
+        "distill": {"alpha_ce": 0.5, "alpha_kl": 1.0, "lambda_hid": 1.0},
+        "train": {"epochs": 2, "batch_size": 16, "lr": 1e-3},
+        "search": {"distill.strategy": {"grid": ["forward", "reverse", "none"]}, "seed": {"grid": [0, 1]}},
+        "tune": {"scheduler": "fifo", "resources": {"cpu": 1}, "max_concurrent_trials": 2, "keep_students": 6,
+                 **tune},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.slow
+def test_grouped_study_records_each_member_as_the_ungrouped_study_does(tmp_path, tiny_bert_dir, study_cli,
+                                                                       mlflow_uri):
+    """3 strategies x 2 seeds, grouped by strategy (2 Ray trials of 3 members) and not (6 trials): the same
+    6 child runs (names, params), the same metrics at every epoch, each member's own checkpoint kept."""
+    from pathlib import Path
+
+    from tests.helpers import runs
+
+    plain = _study_file(tmp_path, tiny_bert_dir, "plain")
+    grouped = _study_file(tmp_path, tiny_bert_dir, "grouped", group_by=["distill.strategy"])
+    for path in (plain, grouped):
+        code, out = study_cli([path, "--tracking-uri", mlflow_uri], tmp_path)
+        assert code == 0, out[-4000:]
+    found = {}
+    for name in ("plain", "grouped"):
+        client, parents, children = runs(mlflow_uri, name)
+        assert len(parents) == 1 and len(children) == 6
+        found[name] = {r.info.run_name: r for r in children}
+        for r in children:
+            assert r.data.tags["tunekd.status"] == "completed" and r.info.status == "FINISHED"
+    assert sorted(found["plain"]) == sorted(found["grouped"])
+    for run_name, a in found["plain"].items():
+        b = found["grouped"][run_name]
+        assert a.data.params == b.data.params
+        for key in ("eval/accuracy", "train/loss", "train/loss_hid", "train/loss_kl"):
+            ha = [(m.step, m.value) for m in client.get_metric_history(a.info.run_id, key)]
+            hb = [(m.step, m.value) for m in client.get_metric_history(b.info.run_id, key)]
+            assert ha == hb and [s for s, _ in ha] == [1, 2], (run_name, key)
+    assert {r.data.tags["tunekd.trial_id"].rsplit("/", 1)[-1] for r in found["grouped"].values()} == {"0", "1", "2"}
+    trial_dirs = [p for p in (tmp_path / "ray_results").glob("grouped-*/*") if p.is_dir()]
+    assert len(trial_dirs) == 2  # two Ray trials, one per seed
+    kept = sorted(p.parent.name for d in trial_dirs for p in d.glob("checkpoint_*/m*/model.safetensors"))
+    assert kept == ["m0", "m0", "m1", "m1", "m2", "m2"]
+
+
+@pytest.mark.slow
+def test_adaptive_seeds_make_each_rounds_new_seeds_new_groups(tmp_path, tiny_bert_dir, study_cli, mlflow_uri):
+    """tune.seeds (min 2) with group_by: round 0 runs seeds 0 and 1 as one group each; all members recorded."""
+    from tests.helpers import runs
+
+    path = _study_file(tmp_path, tiny_bert_dir, "seeded", group_by=["distill.strategy"],
+                       seeds={"min": 2, "max": 2, "margin": 100.0, "reference": "forward"})
+    raw = yaml.safe_load(path.read_text())
+    del raw["search"]["seed"]
+    path.write_text(yaml.safe_dump(raw))
+    code, out = study_cli([path, "--tracking-uri", mlflow_uri], tmp_path)
+    assert code == 0, out[-4000:]
+    client, parents, children = runs(mlflow_uri, "seeded")
+    assert len(children) == 6 and all(r.data.tags["tunekd.status"] == "completed" for r in children)
+    assert sorted((r.data.params["distill.strategy"], r.data.params["seed"]) for r in children) == sorted(
+        (s, str(seed)) for s in ("forward", "reverse", "none") for seed in (0, 1))
+    rounds = list((tmp_path / "ray_results").glob("seeded-*-round0"))
+    assert len(rounds) == 1 and len([p for p in rounds[0].iterdir() if p.is_dir()]) == 2

@@ -7,7 +7,7 @@ its own MLflow child run (id `<ray trial id>/<i>`, same name and params), its ow
 `m<i>/` of the group's), its own report row.
 
 A grouped Ray trial's config holds the values every member shares (the other search dimensions) and, under
-`MEMBERS`, each member's values of the grouped dimensions; `members(config)` gives each member's own trial
+`MEMBERS` (as JSON), each member's values of the grouped dimensions; `members(config)` gives each member's own trial
 config. A group's result holds each member's metrics under `m<i>/` (a member that failed: `m<i>/error`, its
 error text), and the study's metric at the top level (the best member's), which Tune needs.
 """
@@ -15,13 +15,16 @@ error text), and the study's metric at the top level (the best member's), which 
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from tunekd.study import Study
 
-MEMBERS = "tunekd.group"  # a grouped Ray trial's config: [{grouped dimension: value}, ...], one per member
+# a grouped Ray trial's config: JSON of [{grouped dimension: value}, ...], one per member (text: Tune would read
+# a list of mappings in a config as nested search dimensions)
+MEMBERS = "tunekd.group"
 ERROR = "error"  # a failed member's key in the group's result (under its prefix)
 
 
@@ -42,7 +45,7 @@ def grouped_space(space: dict[str, Any], study: Study) -> dict[str, Any]:
     if not study.tune.group_by:
         return space
     out = {k: v for k, v in space.items() if k not in study.tune.group_by}
-    out[MEMBERS] = member_values(study)
+    out[MEMBERS] = json.dumps(member_values(study))
     return out
 
 
@@ -51,12 +54,11 @@ def group_points(points: list[dict[str, Any]], group_by: list[str]) -> list[dict
     group, in the order of their first member."""
     if not group_by:
         return points
-    groups: dict[str, dict[str, Any]] = {}
+    found: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
     for p in points:
         shared = {k: v for k, v in p.items() if k not in group_by}
-        key = repr(sorted(shared.items()))
-        groups.setdefault(key, {**shared, MEMBERS: []})[MEMBERS].append({k: p[k] for k in group_by if k in p})
-    return list(groups.values())
+        found.setdefault(repr(sorted(shared.items())), (shared, []))[1].append({k: p[k] for k in group_by if k in p})
+    return [{**shared, MEMBERS: json.dumps(values)} for shared, values in found.values()]
 
 
 def is_group(config: dict[str, Any]) -> bool:
@@ -68,7 +70,7 @@ def members(config: dict[str, Any]) -> list[dict[str, Any]]:
     if not is_group(config):
         return [dict(config)]
     shared = {k: v for k, v in config.items() if k != MEMBERS}
-    return [{**shared, **values} for values in config[MEMBERS]]
+    return [{**shared, **values} for values in json.loads(config[MEMBERS])]
 
 
 @dataclass
