@@ -258,3 +258,48 @@ def test_adaptive_seeds_make_each_rounds_new_seeds_new_groups(tmp_path, tiny_ber
         (s, str(seed)) for s in ("forward", "reverse", "none") for seed in (0, 1))
     rounds = list((tmp_path / "ray_results").glob("seeded-*-round0"))
     assert len(rounds) == 1 and len([p for p in rounds[0].iterdir() if p.is_dir()]) == 2
+
+
+# --- memory checked up front -------------------------------------------------------------------------
+
+
+def test_group_memory_counts_what_the_models_hold(family, teacher, encoded):
+    """The estimate's parts against the built models: the teacher's weights, each member's parameters x 16
+    bytes (weights, gradients, two AdamW moments, projections included), and activations of the order of the
+    tensors autograd actually saves for one member's backward (measured with saved-tensor hooks)."""
+    from tunekd.checks import GiB, check_group_memory, group_memory
+    from tunekd.students import build_projections, build_student
+    from tunekd.tasks import spec_for
+
+    study = group_study(search={"distill.strategy": {"grid": ["forward", "reverse"]}})
+    study = study.model_copy(update={"student": study.student.model_copy(update={"hidden_size": 16,
+                                                                                  "num_attention_heads": 2})})
+    trials = [study.trial({"distill.strategy": s}) for s in ("forward", "reverse")]
+    est = group_memory(trials, teacher.config, family)
+    t_params = sum(p.numel() for p in teacher.parameters())
+    length, width, layers = 32, family.hidden_size(teacher.config), family.num_layers(teacher.config)
+    assert est["teacher"] == 4 * t_params + 4 * 16 * length * width * (layers + 1)
+    student = build_student(teacher, family, spec_for(study.task), trials[0].student, seed=0).model
+    proj = build_projections([(i, i) for i in range(4)], 16, width, seed=0)
+    s_params = sum(p.numel() for p in student.parameters())
+    assert 2 * 16 * (s_params + sum(p.numel() for p in proj.parameters())) == est["students"]
+
+    saved = {}
+
+    def pack(t):
+        saved[t.data_ptr()] = t.numel() * t.element_size()
+        return t
+
+    batch = {k: torch.from_numpy(encoded["train"].arrays[k][:16]).long()
+             for k in ("input_ids", "attention_mask", "token_type_ids", "labels")}
+    student.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        family.forward(student, batch, hidden=True).logits.sum().backward()
+    measured = sum(saved.values())
+    assert 0.5 < est["activations"] / measured < 4, (est["activations"], measured)
+    assert est["total"] == est["teacher"] + est["students"] + est["activations"]
+    # refused with the figures when it does not fit
+    with pytest.raises(ConfigError) as exc:
+        check_group_memory(study, [trials], teacher.config, family, available=(est["total"] - 1, "1 byte less"))
+    assert str(exc.value).startswith("tune.group_by: a group of 2 trials needs about ") and "1 byte less" in str(exc.value)
+    assert check_group_memory(study, [trials], teacher.config, family, available=(GiB, "1 GiB"))["k"] == 2

@@ -209,10 +209,22 @@ class StudyDriver:
                                   f"teacher {t_width}; use student.init 'random' for a narrower student")
         self.log(f"validated {len(self.points)} trial configurations against the teacher ({family.name}, "
                  f"{family.num_layers(config)} layers, width {t_width})")
+        if self.study.tune.group_by:
+            self.check_groups()
         if (cfg := self.study.tune.seeds) is not None:
             self.log(f"tune.seeds: {grid_size(self.study)} configurations x seeds {self.study.seed}.."
                      f"{self.study.seed + cfg.min - 1} first, then one more seed per round for each pair still "
                      f"inconclusive against {cfg.reference!r} (margin {cfg.margin:g}), up to {cfg.max} seeds")
+
+    def check_groups(self) -> None:
+        """tune.group_by: the largest group's memory against what a trial has (`checks.check_group_memory`)."""
+        from tunekd.checks import GiB, check_group_memory
+
+        found = [[self.trials(m).study for m in groups.members(g)]
+                 for g in groups.group_points(self.points, self.study.tune.group_by)]
+        worst = check_group_memory(self.study, found, self.teacher_config, self.family)
+        self.log(f"tune.group_by {', '.join(self.study.tune.group_by)}: groups of up to {worst['k']} trials, one Ray "
+                 f"trial each; the largest needs about {worst['total'] / GiB:.2f} GiB")
 
     def find_resume(self) -> None:
         """--resume: the parent run and its Ray state, from the tracking store as it is (nothing created).
