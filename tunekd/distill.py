@@ -428,6 +428,22 @@ class Member:
             self.rng = generator_states()
 
 
+def step_members(members: list[Member], batch: dict[str, torch.Tensor], train_cfg: TrainConfig, device, scaler,
+                 fail: Callable[[Member, Exception], None]) -> list[tuple[Member, dict[str, torch.Tensor]]]:
+    """One optimizer step of every member still training on the same batch (each with its own generators;
+    a group's teacher forward runs at the first member that asks); a non-finite loss goes to `fail`."""
+    out = []
+    for m in members:
+        if m.error is not None:
+            continue
+        try:
+            with m.own_rng():
+                out.append((m, train_step(m.distiller, m.state, batch, train_cfg, device, scaler)))
+        except NonFiniteLoss as exc:
+            fail(m, exc)
+    return out
+
+
 def fit(
     distiller: Distiller,
     spec,
@@ -515,15 +531,7 @@ def fit_members(
             if startup is None and started is not None:
                 startup = time.perf_counter() - started
             batch = _to_device(train.batch(index), device)
-            for m in live:
-                if m.error is not None:
-                    continue
-                try:
-                    with m.own_rng():
-                        parts = train_step(m.distiller, m.state, batch, train_cfg, device, scaler)
-                except NonFiniteLoss as exc:
-                    fail(m, exc)
-                    continue
+            for m, parts in step_members(live, batch, train_cfg, device, scaler, fail):
                 member_sums = sums[id(m)]
                 for k in member_sums:
                     member_sums[k] += float(parts[k].detach())
