@@ -63,6 +63,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu or cuda (part step)")
     p.add_argument("--precision", default="fp32", help="fp32 or bf16 (part step)")
     p.add_argument("--sequential", action="store_true", help="part step: one K at a time, with its peak memory")
+    p.add_argument("--shape", default="bert-base", help="part step's teacher: bert-base, or minilm (a smoke run)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--length", type=int, default=128)
@@ -119,7 +120,7 @@ def bench_steps(args, log=log) -> dict:
     device = torch.device(args.device)
     ks = sorted({int(k) for k in args.ks.split(",") if k.strip()})
     spec = get_task("sst2")
-    family, teacher = make_teacher("bert-base", spec)
+    family, teacher = make_teacher(args.shape, spec)
     teacher.to(device)
     t_layers = family.num_layers(teacher.config)
     n_batches = 4
@@ -205,7 +206,7 @@ def bench_steps(args, log=log) -> dict:
     out = {"plain_s": med["plain"], "group_s": {k: med[f"k{k}"] for k in ks},
            "per_member_s": {k: med[f"k{k}"] / k for k in ks},
            "per_member_over_plain": {k: med[f"k{k}"] / k / med["plain"] for k in ks},
-           "reps": args.reps, "device": str(device), "precision": args.precision, "threads": args.threads,
+           "reps": args.reps, "shape": args.shape, "device": str(device), "precision": args.precision, "threads": args.threads,
            "batch_size": args.batch_size, "length": args.length}
     if peak:
         out["peak_gib"] = peak
@@ -314,7 +315,7 @@ def main(argv=None) -> int:
     summary: dict = {"quick": args.quick, "load_before": os.getloadavg()[0]}
     if "step" in parts:
         step = summary["step"] = bench_steps(args)
-        print(f"\nstep, bert-base shape (12 x 768 teacher online, 3-layer students), batch {args.batch_size} x "
+        print(f"\nstep, {args.shape} shape (teacher online, 3-layer students), batch {args.batch_size} x "
               f"length {args.length}, {args.precision}, {args.device}, {args.threads} threads, medians of "
               f"{args.reps} steps")
         print(f"{'K':>3} {'group step s':>13} {'per member s':>13} {'/ plain':>8}" +
