@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import pytest
 import torch
@@ -303,3 +304,52 @@ def test_group_memory_counts_what_the_models_hold(family, teacher, encoded):
         check_group_memory(study, [trials], teacher.config, family, available=(est["total"] - 1, "1 byte less"))
     assert str(exc.value).startswith("tune.group_by: a group of 2 trials needs about ") and "1 byte less" in str(exc.value)
     assert check_group_memory(study, [trials], teacher.config, family, available=(GiB, "1 GiB"))["k"] == 2
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes_every_member(tmp_path, tiny_bert_dir, mlflow_uri):
+    """A group of three lr values, one absurd (its loss turns non-finite in epoch 1: it fails alone). The
+    driver is killed once the group has reported epoch 1; `--resume` finishes the two others (MLflow steps
+    1, 2, 3 each, none written twice) and the failed member stays failed."""
+    from tests.helpers import descendants, kill_tree, steps, wait_for
+    from tests.helpers import runs as _runs
+    from tests.test_faults import finish, start_cli, write_study
+
+    study = write_study(tmp_path, tiny_bert_dir, name="groups_resume",
+                        task={"synthetic": {"train_size": 1200, "eval_size": 32}}, train={"epochs": 3},
+                        search={"train.lr": {"grid": [1e-3, 3e-3, 1e12]}},
+                        tune={"group_by": ["train.lr"], "max_concurrent_trials": 1})
+    proc = start_cli(study, tmp_path, mlflow_uri)
+
+    def after_epoch_1():
+        try:
+            client, _, children = _runs(mlflow_uri, "groups_resume")
+        except Exception:
+            return False
+        status = sorted(r.data.tags.get("tunekd.status") for r in children)
+        return status == ["failed", "running", "running"] and all(
+            steps(client, r) == [1] for r in children if r.data.tags.get("tunekd.status") == "running")
+
+    try:
+        wait_for(after_epoch_1, timeout=400, every=0.1)
+        tree = descendants(proc.pid)
+        kill_tree([proc.pid])
+        proc.wait(timeout=30)
+        time.sleep(1)
+        kill_tree(tree)
+    finally:
+        if proc.poll() is None:
+            kill_tree(descendants(proc.pid) + [proc.pid])
+    code, out = finish(start_cli(study, tmp_path, mlflow_uri, "--resume"))
+    assert code == 0, out[-4000:]
+    client, parents, children = _runs(mlflow_uri, "groups_resume")
+    assert len(parents) == 1
+    trials = {float(r.data.params["train.lr"]): r for r in children if r.data.tags["tunekd.status"] != "superseded"}
+    assert sorted(trials) == [1e-3, 3e-3, 1e12]
+    assert trials[1e12].data.tags["tunekd.status"] == "failed" and trials[1e12].info.status == "FAILED"
+    assert "non-finite loss" in trials[1e12].data.tags["tunekd.error"]
+    for lr in (1e-3, 3e-3):
+        assert trials[lr].data.tags["tunekd.status"] == "completed"
+        assert steps(client, trials[lr]) == [1, 2, 3]
+    # restored, not run again: the same child runs, and the resumed driver saw no epoch 1
+    assert len(children) == 3 and " epoch 1:" not in out and " epoch 2:" in out, out[-3000:]
