@@ -239,9 +239,11 @@ def study_of(args, workdir: Path):
 
 
 def run_study(name: str, base, workdir: Path) -> dict:
-    """One variant through the driver's steps (no MLflow); timed from the teacher-output cache to the end."""
+    """One variant through the driver's steps (no MLflow; `benchmarks/study.py`'s `drive`); timed from the
+    teacher-output cache to the end."""
+    from study import drive  # benchmarks/study.py
+
     from tunekd import groups
-    from tunekd.driver import RunOptions, StudyDriver
 
     grouped, cached = name.startswith("grouped"), name.endswith("cached")
     tune = {"storage_path": tempfile.mkdtemp(prefix=f"{name}-", dir=workdir),
@@ -249,18 +251,7 @@ def run_study(name: str, base, workdir: Path) -> dict:
     study = base.model_copy(update={
         "tune": base.tune.model_copy(update=tune),
         "teacher": base.teacher.model_copy(update={"cache_budget_gb": 2.0 if cached else 0.0})})
-    driver = StudyDriver(study, RunOptions(track=False), log=log)
-    driver.setup_task()
-    driver.preflight()
-    driver.connect()  # the Ray main started
-    driver.setup_data()
-    driver.setup_teacher()
-    t0 = time.perf_counter()
-    driver.setup_cache()
-    driver.setup_tracking()
-    driver.setup_tuner()
-    driver.fit()
-    wall = time.perf_counter() - t0
+    driver, wall = drive(study, log=log)
     accuracy = {}
     for result in driver.results:
         if result.error:

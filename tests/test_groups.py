@@ -210,7 +210,6 @@ def test_grouped_study_records_each_member_as_the_ungrouped_study_does(tmp_path,
                                                                        mlflow_uri):
     """3 strategies x 2 seeds, grouped by strategy (2 Ray trials of 3 members) and not (6 trials): the same
     6 child runs (names, params), the same metrics at every epoch, each member's own checkpoint kept."""
-    from pathlib import Path
 
     from tests.helpers import runs
 
