@@ -13,7 +13,7 @@ as a ratio to `plain`. The variants are interleaved rep by rep (the K groups are
 members, so their weights move on; the time of a step does not depend on them), each figure a median;
 `--sequential`: each K built, timed and freed in turn, with its peak memory (CUDA: max_memory_allocated).
 
-Part `study` — SST-2 (`--rows` training rows, 872 dev rows), the MiniLM-L6 teacher fine-tuned once (not
+Part `study` — SST-2 (`--rows` training rows, 256 of the 872 dev rows), the MiniLM-L6 teacher fine-tuned once (not
 timed), 3-layer students, five strategies x 2 seeds, FIFO, 2 concurrent Ray trials of 1 CPU each, through
 the project's driver (`StudyDriver`, no MLflow): `ungrouped` (10 Ray trials) and `grouped`
 (`tune.group_by: [distill.strategy]`, 2 Ray trials of 5), with the teacher-output cache off (`online`:
@@ -226,7 +226,7 @@ def study_of(args, workdir: Path):
     return Study.model_validate({
         "name": "groups_bench", "seed": 0,
         "task": {"name": "sst2", "data_dir": str(Path(args.data).resolve()), "max_length": 64,
-                 "max_train_samples": args.rows},
+                 "max_train_samples": args.rows, "max_eval_samples": 256},
         "teacher": {"model": args.teacher, "finetune": {"epochs": 1, "lr": 1e-4, "batch_size": 32},
                     "cache_dir": str(workdir / ".tunekd_cache"), "sanity": "off"},
         "student": {"layers": 3, "init": "copy"},
