@@ -253,9 +253,10 @@ def test_paired_differences_other_reference_and_sweep(runs, store):
     p = report.paired_differences(sweep, "eval/accuracy", "forward", MARGIN)
     assert len(p) == 4 and (p["n"] == 2).all()  # paired by seed within each (layers, λ)
     assert {"layers", "lambda_hid"} <= set(p.columns)
-    # every difference is exactly 0.5: sd 0, a point interval inside the margin
-    assert np.allclose(p["mean_diff"], 0.5) and (p["ci_low"] == p["ci_high"]).all()
-    assert set(p["verdict"]) == {"equivalent"}
+    # every difference is exactly 0.5: sd 0 estimates no spread: no interval, no verdict, a warning naming the trials
+    assert np.allclose(p["mean_diff"], 0.5) and p["ci_low"].isna().all()
+    assert set(p["verdict"]) == {"inconclusive"}
+    assert all(w.startswith("identical differences (sd 0) decide nothing: t") and " vs t" in w for w in p["warning"])
 
 
 def test_paired_differences_few_pairs_inconclusive(runs):
@@ -277,7 +278,8 @@ def test_cli_writes_files_and_logs_artifacts(store, tmp_path, capsys):
     out = tmp_path / "rep"
     rc = report.main(["--experiment", "kd", "--tracking-uri", store.uri, "--out", str(out)])
     assert rc == 0
-    expected = {"report.md", "table.csv", "paired.csv", "table.tex", "strategies_accuracy.png", "strategies_f1.png",
+    expected = {"report.md", "table.csv", "paired.csv", "claims.csv", "table.tex", "strategies_accuracy.png",
+                "strategies_f1.png",
                 "paired_accuracy.png", "paired_f1.png"}
     assert {p.name for p in out.iterdir()} == expected
     for png in out.glob("*.png"):
@@ -305,11 +307,12 @@ def test_cli_lambda_and_depth_plots(store, tmp_path, capsys):
     rc = report.main(["--experiment", "kd-sweep", "--tracking-uri", store.uri, "--out", str(out),
                       "--metric", "accuracy", "--margin", "0.25", "--no-log"])
     assert rc == 0
-    assert {p.name for p in out.iterdir()} == {"report.md", "table.csv", "paired.csv", "table.tex",
+    assert {p.name for p in out.iterdir()} == {"report.md", "table.csv", "paired.csv", "claims.csv", "table.tex",
                                                 "strategies_accuracy.png", "paired_accuracy.png",
                                                 "lambda_accuracy.png", "depth_accuracy.png"}
     paired = pd.read_csv(out / "paired.csv")
-    assert set(paired["verdict"]) == {"different"}  # 0.5 exactly, outside a 0.25 margin
+    # 0.5 exactly, outside a 0.25 margin, but identical differences (sd 0) decide nothing
+    assert set(paired["verdict"]) == {"inconclusive"} and paired["warning"].str.startswith("identical").all()
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -362,40 +365,48 @@ def asha_runs(store):
     return df, curves
 
 
-def test_pairs_compared_at_the_deepest_common_rung(asha_runs, store):
+def test_asha_pairs_get_verdicts_only_where_the_epoch_does_not_depend_on_the_outcome(asha_runs, store):
     df, curves = asha_runs
-    final = report.paired_differences(df, "eval/accuracy", "forward", MARGIN)  # no histories: completed, final
+    # no histories: completed trials at the final epoch; reverse/copy lost seeds 0 and 1 to ASHA's stops, so which
+    # pairs exist was chosen by the outcome: descriptive, no verdict; every random-init trial was stopped: no row
+    final = report.paired_differences(df, "eval/accuracy", "forward", MARGIN)
     row = final[(final["strategy"] == "reverse") & (final["init"] == "copy")].iloc[0]
-    assert row["n"] == 1 and row["rung"] == "final"
-    assert set(final["init"]) == {"copy"}  # every random-init trial was stopped early: left out
+    assert row["n"] == 1 and row["rung"] == "final" and row["verdict"] == "descriptive"
+    assert set(final["init"]) == {"copy"}
 
     withh = report.with_histories(store.client, df, ["eval/accuracy"])
-    paired = report.paired_differences(withh, "eval/accuracy", "forward", MARGIN)
+    assert report.common_epoch(withh, "eval/accuracy") == 1  # the grace rung: every trial reached epoch 1
+    paired = report.paired_differences(withh, "eval/accuracy", "forward", MARGIN)  # default: at epoch 1
     by = {r["init"]: r for _, r in paired.iterrows()}
-    # copy: seed 0 at epoch 1 (72 - 70), seed 1 at epoch 2 (78 - 76), seed 2 at epoch 3 (80.5 - 81)
-    d_copy = [72 - 70, 78 - 76, 80.5 - 81]
-    d_random = [53 - 50, 51 - 52, 55 - 51]
-    for init, d in (("copy", d_copy), ("random", d_random)):
-        expect = report.paired_test(np.array(d, float), MARGIN)
-        assert by[init]["n"] == 3
+    for init in ("copy", "random"):
+        d = [curves[("reverse", init, s)][0] - curves[("forward", init, s)][0] for s in range(3)]
+        half = stats.t.ppf(0.975, 2) * np.std(d, ddof=1) / np.sqrt(3)  # by hand
+        assert by[init]["n"] == 3 and by[init]["rung"] == "1" and by[init]["basis"] == "epoch 1, every trial"
         assert by[init]["mean_diff"] == pytest.approx(np.mean(d))
-        assert by[init]["sd_diff"] == pytest.approx(np.std(d, ddof=1))
-        half = stats.t.ppf(0.975, 2) * np.std(d, ddof=1) / np.sqrt(3)  # by hand, not via paired_test
         assert by[init]["ci_low"] == pytest.approx(np.mean(d) - half)
-        assert by[init]["verdict"] == expect["verdict"]
-    assert by["copy"]["rung"] == "1–3" and by["random"]["rung"] == "1"
+        assert by[init]["verdict"] in ("equivalent", "different", "inconclusive")
+    # each pair at the deepest epoch both trials reached: chosen by ASHA's stops, so descriptive
+    deep = report.paired_differences(withh, "eval/accuracy", "forward", MARGIN, at="deepest")
+    by = {r["init"]: r for _, r in deep.iterrows()}
+    d_copy = [72 - 70, 78 - 76, 80.5 - 81]  # seed 0 at epoch 1, seed 1 at epoch 2, seed 2 at epoch 3
+    assert by["copy"]["mean_diff"] == pytest.approx(np.mean(d_copy)) and by["copy"]["rung"] == "1–3"
+    assert set(deep["verdict"]) == {"descriptive"}
+    # an epoch past the grace rung is not reached by every trial: descriptive too
+    assert set(report.paired_differences(withh, "eval/accuracy", "forward", MARGIN, at=2)["verdict"]) == {"descriptive"}
 
 
-def test_report_cli_is_rung_aware_by_default(asha_runs, store, tmp_path):
+def test_report_cli_compares_asha_studies_at_the_grace_rung(asha_runs, store, tmp_path):
     code = report.main(["--experiment", "kd-asha", "--tracking-uri", store.uri, "--out", str(tmp_path / "a"),
                         "--no-log"])
     assert code == 0
     paired = pd.read_csv(tmp_path / "a" / "paired.csv")
-    assert sorted(paired["init"]) == ["copy", "random"] and list(paired["rung"].astype(str)) == ["1", "1–3"]
+    assert sorted(paired["init"]) == ["copy", "random"] and list(paired["rung"].astype(str)) == ["1", "1"]
+    assert "descriptive" not in set(paired["verdict"])
     md = (tmp_path / "a" / "report.md").read_text()
-    assert "| rung |" in md.replace("| n | rung |", "| rung |") and "deepest epoch (rung)" in md
+    assert "**epoch 1, every trial**" in md and "## Descriptive: each pair at the deepest epoch" in md and "1–3" in md
     code = report.main(["--experiment", "kd-asha", "--tracking-uri", store.uri, "--out", str(tmp_path / "b"),
                         "--no-log", "--final-only"])
     assert code == 0
     paired = pd.read_csv(tmp_path / "b" / "paired.csv")
     assert list(paired["init"]) == ["copy"] and list(paired["rung"]) == ["final"] and list(paired["n"]) == [1]
+    assert list(paired["verdict"]) == ["descriptive"]

@@ -57,7 +57,7 @@ def test_seeds_config_validates_and_design_follows_the_study():
 
 
 @pytest.mark.parametrize("edits, words", [
-    ({"tune.seeds.reference": "reverse_x"}, "reference 'reverse_x' is not one of the searched strategies"),
+    ({"tune.seeds.reference": "reverse_x"}, "reference 'reverse_x' is not one of the searched values of distill.strategy"),
     ({"search.distill.strategy": None}, "needs a search.distill.strategy grid"),
     ({"search.seed": {"grid": [0, 1]}}, "remove search.seed"),
     ({"tune.scheduler": "asha"}, "needs tune.scheduler 'fifo'"),
@@ -95,15 +95,21 @@ def _frame(values: dict, design: Design, status: dict | None = None, strings: bo
     return results_frame(records, design, "eval/accuracy")
 
 
-def _verdict_by_hand(d, margin=1.0, alpha=0.05):
-    """TOST and t interval from the formulas (float64), not via report.paired_test."""
+def _verdict_by_hand(d, margin=1.0, design=None):
+    """The look's verdict from the formulas (float64), with the design's critical values for n pairs: equivalent
+    when mean ± c_eq·se lies inside ±margin, different when |mean| > c_diff·se; not via stats.sequential_test.
+    Without a design: the fixed-n TOST and 95% interval (t quantiles)."""
     d = np.asarray(d, float)
     n, m, s = len(d), d.mean(), d.std(ddof=1)
     se = s / math.sqrt(n)
-    t90, t95 = stats.t.ppf(1 - alpha, n - 1), stats.t.ppf(1 - alpha / 2, n - 1)
-    if -margin < m - t90 * se and m + t90 * se < margin:
+    if design is None:
+        c_eq, c_diff = stats.t.ppf(0.95, n - 1), stats.t.ppf(0.975, n - 1)
+    else:
+        b = design.boundaries()
+        c_eq, c_diff = b.eq[n - b.n_min], b.diff[n - b.n_min]
+    if -margin < m - c_eq * se and m + c_eq * se < margin:
         return "equivalent"
-    if m - t95 * se > 0 or m + t95 * se < 0:
+    if abs(m) > c_diff * se:
         return "different"
     return "inconclusive"
 
@@ -120,9 +126,11 @@ def test_round_zero_runs_every_pair_at_min_seeds():
 
 
 # copy: reverse - forward = [0.1, 0.2, 0.0] (equivalent within ±1); random: [3, -2, 1] (inconclusive);
-# none - forward: copy [5, 6, 5.5] (different), random [0.4, -0.3, 0.2] (equivalent)
+# none - forward: copy [5, 6, 5.5] (different), random [0.2, -0.1, 0.1] (equivalent). At the first look of the
+# O'Brien–Fleming design (3 of 5 seeds) the boundaries are wide: [0.4, -0.3, 0.2], equivalent at a fixed n = 3,
+# is inconclusive there.
 DIFFS = {("reverse", "copy"): [0.1, 0.2, 0.0], ("reverse", "random"): [3.0, -2.0, 1.0],
-         ("none", "copy"): [5.0, 6.0, 5.5], ("none", "random"): [0.4, -0.3, 0.2]}
+         ("none", "copy"): [5.0, 6.0, 5.5], ("none", "random"): [0.2, -0.1, 0.1]}
 REF = {"copy": [80.0, 82.0, 81.0], "random": [60.0, 55.0, 58.0]}
 
 
@@ -139,10 +147,11 @@ def test_decided_pairs_stop_and_the_inconclusive_one_gets_one_more_seed():
     plan = plan_round(_frame(_values(), d), d)
     by = {(p["strategy"], p["student.init"]): p for p in plan.pairs}
     for key, ds in DIFFS.items():
-        assert by[key]["verdict"] == _verdict_by_hand(ds), key
+        assert by[key]["verdict"] == _verdict_by_hand(ds, design=d), key
         assert by[key]["n"] == 3 and by[key]["seeds"] == 3
         assert by[key]["mean_diff"] == pytest.approx(np.mean(ds))
     assert [by[k]["verdict"] for k in DIFFS] == ["equivalent", "inconclusive", "different", "equivalent"]
+    assert _verdict_by_hand([0.4, -0.3, 0.2]) == "equivalent" != _verdict_by_hand([0.4, -0.3, 0.2], design=d)
     assert by[("reverse", "random")]["state"] == "more"
     assert {by[k]["state"] for k in DIFFS if k != ("reverse", "random")} == {"final"}
     # seed index 3 (= 13) for the strategy and its reference, in that cell only
@@ -161,7 +170,7 @@ def test_the_next_round_uses_the_new_seed_and_max_ends_it():
     plan = plan_round(_frame(vals, d), d)
     pair = next(p for p in plan.pairs if (p["strategy"], p["student.init"]) == ("reverse", "random"))
     assert pair["seeds"] == 4 and pair["n"] == 4 and pair["verdict"] == "inconclusive" == _verdict_by_hand(
-        [3, -2, 1, 0.5])
+        [3, -2, 1, 0.5], design=d)
     assert pair["state"] == "final" and plan.done
     # min == max: nothing beyond round 0
     d3 = _design(min_=3, max_=3)
@@ -191,8 +200,8 @@ def test_failed_trials_end_but_give_no_pair():
     vals[("none", "copy", 1)] = None
     plan = plan_round(_frame(vals, d, status={("none", "copy", 1): "failed"}), d)
     pair = next(p for p in plan.pairs if (p["strategy"], p["student.init"]) == ("none", "copy"))
-    assert pair["n"] == 2  # seeds 10 and 12
-    assert pair["verdict"] == _verdict_by_hand([5.0, 5.5])
+    assert pair["n"] == 2  # seeds 10 and 12: fewer than min = 3 completed pairs decide nothing
+    assert pair["verdict"] == "inconclusive" and pair["state"] == "more"
 
 
 # --- end to end ----------------------------------------------------------------------------------
@@ -201,11 +210,11 @@ def test_failed_trials_end_but_give_no_pair():
 @pytest.mark.slow
 def test_adaptive_study_end_to_end_and_resume(tmp_path, tiny_bert_dir, study_cli, mlflow_uri, monkeypatch):
     """Cells λ=0 and λ=5, forward (reference) vs reverse, seeds min 2. With λ=0 the hidden loss is off, so
-    reverse and forward train the same student: the differences are exactly 0 on every seed, equivalent
-    after `min` (margin 0.001). Every λ=5 trial is made to fail (TUNEKD_INJECT_FAULT): that pair has no
-    paired value, stays inconclusive and gets seeds until `max`. Run 1 stops at max 2 (round 0 only);
-    `--resume --set tune.seeds.max=3` continues the same parent: it reads round 0 back from MLflow and runs
-    only seed 2 of the λ=5 pair (round 1)."""
+    reverse and forward train the same student: the differences are exactly 0 on every seed, which decides
+    nothing (sd 0: inconclusive, with a warning; the pre-flight warns first). Every λ=5 trial is made to fail
+    (TUNEKD_INJECT_FAULT): that pair has no paired value. Run 1 stops at max 2 (round 0 only); `--resume --set
+    tune.seeds.max=3` is refused (a sequential design fixes max); `--resume-force` continues the same parent,
+    marks its verdicts "unadjusted", reads round 0 back from MLflow and runs only seed 2 (round 1)."""
     from tests.helpers import runs
 
     raw = {
@@ -236,35 +245,43 @@ def test_adaptive_study_end_to_end_and_resume(tmp_path, tiny_bert_dir, study_cli
         assert first[(0.0, "reverse", seed)].data.metrics["eval/accuracy"] == \
             first[(0.0, "forward", seed)].data.metrics["eval/accuracy"]
     assert "adaptive seeds: eval/accuracy" in out and "reverse - forward" in out
+    assert "WARNING: strategies forward, reverse run the same trial (λ = 0" in out
 
     code, out = study_cli([study, "--tracking-uri", mlflow_uri, "--resume", "latest", "--set", "tune.seeds.max=3"],
                           tmp_path)
+    assert code == 2 and "tune.seeds.max 2 → 3" in out, out[-2000:]
+    code, out = study_cli([study, "--tracking-uri", mlflow_uri, "--resume", "latest", "--resume-force",
+                           "--set", "tune.seeds.max=3"], tmp_path)
     assert code == 0, out[-4000:]
     client, parents, children = runs(mlflow_uri, "seeds_e2e")
-    assert len(parents) == 1 and len(children) == 10  # round 0 not run again
+    assert len(parents) == 1 and len(children) == 12  # round 0 not run again
     new = [r for r in children if r.info.run_id not in {x.info.run_id for x in first.values()}]
     assert sorted((float(r.data.params["distill.lambda_hid"]), r.data.params["distill.strategy"],
-                   int(r.data.params["seed"])) for r in new) == [(5.0, "forward", 2), (5.0, "reverse", 2)]
+                   int(r.data.params["seed"])) for r in new) == [(lam, s, 2) for lam in (0.0, 5.0)
+                                                                  for s in ("forward", "reverse")]
     parent = client.get_run(parents[0].info.run_id)
     assert parent.data.tags["tunekd.seeds.rounds"] == "2" and parent.data.tags["tunekd.seeds.state"] == "final"
+    assert parent.data.tags["tunekd.design.unadjusted"] == "true"
+    assert json.loads(parent.data.tags["tunekd.design"])["seeds"]["max"] == 2  # as designed; the change is recorded
     assert parent.info.status == "FINISHED"
     path = client.download_artifacts(parent.info.run_id, "seeds/rounds.json", str(tmp_path))
     with open(path) as f:
         doc = json.load(f)
     assert [r["round"] for r in doc["rounds"]] == [0, 1]
-    assert len(doc["rounds"][0]["trials"]) == 8 and len(doc["rounds"][1]["trials"]) == 2
+    assert len(doc["rounds"][0]["trials"]) == 8 and len(doc["rounds"][1]["trials"]) == 4
     assert doc["rounds"][0]["ray_path"] != doc["rounds"][1]["ray_path"]
     pairs = {p["distill.lambda_hid"]: p for p in doc["pairs"]}
-    assert pairs[0.0]["verdict"] == "equivalent" and pairs[0.0]["seeds"] == 2 and pairs[0.0]["n"] == 2
-    assert pairs[0.0]["mean_diff"] == 0.0
+    assert pairs[0.0]["verdict"] == "inconclusive" and pairs[0.0]["seeds"] == 3 and pairs[0.0]["n"] == 3
+    assert pairs[0.0]["mean_diff"] == 0.0 and pairs[0.0]["degenerate"]
     assert pairs[5.0]["verdict"] == "inconclusive" and pairs[5.0]["seeds"] == 3 and pairs[5.0]["n"] == 0
-    assert parent.data.tags["tunekd.seeds.verdicts"] == "1 equivalent, 1 inconclusive"
-    # the report's own paired differences on the recorded runs agree with the planner's verdict
+    assert parent.data.tags["tunekd.seeds.verdicts"] == "2 inconclusive"
+    # the report on the recorded runs: no verdict from identical values, and the trials named
     from tunekd import report
 
     df = report.load_runs(client, "seeds_e2e")
     paired = report.paired_differences(df, "eval/accuracy", "forward", margin=0.001)
-    assert paired[["n", "verdict", "mean_diff"]].values.tolist() == [[2, "equivalent", 0.0]]  # λ=0 only completed
+    assert paired[["n", "verdict", "mean_diff"]].values.tolist() == [[3, "inconclusive", 0.0]]  # λ=0 only completed
+    assert paired["warning"].iloc[0].startswith("identical differences (sd 0) decide nothing")
 
 
 def test_cell_values_match_however_they_are_written():
@@ -272,7 +289,8 @@ def test_cell_values_match_however_they_are_written():
     raw = _raw(**{"search.distill.lambda_hid": {"grid": [0, 5]}})
     d = Design.from_study(validate(raw))
     recs = [({"distill.strategy": s, "student.init": i, "distill.lambda_hid": lam, "seed": seed}, "completed",
-             {"eval/accuracy": 50.0})
-            for s in d.strategies for i in ("copy", "random") for lam in ("0.0", 5.0) for seed in d.seeds[:3]]
+             {"eval/accuracy": 70.0 + 0.01 * k * j})  # pairs: d = 0.01·k·(0, 1, 2), equivalent within ±1
+            for k, s in enumerate(d.strategies) for i in ("copy", "random") for lam in ("0.0", 5.0)
+            for j, seed in enumerate(d.seeds[:3])]
     plan = plan_round(results_frame(recs, d, "eval/accuracy"), d)
     assert plan.done and {p["verdict"] for p in plan.pairs} == {"equivalent"} and len(plan.pairs) == 8

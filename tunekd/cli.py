@@ -11,12 +11,13 @@ import sys
 COMMANDS = {
     "run": ("tunekd.run", "main", "run a study file on Ray Tune, recorded in MLflow"),
     "report": ("tunekd.report", "main", "tables, paired tests, plots and a LaTeX table of a recorded study"),
+    "plan": ("tunekd.planning", "main", "plan a study's seeds: verdict probabilities, expected trials and time"),
     "angles": ("tunekd.angles", "main", "angles at student states between teacher layers"),
     "list": ("tunekd.studies", "main_list", "the studies and parent runs in an MLflow store"),
     "compare": ("tunekd.studies", "main_compare", "two studies' strategy tables side by side"),
 }
 
-USAGE = """usage: tunekd {run,report,angles,list,compare} ...
+USAGE = """usage: tunekd {run,report,plan,angles,list,compare} ...
 
 Knowledge-distillation studies with intermediate-layer matching, on Ray Tune and MLflow.
 
@@ -28,6 +29,7 @@ examples:
   tunekd run STUDY.yaml --dry-run                        # every trial's name, layer map, epochs; outputs
   tunekd list                                            # studies in ./mlflow.db
   tunekd report --experiment quickstart                  # report/quickstart/{report.md,table.tex,...}
+  tunekd plan search_spaces/robustness.yaml --sd 1.0     # verdict probabilities and expected seeds
   tunekd compare quickstart quickstart-random
 
 outputs (relative to the working directory): ./mlflow.db (MLflow), ./ray_results/ (trials, checkpoints,

@@ -214,7 +214,10 @@ class StudyDriver:
         if (cfg := self.study.tune.seeds) is not None:
             self.log(f"tune.seeds: {grid_size(self.study)} configurations x seeds {self.study.seed}.."
                      f"{self.study.seed + cfg.min - 1} first, then one more seed per round for each pair still "
-                     f"inconclusive against {cfg.reference!r} (margin {cfg.margin:g}), up to {cfg.max} seeds")
+                     f"open against {cfg.compare}={cfg.reference!r} (margin {cfg.margin:g}), up to {cfg.max} seeds; "
+                     f"sequential design, {cfg.spending.replace('_', '–')} α spending (boundaries: --dry-run)")
+        for warning in plan.identical_trials(self.trials, self.points):
+            self.log("WARNING: " + warning)
 
     def check_groups(self) -> None:
         """tune.group_by: the largest group's memory against what a trial has (`checks.check_group_memory`)."""
@@ -264,6 +267,10 @@ class StudyDriver:
         trials = ((pt, self.trials(pt).study, self.trials(pt).plan) for pt in self.points)
         print("\n".join(dry_run_lines(self.study, trials)))
         print("resolved loss settings:\n" + "\n".join(plan.describe_losses(self.trials, self.points, self.family)))
+        if self.study.tune.seeds is not None:
+            from tunekd.seeds import Design
+
+            print(Design.from_study(self.study).boundaries().describe())
 
     def connect(self) -> None:
         """A local Ray on loopback, or the cluster at --address; checks the study's resources fit. A Ray this
@@ -344,10 +351,18 @@ class StudyDriver:
                 earlier = tracker.client.get_run(parent).data.tags.get(FORCED_TAG)
                 text = ((earlier + "\n") if earlier else "") + f"{stamp}: {self.resume_change}"
                 tracker.client.set_tag(parent, FORCED_TAG, text[-4000:])
+                if "tune.seeds" in self.resume_change:  # the sequential design changed: its α no longer holds
+                    from tunekd.report import UNADJUSTED_TAG
+
+                    tracker.client.set_tag(parent, UNADJUSTED_TAG, "true")
                 tracker.client.log_dict(parent, self.fingerprint(), f"resumed/{stamp}-{FINGERPRINT_FILE}")
             self.log(f"mlflow: resuming parent run {parent} ({len(tracker.trials)} trials recorded) from {self.ray_path}")
             return
+        import json
+
+        from tunekd.report import DESIGN_TAG
         from tunekd.resume import FINGERPRINT_FILE, FINGERPRINT_TAG, RAY_PATH_TAG, digest
+        from tunekd.seeds import Design, design_record
 
         run_name = f"{study.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
         self.ray_path = str(storage / run_name)
@@ -359,9 +374,12 @@ class StudyDriver:
             "data.padding_random": round(self.padding["random"], 4),
             "data.padding_bucketed": round(self.padding["bucketed"], 4), **task_params(self.spec, self.study.task),
         }, study_file.read_text() if study_file else study.model_dump_json(),
-            tags={RAY_PATH_TAG: self.ray_path, FINGERPRINT_TAG: digest(self.fingerprint()), **self.sanity_tags},
+            tags={RAY_PATH_TAG: self.ray_path, FINGERPRINT_TAG: digest(self.fingerprint()), **self.sanity_tags,
+                  DESIGN_TAG: json.dumps(design_record(study))},
             study=study, study_file=opts.study_file, command=opts.command)
         tracker.client.log_dict(parent, self.fingerprint(), FINGERPRINT_FILE)
+        if study.tune.seeds is not None:
+            tracker.client.log_dict(parent, Design.from_study(study).to_dict(), "design.json")
         tracker.log_parent_metrics({f"teacher/{k}": v for k, v in info.metrics.items()})
         self.log(f"mlflow: experiment {study.experiment!r}, parent run {parent}")
 
@@ -468,7 +486,10 @@ class StudyDriver:
 
         if self.tracker is None:
             raise ConfigError("tune.seeds needs MLflow tracking (the rounds are planned from the recorded trials)")
-        design = seeds.Design.from_study(self.study)
+        from tunekd.report import UNADJUSTED_TAG
+
+        unadjusted = self.tracker.client.get_run(self.tracker.parent_id).data.tags.get(UNADJUSTED_TAG) == "true"
+        design = seeds.Design.from_study(self.study, unadjusted=unadjusted)
         base = self.ray_path
         rounds = self.tracker.seed_rounds() if self.options.resume else []
         while True:
@@ -509,8 +530,9 @@ class StudyDriver:
             from tunekd.seeds import verdict_table
 
             cfg = self.study.tune.seeds
-            print(f"adaptive seeds: {self.metric} at the final epoch, each strategy - {cfg.reference} paired by seed; "
-                  f"TOST margin {cfg.margin:g}, alpha {cfg.alpha:g}; seeds {cfg.min}..{cfg.max}"
+            print(f"adaptive seeds: {self.metric} at the final epoch, each {cfg.compare} - {cfg.reference} paired by "
+                  f"seed; margin {cfg.margin:g}, alpha {cfg.alpha:g}; sequential design over seeds {cfg.min}..{cfg.max} "
+                  f"({cfg.spending.replace('_', '–')} α spending; 'different' family-wise over each cell's pairs)"
                   + ("" if self.seed_plan.done else " (not finished: continue with --resume)"))
             print(verdict_table(self.seed_plan))
             print()

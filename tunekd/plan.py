@@ -183,3 +183,34 @@ def describe_losses(trials: "Trials", points, family=None) -> list[str]:
         line = describe_loss(trials(point).study, family)
         seen[line] = seen.get(line, 0) + 1
     return [f"  {line}  ({n} trial{'s' if n != 1 else ''})" for line, n in seen.items()]
+
+
+def identical_trials(trials: "Trials", points) -> list[str]:
+    """Warnings for strategies that run the same trial as another strategy of the same configuration and seed:
+    the same resolved layer map (a 1-layer student, a `random` draw equal to forward), or λ = 0 (no hidden loss,
+    every matching strategy is `none`). Their pairs compare identical values, which decide nothing."""
+    groups: dict[str, dict[str, tuple]] = {}
+    for point in points:
+        if "distill.strategy" not in point:
+            continue
+        trial = trials(point)
+        rest = {k: v for k, v in point.items() if k != "distill.strategy"}
+        d = trial.study.distill
+        same = ("no hidden loss",) if d.lambda_hid == 0 or not trial.plan.layer_map else tuple(trial.plan.layer_map)
+        groups.setdefault(config_key(rest), {})[str(point["distill.strategy"])] = same
+    out, seen = [], set()
+    for key, by_strategy in groups.items():
+        classes: dict[tuple, list[str]] = {}
+        for strategy, same in by_strategy.items():
+            classes.setdefault(same, []).append(strategy)
+        for same, names in classes.items():
+            if len(names) < 2:
+                continue
+            what = ("λ = 0 or no pairs: no hidden-state loss" if same == ("no hidden loss",)
+                    else f"the same layer map {[list(p) for p in same]}")
+            text = f"strategies {', '.join(names)} run the same trial ({what})"
+            if text not in seen:
+                seen.add(text)
+                out.append(f"{text} at {json.loads(key) or 'every configuration'}: their paired differences are "
+                           "identical values and decide nothing")
+    return out

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from tunekd import stats
 from tunekd.errors import ConfigError, run_cli, unknown
 
 
@@ -238,101 +239,184 @@ def strategy_table(df: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
 
 # --- paired differences ------------------------------------------------------------------------
 
-
-def paired_test(d: np.ndarray, margin: float, alpha: float = 0.05) -> dict:
-    """Statistics of paired differences `d`: mean, sd, the (1−α) t interval, the TOST p-value for the
-    equivalence margin ±`margin` (the larger of the two one-sided p-values) and the verdict.
-
-    equivalent: both one-sided tests reject at level α (the 1−2α interval lies inside (−δ, δ));
-    different: not equivalent and the 1−α interval excludes 0; otherwise (and always with fewer
-    than 2 pairs) inconclusive. With all differences equal (sd 0) the interval is the point itself.
-    """
-    from scipy import stats
-
-    d = np.asarray(d, dtype=float)
-    n = int(d.size)
-    out = {"n": n, "mean_diff": float(d.mean()) if n else math.nan, "sd_diff": math.nan,
-           "ci_low": math.nan, "ci_high": math.nan, "ci90_low": math.nan, "ci90_high": math.nan,
-           "p_tost": math.nan, "verdict": "inconclusive"}
-    if n < 2:
-        return out
-    mean, sd = float(d.mean()), float(d.std(ddof=1))
-    out["sd_diff"] = sd
-    if sd == 0.0:  # degenerate: no spread, every interval is the point
-        out.update(ci_low=mean, ci_high=mean, ci90_low=mean, ci90_high=mean,
-                   p_tost=0.0 if abs(mean) < margin else 1.0)
-    else:
-        res = stats.ttest_1samp(d, 0.0)
-        ci = res.confidence_interval(1 - alpha)
-        ci_eq = res.confidence_interval(1 - 2 * alpha)
-        p_low = stats.ttest_1samp(d, -margin, alternative="greater").pvalue  # H0: diff <= -δ
-        p_high = stats.ttest_1samp(d, margin, alternative="less").pvalue  # H0: diff >= +δ
-        out.update(ci_low=float(ci.low), ci_high=float(ci.high), ci90_low=float(ci_eq.low),
-                   ci90_high=float(ci_eq.high), p_tost=float(max(p_low, p_high)))
-    if out["p_tost"] < alpha:
-        out["verdict"] = "equivalent"
-    elif out["ci_low"] > 0 or out["ci_high"] < 0:
-        out["verdict"] = "different"
-    return out
+FINAL, DEEPEST = "final", "deepest"
+AT_CHANCE, DESCRIPTIVE = "at chance", "descriptive"
 
 
-def paired_differences(df: pd.DataFrame, metric: str, reference: str = "forward", margin: float = 1.0,
-                       alpha: float = 0.05) -> pd.DataFrame:
-    """Every strategy against `reference` on `metric`, over the completed runs of `df`.
+def _values_at(runs: pd.DataFrame, metric: str, at) -> pd.Series:
+    """Each run's `metric` at the comparison's epoch: `final` (the last value), an epoch number (from the run's
+    history; NaN when it has none at that epoch)."""
+    if at == FINAL or HISTORY + metric not in runs:
+        return runs[metric].astype(float) if metric in runs else pd.Series(math.nan, index=runs.index)
+    return runs[HISTORY + metric].map(lambda h: float(h.get(int(at), math.nan)) if isinstance(h, dict) else math.nan)
 
-    A pair is a run of the strategy and a run of the reference with the same seed and the same value
-    of every other design key (init, depth, λ, ... whatever varies). One row per strategy and
-    configuration: `strategy`, `init`, the other varying keys (as in `strategy_table`), `n` (pairs),
-    `mean_diff` (strategy − reference), `sd_diff`, `ci_low`/`ci_high` (95% t interval for α=0.05),
-    `ci90_low`/`ci90_high` (the 1−2α interval of the TOST), `p_tost`, `verdict`, `mean`, `mean_ref`,
-    `metric`, `reference`, `margin`, `rung` (the epoch each pair is compared at: "final", or with histories
-    e.g. "2" or "1–4" when the pairs of the row use different rungs). Raises ConfigError when the reference
-    has no completed run.
 
-    Rung-aware (when `df` has the metric's histories, `with_histories`): completed and early-stopped runs are
-    paired, and each pair is compared at the deepest epoch both of its trials reported (ASHA's rung), so a
-    trial stopped at epoch 1 is compared with its partner's epoch-1 value instead of being left out.
-    """
-    by_rung = rung_aware(df, metric)
-    runs, keys = comparable(df, stopped=by_rung)
-    if STRATEGY not in runs:
-        raise ConfigError("the runs have no param 'distill.strategy'")
-    if metric not in runs:
+def common_epoch(df: pd.DataFrame, metric: str) -> int | None:
+    """The deepest epoch that *every* compared trial (completed or early-stopped) reported — under ASHA the
+    grace-period rung: it does not depend on which trials ASHA stopped. None without histories."""
+    if HISTORY + metric not in df:
+        return None
+    runs = df[df["status"].isin((COMPLETED, EARLY_STOPPED))] if "status" in df else df
+    last = [max(h) for h in runs[HISTORY + metric] if isinstance(h, dict) and h]
+    return int(min(last)) if last else None
+
+
+def comparison_epoch(df: pd.DataFrame, metric: str, at=None) -> tuple[object, bool]:
+    """(where pairs are compared, whether a verdict there is outcome-independent). `at`: `final`, `deepest`
+    (each pair at the deepest epoch both of its trials reached — chosen by ASHA's stops: descriptive), an
+    epoch, or None: from the data — the final epoch when no trial was stopped early (FIFO), else the epoch
+    every trial reached (ASHA's grace rung)."""
+    stopped = "status" in df and (df["status"] == EARLY_STOPPED).any()
+    if at is None:
+        if not stopped or HISTORY + metric not in df:
+            return FINAL, not stopped
+        at = common_epoch(df, metric)
+    if at == DEEPEST:
+        return DEEPEST, False
+    if at == FINAL:
+        return FINAL, not stopped  # under ASHA the completed trials are the ones it kept: chosen by outcome
+    e = common_epoch(df, metric)
+    return int(at), e is not None and int(at) <= e
+
+
+def _match_level(reference, levels: list) -> object:
+    """The level of the compared dimension that `reference` names (numbers compare as numbers: `3` is 3.0)."""
+    for v in levels:
+        if str(v) == str(reference):
+            return v
+        try:
+            if float(v) == float(reference):
+                return v
+        except (TypeError, ValueError):
+            pass
+    raise unknown("reference (no trials at that value)", str(reference), [str(v) for v in levels])
+
+
+def _trial_names(frame: pd.DataFrame, cols: tuple[str, str]) -> str:
+    return ", ".join(f"{a} vs {b}" for a, b in frame[list(cols)].itertuples(index=False))
+
+
+def paired_differences(df: pd.DataFrame, metric: str, reference="forward", margin: float = 1.0,
+                       alpha: float = 0.05, *, factor: str = STRATEGY, at=None,
+                       bounds: stats.Boundaries | None = None, chance: tuple[float, int | None] | None = None,
+                       unadjusted: bool = False) -> pd.DataFrame:
+    """Every level of `factor` (default the strategy) against its `reference` level on `metric`.
+
+    A pair is a run of the level and a run of the reference with the same seed and the same value of every other
+    design key (init, depth, λ, ... whatever varies: the *cell*). Where the pairs are compared: `at`
+    (`comparison_epoch`): the final epoch (FIFO), the epoch every trial reached (ASHA's grace rung: verdicts
+    do not depend on which trials ASHA stopped), or `deepest` (descriptive: no verdict).
+
+    Verdicts (`stats`): with `bounds` (a study with adaptive seeds), the sequential design's rule replayed look by
+    look in seed order; else fixed-n: TOST per pair at α ("equivalent"), and "different" family-wise over the
+    cell's pairs (Holm on the two-sided p-values, column `p_diff_holm`). No verdict from identical differences
+    (sd 0: inconclusive, `warning` names the trials), nor when every trial of both sides is at chance (`chance` =
+    (baseline %, eval rows): verdict "at chance").
+
+    One row per level and cell: the keys (short names), `n`, `mean_diff`, `sd_diff`, `ci_low`/`ci_high` (the
+    1−α t interval), `ci90_low`/`ci90_high`, `p_tost`, `p_diff`, `p_diff_holm`, `look`, `verdict`, `warning`,
+    `mean`, `mean_ref`, `metric`, `reference`, `margin`, `rung` ("final", an epoch, or a range for `deepest`),
+    `basis` (in words). Raises ConfigError when the reference has no trial."""
+    where, ok = comparison_epoch(df, metric, at)
+    ok = ok or where == FINAL  # at the final epoch: checked per row (`_pairs_lost_to_stops`)
+    runs, keys = comparable(df, stopped=where != FINAL)
+    if factor not in runs:
+        raise ConfigError(f"the runs have no param {factor!r}")
+    if metric not in runs and HISTORY + metric not in runs:
         raise unknown("metric", metric, metric_columns(runs))
-    strategies = sorted(runs[STRATEGY].dropna().unique(), key=lambda s: _order(STRATEGY, s))
-    if reference not in strategies:
-        raise unknown("reference strategy (no completed trials)", reference, [str(s) for s in strategies])
-    others = [k for k in keys if k != STRATEGY]
-    pair_on = others + ([SEED] if SEED in runs else [])
-    if not pair_on:
+    levels = sorted(runs[factor].dropna().unique(), key=lambda s: _order(factor, s))
+    ref_level = _match_level(reference, levels)
+    keys = [factor] + [k for k in keys if k != factor]
+    others = keys[1:]
+    if SEED not in runs:
         raise ConfigError("cannot pair runs: they have no 'seed' param")
-    value = HISTORY + metric if by_rung else metric
-    ref = runs[runs[STRATEGY] == reference][pair_on + [value]].rename(columns={value: "__ref"})
+    pair_on = others + [SEED]
+    runs = runs.copy()
+    if where == DEEPEST:
+        runs["__v"] = runs[HISTORY + metric] if HISTORY + metric in runs else runs[metric]
+    else:
+        runs["__v"] = _values_at(runs, metric, where)
+    runs["__name"] = runs["trial_id"] if "trial_id" in runs else runs.index.astype(str)
+    ref = runs[runs[factor] == ref_level][pair_on + ["__v", "__name"]].rename(
+        columns={"__v": "__ref", "__name": "__ref_name"})
+    basis = {FINAL: "final epoch", DEEPEST: "deepest epoch both trials reached"}.get(
+        where, f"epoch {where}, every trial")
     rows = []
-    sub = runs[runs[STRATEGY] != reference]
-    first = [INIT] + [k for k in others if k != INIT] + [STRATEGY]
-    for vals, g in _sorted_groups(sub, [STRATEGY] + others, first):
-        merged = g[pair_on + [value]].merge(ref, on=pair_on, how="inner")
-        if by_rung:
-            merged = _at_common_rung(merged, value, metric)
+    sub = runs[runs[factor] != ref_level]
+    first = [INIT] + [k for k in others if k != INIT] + [factor]
+    for vals, g in _sorted_groups(sub, keys, first):
+        merged = g[pair_on + ["__v", "__name"]].merge(ref, on=pair_on, how="inner").sort_values(SEED)
+        if where == DEEPEST:
+            merged = _at_common_rung(merged, "__v", "__v")
         else:
-            merged["__rung"] = "final"
-        merged = merged.dropna(subset=[metric, "__ref"])
-        d = (merged[metric].astype(float) - merged["__ref"].astype(float)).to_numpy()
-        row = {short(k): v for k, v in zip([STRATEGY] + others, vals)}
-        row.update(paired_test(d, margin, alpha))
-        row["mean"] = float(merged[metric].mean()) if len(merged) else math.nan
-        row["mean_ref"] = float(merged["__ref"].mean()) if len(merged) else math.nan
-        row.update(metric=metric, reference=reference, margin=margin, rung=_rung_text(merged["__rung"]))
+            merged["__rung"] = where
+        merged = merged.dropna(subset=["__v", "__ref"])
+        a, b = merged["__v"].astype(float).to_numpy(), merged["__ref"].astype(float).to_numpy()
+        d = a - b
+        row = {short(k): v for k, v in zip(keys, vals)}
+        valid = ok and not (where == FINAL and _pairs_lost_to_stops(df, factor, vals[0], ref_level, others, vals[1:]))
+        if bounds is not None and valid:
+            res = stats.sequential_replay(d, margin, bounds)
+        else:
+            res = stats.paired_test(d, margin, alpha)
+            res["look"] = math.nan
+        res.pop("rci_low", None), res.pop("rci_high", None), res.pop("c_eq", None), res.pop("c_diff", None)
+        warning = ""
+        if res.pop("degenerate", False):
+            warning = f"identical differences (sd 0) decide nothing: {_trial_names(merged, ('__name', '__ref_name'))}"
+        if chance is not None and len(d) and all(stats.at_chance(x, *chance) for x in np.concatenate([a, b])):
+            res["verdict"] = AT_CHANCE
+            warning = (f"every trial at chance (not above the constant guess {chance[0]:.2f} by a binomial test "
+                       f"at {stats.AT_CHANCE_ALPHA:g}): no verdict")
+        if not valid:
+            res["verdict"] = DESCRIPTIVE
+        row.update(res)
+        row.update(warning=warning, mean=float(a.mean()) if len(a) else math.nan,
+                   mean_ref=float(b.mean()) if len(b) else math.nan, metric=metric, reference=ref_level,
+                   margin=margin, rung=_rung_text(merged["__rung"]),
+                   basis=basis + ("" if valid else " (descriptive: which pairs exist depends on which trials were "
+                                                   "stopped early)"), __cell=tuple(vals[1:]), __valid=valid)
         rows.append(row)
-    cols = ([short(k) for k in [STRATEGY] + others]
-            + ["n", "mean_diff", "sd_diff", "ci_low", "ci_high", "ci90_low", "ci90_high", "p_tost", "verdict",
-               "mean", "mean_ref", "metric", "reference", "margin", "rung"])
-    return pd.DataFrame(rows, columns=cols)
+    out = pd.DataFrame(rows)
+    if len(out):
+        out["p_diff_holm"] = math.nan
+        if bounds is None:  # "different" is family-wise over the cell's pairs: Holm
+            for _, idx in out.groupby("__cell", sort=False).groups.items():
+                part = out.loc[idx]
+                tested = part["verdict"].isin(("equivalent", "different", "inconclusive")) & part["__valid"]
+                p = part["p_diff"].where(tested)
+                out.loc[idx, "p_diff_holm"] = stats.holm_adjusted(p)
+                keep = stats.holm(p, alpha)
+                demote = (part["verdict"] == "different").to_numpy() & ~keep
+                out.loc[np.asarray(idx)[demote], "verdict"] = "inconclusive"
+        if unadjusted:
+            out["verdict"] = [v + " (unadjusted)" if v in ("equivalent", "different") else v for v in out["verdict"]]
+        out = out.drop(columns=["__cell", "__valid"])
+    cols = [short(k) for k in keys] + list(PAIRED_STATS)
+    return out.reindex(columns=cols)
 
 
-def _at_common_rung(merged: pd.DataFrame, value: str, metric: str) -> pd.DataFrame:
-    """Each pair's values at the deepest epoch both histories reached (`__rung`); NaN when none is common."""
+def _pairs_lost_to_stops(df: pd.DataFrame, factor: str, level, ref_level, others: list[str], cell: tuple) -> bool:
+    """Whether an early-stopped trial of `level` or `ref_level` in this cell had a partner (the other side's trial
+    of its seed): then which pairs reach the final epoch depends on the stops, and a final-epoch verdict would be
+    chosen by the outcome."""
+    if "status" not in df or SEED not in df:
+        return False
+    sel = df[df[factor].isin([level, ref_level])]
+    for k, v in zip(others, cell):
+        sel = sel[(sel[k] == v) | (sel[k].isna() & pd.isna(v))]
+    sel = sel[sel["status"] != "failed"]
+    stopped = sel[sel["status"] == EARLY_STOPPED]
+    for _, r in stopped.iterrows():
+        other = ref_level if r[factor] == level else level
+        if ((sel[factor] == other) & (sel[SEED] == r[SEED])).any():
+            return True
+    return False
+
+
+def _at_common_rung(merged: pd.DataFrame, value: str, ref_value: str) -> pd.DataFrame:
+    """Each pair's values at the deepest epoch both histories reached (`__rung`); NaN when none is common.
+    `value` holds the level's history, `__ref` the reference's; both are replaced by the values there."""
     out = merged.copy()
     a, b, rungs = [], [], []
     for h, hr in zip(out[value], out["__ref"]):
@@ -344,7 +428,7 @@ def _at_common_rung(merged: pd.DataFrame, value: str, metric: str) -> pd.DataFra
             a.append(h[r]), b.append(hr[r]), rungs.append(r)
         else:
             a.append(math.nan), b.append(math.nan), rungs.append(math.nan)
-    out[metric], out["__ref"], out["__rung"] = a, b, rungs
+    out[value], out["__ref"], out["__rung"] = a, b, rungs
     return out
 
 
@@ -352,10 +436,42 @@ def _rung_text(rungs: pd.Series) -> str:
     vals = [r for r in rungs if not (isinstance(r, float) and math.isnan(r))]
     if not vals:
         return "–"
-    if all(v == "final" for v in vals):
-        return "final"
+    if all(v == FINAL for v in vals):
+        return FINAL
     lo, hi = int(min(vals)), int(max(vals))
     return str(lo) if lo == hi else f"{lo}–{hi}"
+
+
+def cell_claims(df: pd.DataFrame, paired: pd.DataFrame, metric: str, *, factor: str = STRATEGY, at=None) -> pd.DataFrame:
+    """One row per cell: the pairs' verdict counts, the headline "no level differs from the reference by more
+    than ±margin" as an intersection–union test (`holds` only when every pair is equivalent: valid at α without
+    correction), and the randomized-block analysis of the level over complete seeds (`stats.block_anova`:
+    the level's F and p, the shares of the variation from level, seed and residual)."""
+    part = paired[paired["metric"] == metric] if len(paired) else paired
+    if part.empty:
+        return pd.DataFrame()
+    where, _ = comparison_epoch(df, metric, at)
+    runs, keys = comparable(df, stopped=where != FINAL)
+    others = [k for k in keys if k != factor]
+    runs = runs.copy()
+    runs["__v"] = _values_at(runs, metric, where if where != DEEPEST else FINAL)
+    rows = []
+    cell_cols = [short(k) for k in others]
+    groups = part.groupby(cell_cols, sort=False, dropna=False) if cell_cols else [((), part)]
+    for vals, g in groups:
+        vals = vals if isinstance(vals, tuple) else (vals,)
+        sel = runs
+        for k, v in zip(others, vals):
+            sel = sel[sel[k] == v]
+        verdicts = [str(v).replace(" (unadjusted)", "") for v in g["verdict"]]
+        block = stats.block_anova(sel["__v"], sel[factor], sel[SEED]) if SEED in sel else {}
+        row = dict(zip(cell_cols, vals))
+        row.update(metric=metric, pairs=len(g), equivalent=verdicts.count("equivalent"),
+                   different=verdicts.count("different"), inconclusive=verdicts.count("inconclusive"),
+                   headline=(DESCRIPTIVE if all(v == DESCRIPTIVE for v in verdicts) else stats.cell_claims(verdicts)),
+                   **{f"block_{k}": v for k, v in block.items()})
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 # --- plots -------------------------------------------------------------------------------------
@@ -481,22 +597,24 @@ def plot_paired(paired: pd.DataFrame, metric: str, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7.5, 0.42 * max(len(part), 2) + 1.5))
     ax.axvspan(-margin, margin, color="tab:green", alpha=0.12, label=f"±{margin:g}: equivalence margin")
     ax.axvline(0, color="grey", lw=1)
-    colors = {"equivalent": "tab:green", "different": "tab:red", "inconclusive": "tab:grey"}
+    colors = {"equivalent": "tab:green", "different": "tab:red", "inconclusive": "tab:grey",
+              AT_CHANCE: "tab:orange", DESCRIPTIVE: "tab:blue"}
     ys = np.arange(len(part))[::-1]
     for y, (_, r) in zip(ys, part.iterrows()):
-        c = colors.get(r["verdict"], "black")
+        c = colors.get(str(r["verdict"]).replace(" (unadjusted)", ""), "black")
         if r["n"] >= 2 and not pd.isna(r["ci_low"]):
             ax.plot([r["ci_low"], r["ci_high"]], [y, y], color=c, lw=1.2)
             ax.plot([r["ci90_low"], r["ci90_high"]], [y, y], color=c, lw=4, alpha=0.6, solid_capstyle="butt")
             ax.plot(r["mean_diff"], y, "o", color=c)
         elif not pd.isna(r["mean_diff"]):
             ax.plot(r["mean_diff"], y, "o", mfc="white", color=c)
-        ax.annotate(f"{r['verdict']} (n={int(r['n'])})", (1.01, y), xycoords=("axes fraction", "data"),
+        ax.annotate(f"{r['verdict']} (n={int(r['n'])}, epoch {r['rung']})", (1.01, y), xycoords=("axes fraction", "data"),
                     fontsize=7, va="center", color=c)
     ax.set_yticks(ys)
     ax.set_yticklabels(labels, fontsize=8)
     ax.set_ylim(-0.8, len(part) - 0.2)
-    ax.set_xlabel(f"{metric}: strategy − {reference}, paired by seed (thin: 95% CI, thick: 90% CI)", fontsize=8)
+    basis = str(part["basis"].iloc[0]) if len(part) else ""
+    ax.set_xlabel(f"{metric}: level − {reference}, paired by seed, {basis} (thin: 95% CI, thick: 90% CI)", fontsize=8)
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize=7, loc="lower left", bbox_to_anchor=(0, 1.0), frameon=False)
     fig.tight_layout()
@@ -507,8 +625,9 @@ def plot_paired(paired: pd.DataFrame, metric: str, path: Path) -> Path:
 
 # --- LaTeX -------------------------------------------------------------------------------------
 
-PAIRED_STATS = ("n", "mean_diff", "sd_diff", "ci_low", "ci_high", "ci90_low", "ci90_high", "p_tost", "verdict",
-                "mean", "mean_ref", "metric", "reference", "margin", "rung")
+PAIRED_STATS = ("n", "mean_diff", "sd_diff", "ci_low", "ci_high", "ci90_low", "ci90_high", "p_tost", "p_diff",
+                "p_diff_holm", "look", "verdict", "warning", "mean", "mean_ref", "metric", "reference", "margin", "rung",
+                "basis")
 _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
         "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
 
@@ -524,39 +643,55 @@ def _tex_cell(mean: float, sd: float, n: int) -> str:
 
 
 def _tex_tabular(header: list[str], rows: list[list[str]], align: str) -> list[str]:
-    out = [f"\\begin{{tabular}}{{{align}}}", "\\toprule", " & ".join(header) + r" \\", "\\midrule"]
+    """A booktabs tabular scaled to the column width at most (`\\resizebox`, graphicx): never overfull."""
+    out = ["\\resizebox{\\ifdim\\width>\\linewidth\\linewidth\\else\\width\\fi}{!}{%",
+           f"\\begin{{tabular}}{{{align}}}", "\\toprule", " & ".join(header) + r" \\", "\\midrule"]
     out += [" & ".join(r) + r" \\" for r in rows]
-    return out + ["\\bottomrule", "\\end{tabular}"]
+    return out + ["\\bottomrule", "\\end{tabular}}"]
+
+
+def p_text(p: float, tex: bool = False) -> str:
+    """A p-value for a table: 3 significant digits, "< 0.001" below that, "–" when absent."""
+    if p is None or pd.isna(p):
+        return "--" if tex else "–"
+    if p < 0.001:
+        return "$<0.001$" if tex else "< 0.001"
+    return f"{p:.3g}"
 
 
 def latex_tables(table: pd.DataFrame, paired: pd.DataFrame, metrics: list[str], *, reference: str,
                  margin: float, alpha: float) -> str:
-    """The strategy table (mean ± sd (n) per metric) and the paired verdicts as booktabs tables
-    (needs `\\usepackage{booktabs}`), ready for `\\input{table.tex}`."""
+    """The strategy table (mean ± sd (n) per metric) and the paired verdicts as booktabs tables (needs
+    `\\usepackage{booktabs,graphicx}`), each scaled to the column width at most, ready for `\\input{table.tex}`."""
     keys = _key_names(table)
     head = [tex_escape(k) for k in keys] + [tex_escape(m.split("/", 1)[-1]) for m in metrics]
     rows = [[tex_escape(r[k]) for k in keys] + [_tex_cell(r[f"{m} mean"], r[f"{m} sd"], int(r[f"{m} n"]))
                                                for m in metrics] for _, r in table.iterrows()]
-    lines = ["% tunekd report; needs \\usepackage{booktabs}", "\\begin{table}[t]", "\\centering", "\\small"]
+    lines = ["% tunekd report; needs \\usepackage{booktabs,graphicx}", "\\begin{table}[t]", "\\centering", "\\small"]
     lines += _tex_tabular(head, rows, "l" * len(keys) + "r" * len(metrics))
-    lines += ["\\caption{Final metrics over seeds: mean $\\pm$ sample standard deviation (number of seeds).}",
-              "\\label{tab:tunekd-strategies}", "\\end{table}", ""]
+    lines += ["\\caption{Final-epoch metrics of the completed trials over seeds: mean $\\pm$ sample standard deviation "
+              "(number of seeds).}", "\\label{tab:tunekd-strategies}", "\\end{table}", ""]
     if len(paired):
         pk = [c for c in paired.columns if c not in PAIRED_STATS]
         head = (["metric"] + [tex_escape(k) for k in pk]
-                + ["$n$", "$\\Delta$", f"{100 * (1 - alpha):g}\\% CI", "$p_\\mathrm{TOST}$", "verdict"])
+                + ["epoch", "$n$", "$\\Delta$", f"{100 * (1 - alpha):g}\\% CI", "$p_\\mathrm{TOST}$", "verdict"])
         rows = []
         for _, r in paired.iterrows():
             ci = f"$[{r['ci_low']:+.2f}, {r['ci_high']:+.2f}]$" if not pd.isna(r["ci_low"]) else "--"
             rows.append([tex_escape(str(r["metric"]).split("/", 1)[-1])] + [tex_escape(r[k]) for k in pk]
-                        + [str(int(r["n"])), f"${r['mean_diff']:+.2f}$" if not pd.isna(r["mean_diff"]) else "--",
-                           ci, f"{r['p_tost']:.3g}" if not pd.isna(r["p_tost"]) else "--", tex_escape(r["verdict"])])
+                        + [tex_escape(r["rung"]), str(int(r["n"])),
+                           f"${r['mean_diff']:+.2f}$" if not pd.isna(r["mean_diff"]) else "--",
+                           ci, p_text(r["p_tost"], tex=True), tex_escape(r["verdict"])])
         lines += ["\\begin{table}[t]", "\\centering", "\\small"]
-        lines += _tex_tabular(head, rows, "l" * (1 + len(pk)) + "rrrrl")
+        lines += _tex_tabular(head, rows, "l" * (1 + len(pk)) + "lrrrrl")
+        sequential = paired["look"].notna().any() if "look" in paired else False
+        rule = ("the sequential design of the study's adaptive seeds (boundaries per look, $\\alpha$ spent over the "
+                "looks)" if sequential else
+                f"TOST per pair at $\\alpha={alpha:g}$; \\emph{{different}} family-wise over each cell's pairs (Holm)")
         lines += [f"\\caption{{Paired differences against \\texttt{{{tex_escape(reference)}}} (same seed and "
-                  f"configuration). Equivalent: the {100 * (1 - 2 * alpha):g}\\% interval lies inside "
-                  f"$\\pm{margin:g}$ (TOST, $\\alpha={alpha:g}$); different: not equivalent and the "
-                  f"{100 * (1 - alpha):g}\\% interval excludes 0; otherwise inconclusive.}}",
+                  f"configuration) at the epoch given. Equivalent: within $\\pm{margin:g}$; verdicts by {rule}; "
+                  f"no verdict from identical differences or from students at chance; "
+                  f"\\emph{{descriptive}} rows compare epochs chosen by early stopping.}}",
                   "\\label{tab:tunekd-paired}", "\\end{table}", ""]
     return "\n".join(lines)
 
@@ -584,15 +719,18 @@ def md_table(df: pd.DataFrame) -> str:
 def _paired_md(paired: pd.DataFrame) -> pd.DataFrame:
     keys = [c for c in paired.columns if c not in PAIRED_STATS]
     out = paired[keys].copy()
+    out["epoch"] = paired["rung"]
     out["n"] = paired["n"]
-    if "rung" in paired:
-        out["rung"] = paired["rung"]
     out["mean diff"] = [f"{v:+.2f}" if not pd.isna(v) else "–" for v in paired["mean_diff"]]
     out["95% CI"] = [f"[{lo:+.2f}, {hi:+.2f}]" if not pd.isna(lo) else "–"
                      for lo, hi in zip(paired["ci_low"], paired["ci_high"])]
     out["90% CI"] = [f"[{lo:+.2f}, {hi:+.2f}]" if not pd.isna(lo) else "–"
                      for lo, hi in zip(paired["ci90_low"], paired["ci90_high"])]
-    out["p (TOST)"] = [f"{p:.3g}" if not pd.isna(p) else "–" for p in paired["p_tost"]]
+    out["p (TOST)"] = [p_text(p) for p in paired["p_tost"]]
+    if paired["p_diff_holm"].notna().any():
+        out["p diff (Holm)"] = [p_text(p) for p in paired["p_diff_holm"]]
+    if paired["look"].notna().any():
+        out["decided at"] = [f"{int(v)} seeds" if not pd.isna(v) else "–" for v in paired["look"]]
     out["verdict"] = paired["verdict"]
     return out
 
@@ -624,30 +762,41 @@ def _error_line(err) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m tunekd.report",
+        prog="tunekd report",
         description="Statistical report of a tunekd study recorded in MLflow: the strategy-robustness table "
-                    "(mean ± sd over seeds per strategy x init x ...), paired differences of every strategy "
-                    "against a reference strategy with 95% t intervals and a TOST equivalence verdict, and "
-                    "plots. Writes report.md, table.csv, paired.csv, table.tex (LaTeX, booktabs) and PNGs to --out, logs them on the study's "
-                    "parent run (artifact folder report/) and prints the Markdown.",
-        epilog="Verdicts (per strategy and configuration, pairs matched by seed): 'equivalent' when the 90% "
-               "interval of the mean difference lies inside (-margin, +margin), i.e. both one-sided tests have "
-               "p < 0.05; 'different' when not equivalent and the 95% interval excludes 0; else "
-               "'inconclusive' (always with fewer than 2 pairs). The table holds completed trials; the paired "
-               "differences compare each pair at the deepest epoch (ASHA rung) both trials reached, early-stopped "
-               "trials included (column 'rung'; --final-only: completed trials at the final epoch); failed and "
-               "unfinished trials are listed apart. Exit status 2: unknown experiment, "
-               "no completed trials, or another input problem (one line on stderr).")
+                    "(mean ± sd over seeds per strategy x init x ...), paired differences of every level of a "
+                    "searched dimension (the strategy by default) against a reference level with t intervals and "
+                    "verdicts that hold their error rates, claims per cell, a randomized-block analysis, and plots. "
+                    "Writes report.md, table.csv, paired.csv, claims.csv, table.tex (LaTeX: booktabs, graphicx) and "
+                    "PNGs to --out, logs them on the study's parent run (artifact folder report/) and prints the "
+                    "Markdown.",
+        epilog="Verdicts (pairs matched by seed within a cell): 'equivalent' when the difference is shown inside "
+               "(-margin, +margin) (TOST at alpha, per pair); 'different' when not equivalent and the test of 0 "
+               "rejects family-wise over the cell's pairs (Holm; in a study with adaptive seeds, the sequential "
+               "design's boundaries); else 'inconclusive' (also with identical differences); 'at chance' when every "
+               "trial of both sides is at the chance level. Where pairs are compared: at the final epoch (FIFO), or "
+               "at the epoch every trial reached (ASHA's grace rung); pairs at the deepest epoch both trials reached "
+               "are shown as descriptive, without a verdict. Examples: tunekd report --experiment quickstart; "
+               "tunekd report --experiment lambda --compare distill.lambda_hid --reference 3. Exit status 2: "
+               "unknown experiment, no completed trials, or another input problem (one line on stderr).")
     p.add_argument("--experiment", required=True, help="MLflow experiment name (= the study's experiment)")
     p.add_argument("--tracking-uri", default="sqlite:///mlflow.db",
                    help="MLflow tracking URI (default: %(default)s)")
     p.add_argument("--out", default=None, help="output folder (default: report/<experiment>)")
-    p.add_argument("--reference", default="forward",
-                   help="strategy every other strategy is compared with (default: %(default)s)")
-    p.add_argument("--margin", type=float, default=1.0,
-                   help="equivalence margin δ in metric points, e.g. accuracy percent (default: %(default)s)")
+    p.add_argument("--compare", default=None, metavar="DIM",
+                   help="the searched dimension whose levels are compared, e.g. distill.lambda_hid, student.layers "
+                        "or student.init (default: the study's tune.seeds.compare, else distill.strategy)")
+    p.add_argument("--reference", default=None,
+                   help="the level every other level is compared with (default: the study's tune.seeds.reference, "
+                        "else 'forward' for the strategy; needed for another --compare)")
+    p.add_argument("--margin", type=float, default=None,
+                   help="equivalence margin δ in metric points, e.g. accuracy percent (default: the study's "
+                        "tune.seeds.margin, else 1.0)")
     p.add_argument("--alpha", type=float, default=0.05,
-                   help="significance level: (1-alpha) intervals, TOST at level alpha (default: %(default)s)")
+                   help="significance level: (1-alpha) intervals, tests at level alpha (default: %(default)s)")
+    p.add_argument("--at", default=None, metavar="final|deepest|EPOCH",
+                   help="where pairs are compared (default: final for a FIFO study, the grace-period epoch every "
+                        "trial reaches for ASHA); 'deepest' and epochs past the grace period are descriptive")
     p.add_argument("--parent", default=None, metavar="RUN_ID",
                    help="only the trials of this parent run (one invocation of the study); default: every trial "
                         "run of the experiment, a configuration and seed run twice keeping its latest run; the "
@@ -656,13 +805,78 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="metric to report, e.g. accuracy or eval/f1; repeatable (default: every eval/ metric "
                         "present)")
     p.add_argument("--no-log", action="store_true", help="write the files only; log nothing to MLflow")
-    p.add_argument("--final-only", action="store_true",
-                   help="compare completed trials at their final epoch only (default: each pair at the deepest "
-                        "epoch both of its trials reached, early-stopped trials included; column 'rung')")
+    p.add_argument("--final-only", action="store_true", help="the same as --at final")
     return p.parse_args(argv)
 
 
+def _parse_at(text):
+    if text is None or text in (FINAL, DEEPEST):
+        return text
+    try:
+        e = int(text)
+    except ValueError:
+        raise ConfigError(f"--at must be 'final', 'deepest' or an epoch number >= 1, got {text!r}") from None
+    if e < 1:
+        raise ConfigError(f"--at must be 'final', 'deepest' or an epoch number >= 1, got {text!r}")
+    return e
+
+
+DESIGN_TAG = "tunekd.design"
+UNADJUSTED_TAG = "tunekd.design.unadjusted"
+CHANCE_TAGS = ("tunekd.teacher.baseline", "tunekd.teacher.baseline_rows")
+
+
+def study_design(client, parent: str | None) -> dict:
+    """The parent run's recorded design (tag `tunekd.design`: scheduler, grace period, epochs, adaptive seeds),
+    the chance level of the accuracy (the teacher sanity check's majority class and eval rows) and whether the
+    design was changed mid-study. Empty for a study recorded before these tags."""
+    if not parent:
+        return {}
+    import json
+
+    tags = client.get_run(parent).data.tags
+    out = {}
+    try:
+        out = json.loads(tags.get(DESIGN_TAG, "{}")) or {}
+    except ValueError:
+        out = {}
+    out["unadjusted"] = tags.get(UNADJUSTED_TAG) == "true"
+    try:
+        base = float(tags[CHANCE_TAGS[0]])
+        rows = int(tags[CHANCE_TAGS[1]]) if CHANCE_TAGS[1] in tags else None
+        out["chance"] = {"eval/accuracy": (base, rows)}
+    except (KeyError, ValueError):
+        pass
+    return out
+
+
+def _comparison(args, design: dict, levels: list) -> tuple[str, object, float, object, stats.Boundaries | None]:
+    """(factor, reference, margin, at, bounds) from the arguments and the recorded design."""
+    seeds = design.get("seeds") or {}
+    factor = args.compare or seeds.get("compare") or STRATEGY
+    factor = {v: k for k, v in SHORT.items()}.get(factor, factor)
+    same = seeds.get("compare", STRATEGY) == factor and bool(seeds)
+    reference = args.reference if args.reference is not None else (seeds.get("reference") if same else None)
+    if reference is None:
+        if factor != STRATEGY:
+            raise ConfigError(f"--compare {factor}: name the reference level with --reference (one of its values)")
+        reference = "forward"
+    margin = args.margin if args.margin is not None else float(seeds.get("margin", 1.0) if same else 1.0)
+    at = FINAL if args.final_only else _parse_at(args.at)
+    if at is None:
+        if design.get("scheduler") == "fifo":
+            at = FINAL
+        elif design.get("scheduler") == "asha":
+            at = int(design.get("grace_period") or 1)
+    bounds = None
+    if same and at in (None, FINAL) and not design.get("unadjusted"):  # a changed design: fixed-n, "unadjusted"
+        bounds = stats.boundaries(int(seeds["min"]), int(seeds["max"]), args.alpha, seeds.get("spending", "obrien_fleming"),
+                                  pairs=max(len(levels) - 1, 1))
+    return factor, reference, margin, at, bounds
+
+
 def _client(uri: str):
+
     from tunekd.checks import check_tracking_uri
     from tunekd.tracking import check_uri
 
@@ -704,10 +918,13 @@ def check_levels(margin: float, alpha: float) -> None:
 
 
 def build_report(df: pd.DataFrame, *, experiment: str, out: Path, metrics: list[str] | None = None,
-                 reference: str = "forward", margin: float = 1.0, alpha: float = 0.05,
-                 teacher: dict[str, float] | None = None, source: str = "") -> tuple[str, list[Path]]:
-    """Write report.md, table.csv, paired.csv and the PNGs for the runs `df` into `out`; return the
-    Markdown and the written files."""
+                 reference="forward", margin: float = 1.0, alpha: float = 0.05,
+                 teacher: dict[str, float] | None = None, source: str = "", factor: str = STRATEGY, at=None,
+                 bounds: stats.Boundaries | None = None, chance: dict[str, tuple[float, int | None]] | None = None,
+                 unadjusted: bool = False, descriptive: bool = True) -> tuple[str, list[Path]]:
+    """Write report.md, table.csv, paired.csv, claims.csv, table.tex and the PNGs for the runs `df` into `out`;
+    return the Markdown and the written files. `at`, `bounds`, `chance`, `unadjusted`: see `paired_differences`;
+    `descriptive`: also show each pair at the deepest epoch both trials reached when that differs (ASHA)."""
     check_levels(margin, alpha)
     counts = df["status"].value_counts().to_dict() if len(df) else {}
     runs, keys = comparable(df)
@@ -716,18 +933,30 @@ def build_report(df: pd.DataFrame, *, experiment: str, out: Path, metrics: list[
         raise ConfigError(f"experiment {experiment!r} has no completed trials ({detail})")
     metrics = _resolve_metrics(metrics, runs)
     teacher = {k: v for k, v in (teacher or {}).items() if k in metrics}
+    chance = chance or {}
+    compared = factor in runs and runs[factor].nunique() > 1
+    paired_parts, extra_parts, claims_parts = [], [], []
+    if compared:
+        for m in metrics:
+            part = paired_differences(df, m, reference, margin, alpha, factor=factor, at=at, bounds=bounds,
+                                      chance=chance.get(m), unadjusted=unadjusted)
+            paired_parts.append(part)
+            claims_parts.append(cell_claims(df, part, m, factor=factor, at=at))
+            if descriptive and HISTORY + m in df and (df["status"] == EARLY_STOPPED).any() and at != DEEPEST:
+                extra_parts.append(paired_differences(df, m, reference, margin, alpha, factor=factor, at=DEEPEST))
     out.mkdir(parents=True, exist_ok=True)
     files: list[Path] = []
 
     table = strategy_table(df, metrics)
     table.to_csv(out / "table.csv", index=False)
     files.append(out / "table.csv")
-    paired_parts = [paired_differences(df, m, reference, margin, alpha) for m in metrics] \
-        if STRATEGY in runs else []
     paired = pd.concat(paired_parts, ignore_index=True) if paired_parts else pd.DataFrame()
     paired.to_csv(out / "paired.csv", index=False)
     files.append(out / "paired.csv")
-    (out / "table.tex").write_text(latex_tables(table, paired, metrics, reference=reference, margin=margin,
+    claims = pd.concat(claims_parts, ignore_index=True) if claims_parts else pd.DataFrame()
+    claims.to_csv(out / "claims.csv", index=False)
+    files.append(out / "claims.csv")
+    (out / "table.tex").write_text(latex_tables(table, paired, metrics, reference=str(reference), margin=margin,
                                                 alpha=alpha))
     files.append(out / "table.tex")
 
@@ -762,43 +991,96 @@ def build_report(df: pd.DataFrame, *, experiment: str, out: Path, metrics: list[
                  + (f" ({superseded} completed runs superseded by a later run of the same configuration and seed)"
                     if superseded else ""))
     varying = [short(k) for k in keys if k not in (STRATEGY, INIT)]
-    by_rung = any(rung_aware(df, m) for m in metrics)
-    lines.append("Compared: completed trials"
-                 + (" (the table), completed and early-stopped trials at the deepest rung both reached (the paired "
-                    "differences)" if by_rung else "") + "; rows are strategy x init"
-                 + (" x " + " x ".join(varying) if varying else "") + "; seeds: "
+    lines.append("Rows are strategy x init" + (" x " + " x ".join(varying) if varying else "") + "; seeds: "
                  + (", ".join(str(s) for s in sorted(runs[SEED].dropna().unique())) if SEED in runs else "–") + ".")
     if teacher:
         lines.append("Teacher: " + ", ".join(f"{m} {v:.2f}" for m, v in teacher.items()) + ".")
+    for m, (base, rows) in chance.items():
+        if m in metrics:
+            lines.append(f"Chance level of {m}: {base:.2f} (the majority class"
+                         + (f" of {rows} eval rows)" if rows else ")") + ".")
     lines += ["", "## Strategy robustness", "",
-              "Cells: mean ± sample sd (number of seeds) of the final value of each metric.", "",
+              "Cells: mean ± sample sd (number of seeds) of the final value of each metric, completed trials.", "",
               md_table(table[[c for c in table.columns if not c.endswith((" mean", " sd", " n"))]]), ""]
-    lines += [f"## Paired differences against `{reference}`", "",
-              f"Strategy − {reference}, paired by seed within the same configuration"
-              + ("; each pair compared at the deepest epoch (rung) both of its trials reached — column *rung* "
-                 "(a range when the pairs of a row stopped at different rungs). " if by_rung
-                 else ", at the final epoch. "
-              ) +
-              f"Equivalence margin δ = {margin:g} points: *equivalent* when the {100 * (1 - 2 * alpha):g}% interval "
-              f"lies inside (−δ, δ) (TOST, both one-sided p < {alpha:g}); *different* when not equivalent and the "
-              f"{100 * (1 - alpha):g}% interval excludes 0; otherwise *inconclusive* (always with fewer than 2 pairs).",
-              ""]
-    for m, part in zip(metrics, paired_parts):
-        lines += [f"### {m}", "", md_table(_paired_md(part)), ""]
-        if len(part):
-            tally = part["verdict"].value_counts()
-            lines += ["Verdicts: " + ", ".join(f"{tally.get(v, 0)} {v}" for v in VERDICTS), ""]
+    if compared:
+        lines += _verdict_section(paired_parts, claims_parts, metrics, factor=factor, reference=reference,
+                                  margin=margin, alpha=alpha, bounds=bounds, unadjusted=unadjusted)
+        if extra_parts:
+            lines += ["## Descriptive: each pair at the deepest epoch both trials reached", "",
+                      "Which epoch a pair reaches depends on which trial ASHA stopped, so these rows carry no verdict "
+                      "(a strategy slow at first but equal at the end would look different here).", ""]
+            for part in extra_parts:
+                lines += [f"### {part['metric'].iloc[0] if len(part) else ''}", "",
+                          md_table(_paired_md(part).drop(columns=["p (TOST)", "verdict"], errors="ignore")), ""]
     if plots:
         lines += ["## Plots", ""] + [f"![{t}]({p.name})" for t, p in plots] + [""]
     excluded = _excluded_md(df)
     lines += ["## Trials not compared", "",
-              ("Early-stopped, failed and unfinished trials: not in the strategy table; the early-stopped ones "
-               "are in the paired differences at their last epoch wherever their partner trial exists." if by_rung else
-               "Early-stopped, failed and unfinished trials (not in the tables above)."), "", md_table(excluded), ""]
+              "Early-stopped, failed and unfinished trials: not in the strategy table (early-stopped ones are in the "
+              "paired differences at the epochs they reached).", "", md_table(excluded), ""]
     text = "\n".join(lines)
     (out / "report.md").write_text(text)
     files.insert(0, out / "report.md")
     return text, files
+
+
+def _verdict_section(paired_parts: list[pd.DataFrame], claims_parts: list[pd.DataFrame], metrics: list[str], *,
+                     factor: str, reference, margin: float, alpha: float, bounds: stats.Boundaries | None,
+                     unadjusted: bool) -> list[str]:
+    """The paired differences and the claims per cell, with the rules that make them, in words."""
+    name = short(factor)
+    basis = str(paired_parts[0]["basis"].iloc[0]) if paired_parts and len(paired_parts[0]) else "–"
+    if bounds is not None:
+        rule = (f"Verdicts by the study's sequential design ({bounds.n_min}..{bounds.n_max} seeds, "
+                f"{bounds.spending.replace('_', '–')} α spending; `decided at` gives the look): *equivalent* per pair "
+                f"at α = {alpha:g}; *different* at α/{bounds.pairs} per pair, family-wise over each cell's "
+                f"{bounds.pairs} pair(s) (Bonferroni, built into the boundaries).")
+    else:
+        rule = (f"*equivalent*: the {100 * (1 - 2 * alpha):g}% interval lies inside (−δ, δ) (TOST, both one-sided "
+                f"p < {alpha:g}; a claim per pair); *different*: not equivalent, and the two-sided test of 0 rejects "
+                f"after Holm's correction over the cell's pairs (family-wise at {alpha:g}; column `p diff (Holm)`).")
+    lines = [f"## Paired differences against {name} = `{reference}`", "",
+             f"{name} − {reference}, paired by seed within the same configuration, compared at the **{basis}** "
+             f"(column *epoch*). Equivalence margin δ = {margin:g} points. {rule} Otherwise *inconclusive* "
+             f"(always with fewer than 2 pairs, and with identical differences: sd 0 estimates no spread). "
+             f"*at chance*: every trial of both sides is at the chance level, so the pair says nothing about "
+             f"the {name}; *descriptive*: the epoch compared was chosen by which trials were stopped: no verdict."
+             + (" **The design was changed during the study (`--resume-force`): every verdict is unadjusted.**"
+                if unadjusted else ""), ""]
+    for m, part, claims in zip(metrics, paired_parts, claims_parts):
+        lines += [f"### {m}", "", md_table(_paired_md(part)), ""]
+        if len(part):
+            tally = part["verdict"].astype(str).str.replace(" (unadjusted)", "", regex=False).value_counts()
+            lines += ["Verdicts: " + ", ".join(f"{tally.get(v, 0)} {v}" for v in VERDICTS + (AT_CHANCE, DESCRIPTIVE)
+                                               if tally.get(v, 0) or v in VERDICTS), ""]
+            warnings = [w for w in part["warning"] if isinstance(w, str) and w]
+            lines += [f"- **Warning:** {w}" for w in warnings] + ([""] if warnings else [])
+        if len(claims):
+            lines += [f"**Claims per cell** — *headline*: \"no {name} differs from `{reference}` by more than "
+                      f"±{margin:g}\", an intersection–union test: it *holds* (at α = {alpha:g}, no correction "
+                      f"needed) only when every pair of the cell is equivalent; *fails* when a pair is different. "
+                      f"*F*, *p*: the {name} effect in a randomized-block analysis ({name} × seed, the seed a "
+                      f"block; complete seeds only); *shares*: of the variation across the cell's trials.", "",
+                      md_table(_claims_md(claims)), ""]
+    return lines
+
+
+def _claims_md(claims: pd.DataFrame) -> pd.DataFrame:
+    keys = [c for c in claims.columns if c not in ("metric", "pairs", "equivalent", "different", "inconclusive",
+                                                    "headline") and not c.startswith("block_")]
+    out = claims[keys].copy()
+    out["pairs"] = claims["pairs"]
+    out["equivalent / different / inconclusive"] = [
+        f"{a} / {b} / {c}" for a, b, c in zip(claims["equivalent"], claims["different"], claims["inconclusive"])]
+    out["headline"] = claims["headline"]
+    if "block_F" in claims:
+        out["seeds (blocks)"] = claims["block_blocks"]
+        out["F"] = [_fmt(v) for v in claims["block_F"]]
+        out["p"] = [p_text(v) for v in claims["block_p"]]
+        out["shares: level / seed / residual"] = [
+            "–" if pd.isna(a) else f"{a:.0%} / {b:.0%} / {c:.0%}"
+            for a, b, c in zip(claims["block_share_level"], claims["block_share_block"], claims["block_share_residual"])]
+    return out
 
 
 def _with_last_steps(client, df: pd.DataFrame) -> pd.DataFrame:
@@ -831,7 +1113,8 @@ def with_histories(client, df: pd.DataFrame, metrics: list[str]) -> pd.DataFrame
 def run(args) -> int:
     from tunekd.checks import check_writable_dir
 
-    check_levels(args.margin, args.alpha)
+    check_levels(1.0 if args.margin is None else args.margin, args.alpha)
+    _parse_at(args.at)
     if args.out is not None:
         check_writable_dir(args.out, "--out")
     client = _client(args.tracking_uri)
@@ -842,18 +1125,28 @@ def run(args) -> int:
     if parent:
         teacher = {"eval/" + k[len("teacher/"):]: v for k, v in client.get_run(parent).data.metrics.items()
                    if k.startswith("teacher/")}
+    design = study_design(client, parent)
     if len(df):
         df = _with_last_steps(client, df)
-        if not args.final_only:
-            done = df[df["status"].isin((COMPLETED, EARLY_STOPPED))]
-            df = with_histories(client, df, _resolve_metrics(args.metric, done) if len(done) else [])
+        done = df[df["status"].isin((COMPLETED, EARLY_STOPPED))]
+        df = with_histories(client, df, _resolve_metrics(args.metric, done) if len(done) else [])
+    levels = []
+    factor_name = {v: k for k, v in SHORT.items()}.get(args.compare, args.compare) or STRATEGY
+    if len(df) and factor_name in df:
+        levels = list(df[factor_name].dropna().unique())
+    factor, reference, margin, at, bounds = _comparison(args, design, levels)
     out = Path(args.out or Path("report") / re.sub(r"[^\w.-]+", "_", args.experiment))
     parents = sorted(df["parent_id"].dropna().unique()) if len(df) else []
     source = (f"MLflow {args.tracking_uri}, experiment {args.experiment!r}, "
               + (f"parent run {args.parent}" if args.parent else f"{len(parents)} parent run(s)") + ".")
+    if design.get("scheduler"):
+        source += (f" Scheduler: {design['scheduler']}" + (f" (grace period {design.get('grace_period')})"
+                                                          if design["scheduler"] == "asha" else "")
+                   + f", {design.get('epochs')} epochs" + ("; adaptive seeds" if design.get("seeds") else "") + ".")
     text, files = build_report(df, experiment=args.experiment, out=out, metrics=args.metric,
-                               reference=args.reference, margin=args.margin, alpha=args.alpha,
-                               teacher=teacher, source=source)
+                               reference=reference, margin=margin, alpha=args.alpha,
+                               teacher=teacher, source=source, factor=factor, at=at, bounds=bounds,
+                               chance=design.get("chance"), unadjusted=design.get("unadjusted", False))
     print(text)
     if not args.no_log:
         if parent:

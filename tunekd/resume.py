@@ -32,8 +32,7 @@ RAY_PATH_TAG = "tunekd.ray_path"
 # study values that change where things are written or how fast, never a trial's numbers
 OPERATIONAL = ("name", "tracking.", "tune.storage_path", "tune.max_failures", "tune.max_concurrent_trials",
                "tune.reuse_actors", "tune.checkpoint_every", "tune.keep_students", "tune.ray_loggers",
-               "train.save_model", "teacher.cache_dir",
-               "tune.seeds.max")  # an adaptive study may be resumed with room for more seeds
+               "train.save_model", "teacher.cache_dir")  # tune.seeds.max counts: a sequential design fixes it
 
 
 def config_part(study) -> dict[str, Any]:

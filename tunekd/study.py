@@ -289,14 +289,17 @@ class ResourcesConfig(_Section):
 
 
 class SeedsConfig(_Section):
-    """Adaptive seeds (`tune.seeds`): run every cell with `min` seeds, then one more seed per round for each
-    strategy/cell pair whose paired TOST verdict against `reference` is still inconclusive, up to `max`."""
+    """Adaptive seeds (`tune.seeds`): a sequential design (tunekd.stats). Every cell runs `min` seeds, then one
+    more seed per round for each level/cell pair of the `compare` dimension whose verdict against `reference`
+    is still open, up to `max` (fixed up front); α is spent over the looks (`spending`)."""
 
-    min: Int = Field(3, ge=2, le=1000)
-    max: Int = Field(10, ge=2, le=1000)
+    min: Int = Field(3, ge=2, le=100)
+    max: Int = Field(10, ge=2, le=100)
     margin: Float = Field(1.0, gt=0)
-    reference: str = Field("forward", min_length=1)
+    compare: str = Field("distill.strategy", min_length=1)  # the searched dimension whose levels are compared
+    reference: str | Float = "forward"  # a level of `compare` (a number for a numeric dimension, e.g. λ 3)
     alpha: Float = Field(0.05, gt=0, lt=0.5)
+    spending: Literal["obrien_fleming", "pocock"] = "obrien_fleming"
 
     @model_validator(mode="after")
     def _range(self):
@@ -543,21 +546,28 @@ def _check_schedule(study: Study, source: str) -> None:
 
 
 def _check_seeds(study: Study, source: str) -> None:
-    """`tune.seeds` needs a grid study over distill.strategy (with the reference among its values), run FIFO
-    (the verdicts compare final epochs; ASHA would stop trials early), one sample, and no seed dimension."""
+    """`tune.seeds` needs a grid study over its `compare` dimension (with the reference among its values), run
+    FIFO (the verdicts compare final epochs; ASHA would stop trials early), one sample, and no seed dimension."""
     cfg = study.tune.seeds
     if cfg is None:
         return
     where = f"{source}: tune.seeds"
-    dim = study.search.get("distill.strategy")
+    dim = study.search.get(cfg.compare)
     if dim is None or dim.kind != "grid":
-        raise ConfigError(f"{where} compares strategies: it needs a search.distill.strategy grid")
+        raise ConfigError(f"{where}.compare {cfg.compare!r}: it needs a search.{cfg.compare} grid "
+                          f"(searched: {', '.join(study.search) or 'nothing'})")
     values = list(dim.grid)
-    if cfg.reference not in values:
-        raise ConfigError(f"{where}.reference {cfg.reference!r} is not one of the searched strategies "
-                          f"({', '.join(map(str, values))})")
+
+    def same(a, b) -> bool:
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+            return float(a) == float(b)
+        return str(a) == str(b)
+
+    if not any(same(cfg.reference, v) for v in values):
+        raise ConfigError(f"{where}.reference {cfg.reference!r} is not one of the searched values of "
+                          f"{cfg.compare} ({', '.join(map(str, values))})")
     if len(values) < 2:
-        raise ConfigError(f"{where} needs at least 2 strategies in search.distill.strategy")
+        raise ConfigError(f"{where} needs at least 2 values in search.{cfg.compare}")
     if "seed" in study.search:
         raise ConfigError(f"{where} chooses the seeds itself: remove search.seed")
     if study.tune.searcher != "grid":

@@ -156,7 +156,7 @@ class Sanity:
 
     def tags(self) -> dict[str, str]:
         return {"tunekd.teacher.sanity": "ok" if self.ok else "at_chance",
-                "tunekd.teacher.baseline": f"{self.baseline:.2f}"}
+                "tunekd.teacher.baseline": f"{self.baseline:.2f}", "tunekd.teacher.baseline_rows": str(self.rows)}
 
 
 SANITY_ALPHA = 0.01
