@@ -1,11 +1,12 @@
-"""The Ray Tune function trainable: one trial = one config, a thin wrapper around `distill.fit`.
+"""The Ray Tune function trainable: one trial = one config, a thin wrapper around `distill.fit_members`.
 
 What every trial shares (tokenized data, the teacher's weights, where the teacher-output cache is)
 arrives as one `Shared` object through `tune.with_parameters`, i.e. Ray's object store: it works on
 every node of a cluster and no trial re-tokenizes or re-fine-tunes. A trial whose teacher outputs
 are all in the cache never builds the teacher; what a worker builds (the teacher's config, the
 teacher model, the opened cache) is kept for the next trial on that worker (`reuse_actors`).
-`run_trial` also runs without Ray (`report=None`).
+`run_trial` also runs without Ray (`report=None`). A trial group (`tune.group_by`, `tunekd.groups`) is
+one Ray trial: `run_group` trains its members side by side, one teacher forward per batch.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ from tunekd.tasks import spec_for
 
 # a worker's builds for the study it is serving (keyed by `Shared.token`): config, teacher, tensors
 _WORKER: dict[str, dict[str, Any]] = {}
+
+# a failed member's marker in its group's checkpoint (its error text): restored, it stays failed
+FAILED = "failed.txt"
 
 # cache arrays up to this size travel through the object store when the driver asks for it
 SHIP_LIMIT_BYTES = 256 * 1024**2
@@ -217,7 +221,7 @@ def run_group(configs: list[dict[str, Any]], shared: Shared, *, report=None, res
         if need and cache is not None and shared.cache.mode == "full":
             raise RuntimeError(
                 f"teacher cache {shared.cache.folder} holds layers {list(cache.layers)} but this trial maps teacher "
-                f"layers {sorted({t for _, t in t.plan.layer_map})}: the study expected the cache to cover every "
+                f"layers {sorted({j for _, j in t.plan.layer_map})}: the study expected the cache to cover every "
                 "trial, and running the teacher online instead would only be slower (a search value the driver "
                 "did not enumerate?)")
     teacher = shared.teacher(spec) if any(needs) else None
@@ -261,7 +265,7 @@ def run_group(configs: list[dict[str, Any]], shared: Shared, *, report=None, res
     def on_epoch(i: int):
         def save(epoch, metrics, st):
             metrics["perf/cache_hit"] = float(cache is not None)
-            metrics["perf/teacher_built"] = float(teacher is not None)
+            metrics["perf/teacher_built"] = float(needs[i])  # this member needs the teacher model
             pending.setdefault("metrics", {})[i] = metrics
             if report is None or (epoch % every and epoch != epochs):  # no checkpoint this epoch
                 return
@@ -304,10 +308,6 @@ def run_group(configs: list[dict[str, Any]], shared: Shared, *, report=None, res
                         study.train, epochs=epochs, seed=study.seed, started=started,
                         generation=study.task.generation, after_epoch=after_epoch)
     return [m.history for m in members]
-
-
-# a failed member's marker in the group's checkpoint (its error text): restored, it stays failed
-FAILED = "failed.txt"
 
 
 def scratch_dir(nbytes: int) -> str | None:
