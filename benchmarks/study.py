@@ -73,8 +73,8 @@ def variant_study(name: str, study, workdir: Path):
 
 
 def history_callback():
-    """A Tune callback keeping every trial's reported results in memory (Ray's per-trial result files are
-    off by default, `tune.ray_loggers`, so the result grid has no metrics history)."""
+    """A Tune callback keeping every trial's reported results in memory (independent of Ray's per-trial result
+    files, which a study may turn off with `tune.ray_loggers: false`)."""
     from ray import tune
 
     class History(tune.Callback):

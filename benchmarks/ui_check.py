@@ -9,7 +9,10 @@
    MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false);
 3. opens the experiment's runs view, the parent run expanded, in headless Chromium (Debian's
    `chromium`): a screenshot (PNG) and the rendered DOM;
-4. checks that every trial's run name and each status appear in the run list; exit 1 otherwise.
+4. checks that every trial's run name and each status appear in the run list, that the parent's row shows the
+   teacher's and the best trial's metric, that the trials show their epochs (`train/epochs`), that the parent's
+   `tunekd.status` is not cut off, and that the view grouped by strategy shows one row per strategy;
+   exit 1 otherwise.
 
 Screenshots go to --out (default /tmp/tunekd-ui), never into the repository. Runs with whatever
 `tunekd` is on the path, so the same script shows the run list before and after a change.
@@ -78,8 +81,12 @@ def build_store(db: Path) -> dict:
     study_url = (tracker.ui_url("BASE") if hasattr(tracker, "ui_url") else
                  f"BASE/#/experiments/{tracker.experiment_id}/runs?searchFilter="
                  + quote(f"tags.`mlflow.parentRunId` = '{tracker.parent_id}'", safe=""))
+    grouped_url = study_url.replace(tracker.parent_id, tracker.parent_id + "-by-strategy")
+    parent = tracker.client.get_run(tracker.parent_id).data
     return {"experiment_id": tracker.experiment_id, "parent": tracker.parent_id, "trials": out,
-            "study_url": study_url}
+            "study_url": study_url, "grouped_url": grouped_url, "strategies": sorted(
+                {p for p in (r.params.get("distill.strategy") for r in tracker.trials.values()) if p}),
+            "parent_status": parent.tags.get("tunekd.status", ""), "parent_metrics": dict(parent.metrics)}
 
 
 def free_port() -> int:
@@ -110,9 +117,17 @@ def start_server(db: Path, port: int, log: Path) -> subprocess.Popen:
 EXPANDER = 'button[data-component-id*="runnamecellrenderer"]'  # the "+" that unfolds a parent run's children
 
 
-def browse(url: str, png: Path, wait_s: float = 12.0, expand: bool = False) -> str:
+# the text cells cut off by their column (an ellipsis: [text, shown width, full width]) and the first row's cells
+# (the parent run's, ordered by start time)
+PROBE = ("JSON.stringify({cut: [...document.querySelectorAll('.ag-cell')].filter(c => c.scrollWidth > c.clientWidth + 1)"
+         ".map(c => [c.innerText, c.clientWidth, c.scrollWidth]), first: [...document.querySelectorAll("
+         "'.ag-row[row-index=\"0\"] .ag-cell')].map(c => c.innerText.trim())})")
+
+
+def browse(url: str, png: Path, wait_s: float = 12.0, expand: bool = False, probe: str | None = None):
     """Open `url` in headless Chromium (DevTools protocol over a websocket), optionally click every
-    parent run's "+" (a researcher's one click), screenshot into `png`; return the page's visible text."""
+    parent run's "+" (a researcher's one click), screenshot into `png`; return the page's visible text (and,
+    with `probe`, that JavaScript expression's value: (text, value))."""
     import asyncio
     import base64
 
@@ -120,7 +135,7 @@ def browse(url: str, png: Path, wait_s: float = 12.0, expand: bool = False) -> s
 
     port = free_port()
     proc = subprocess.Popen(
-        [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1700,1100",
+        [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=2200,1100",
          f"--remote-debugging-port={port}", f"--user-data-dir={tempfile.mkdtemp(prefix='tkd-chrome-')}",
          "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
@@ -158,7 +173,8 @@ def browse(url: str, png: Path, wait_s: float = 12.0, expand: bool = False) -> s
                     await asyncio.sleep(4)
                 shot = await call("Page.captureScreenshot", format="png")
                 png.write_bytes(base64.b64decode(shot["data"]))
-                return await js("document.body.innerText") or ""
+                text = await js("document.body.innerText") or ""
+                return (text, await js(probe)) if probe else text
 
     try:
         return asyncio.run(session())
@@ -184,19 +200,34 @@ def check(out: Path, keep: bool = False) -> dict:
             "runs": f"{base}/#/experiments/{exp}/runs",
             "parent": f"{base}/#/experiments/{exp}/runs/{store['parent']}",
             "study": store["study_url"].replace("BASE", base),  # what the end-of-study message prints
+            "grouped": store["grouped_url"].replace("BASE", base),  # the same, grouped by strategy
+            "grouped_charts": store["grouped_url"].replace("BASE", base) + "&compareRunsMode=CHART",
         }
-        results = {}
+        results, probe = {}, {}
         for name, url in pages.items():
-            text = browse(url, out / f"{name}.png", expand=name in ("runs", "study"))
+            text, found = browse(url, out / f"{name}.png", expand=name in ("runs", "study"), probe=PROBE)
+            probe[name] = json.loads(found or '{"cut": [], "first": []}')
             (out / f"{name}.txt").write_text(text)
             results[name] = text
         runs_text = results["study"]
         names = {n: n in runs_text for n, _, _ in store["trials"]}
         cells = [c.strip() for c in re.split(r"[\t\n]", runs_text)]  # a table cell per line/tab
         icons = {s: cells.count(s) for s in STATUSES}
+        metrics, first = store["parent_metrics"], probe["study"]["first"]
+        shown = {  # the parent's row holds its teacher and best metric (as the list prints them), and the headers
+            "teacher_value": any(c in (f"{metrics['teacher/accuracy']:g}", f"{metrics['teacher/accuracy']:.2f}")
+                                 for c in first),
+            "best_value": any(c in (f"{metrics['best/accuracy']:g}", f"{metrics['best/accuracy']:.2f}") for c in first),
+            **{f"{col}_column": col in runs_text for col in ("teacher/accuracy", "best/accuracy", "train/epochs")}}
+        grouped_cells = [c.strip() for c in re.split(r"[\t\n]", results["grouped"])]
         report = {
             "pages": {k: str(out / f"{k}.png") for k in pages},
             "names_shown": sum(names.values()), "trials": len(names), "missing": [n for n, v in names.items() if not v],
+            "parent_row": shown,
+            "parent_status_shown": store["parent_status"] in cells,
+            "parent_row_cells": first,
+            "cut_off_cells": probe["study"]["cut"],
+            "groups_shown": {s: any("Group" in c and s in c for c in grouped_cells) for s in store["strategies"]},
             "status_words_in_run_list": icons,
             "overview_page": "Overview" in results["experiment"] and "Traces" in results["experiment"],
             "trials_detail": store["trials"],
@@ -219,7 +250,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     report = check(Path(args.out), args.keep)
     print(json.dumps(report, indent=1))
-    return 0 if not report["missing"] else 1
+    ok = (not report["missing"] and all(report["parent_row"].values()) and report["parent_status_shown"]
+          and not [c for c in report["cut_off_cells"] if c[0].startswith("study:")]
+          and all(report["groups_shown"].values()))
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

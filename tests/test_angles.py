@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import numpy as np
@@ -160,7 +161,7 @@ def test_cli_minilm_copy_student_end_to_end(tmp_path, mlflow_store, capsys):
     assert 0 <= run.data.metrics["angles/frac_acute"] <= 1 and -1 <= run.data.metrics["angles/mean_cos"] <= 1
     assert "angles/mean_cos/s3" in run.data.metrics
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == files
-    assert run.data.params["student.copied_layers"] == "[1, 3, 5]"
+    assert run.data.params["student.copied_teacher_layers"] == "[2, 4, 6]"  # 1-based, as every output
 
 
 def _log_student(client, exp_id, tiny_teacher, tmp_path, *, with_artifact=True):
@@ -207,6 +208,66 @@ def test_cli_student_from_mlflow_run(tmp_path, mlflow_store, tiny_teacher):
                       "--max-length", "32", "--out", str(out2)])
     assert rc == 0
     pd.testing.assert_frame_equal(df, pd.read_csv(out2 / "angles.csv"))
+
+
+def test_kept_student_in_ray_results_by_run_id_and_best(tmp_path, mlflow_store, tiny_teacher, capsys):
+    """A trial whose weights `tune.keep_students` kept in ray_results/ (no artifact): `--student run:ID` and
+    `--best EXPERIMENT` rebuild it from the trial's student.* params on its teacher; the cosines equal those of
+    the same weights saved as a transformers folder. `--best` skips a better trial that kept nothing."""
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    from tunekd.models import family_for
+    from tunekd.study import StudentConfig, flatten
+    from tunekd.students import build_student
+    from tunekd.tasks import get_task
+
+    uri, client, _ = mlflow_store
+    exp_id = client.create_experiment("kept", artifact_location=(tmp_path / "art").as_uri())
+    spec = get_task("synthetic")
+    family = family_for(AutoConfig.from_pretrained(tiny_teacher))
+    teacher = family.load(str(tiny_teacher), spec)
+    cfg = StudentConfig(layers=2, init="random")
+    student = build_student(teacher, family, spec, cfg, seed=3).model
+    ray_dir = tmp_path / "ray_results" / "kept-20260101-000000"
+    ckpt = ray_dir / "tune_trainable_ab12c_00001_1_x" / "checkpoint_000002"
+    ckpt.mkdir(parents=True)
+    tensors = {f"student.{k}": v.clone().contiguous() for k, v in student.state_dict().items()}
+    save_file(tensors, str(ckpt / "model.safetensors"))
+    student.save_pretrained(tmp_path / "same")
+    parent = client.create_run(exp_id, tags={"tunekd.role": "study", "tunekd.ray_path": str(ray_dir),
+                                             "tunekd.best.metric": "eval/accuracy"})
+    client.log_param(parent.info.run_id, "teacher.path", str(tiny_teacher))
+    ids = {}
+    for trial_id, acc in (("ab12c_00000", 90.0), ("ab12c_00001", 80.0)):
+        child = client.create_run(exp_id, tags={"mlflow.parentRunId": parent.info.run_id, "tunekd.trial_id": trial_id,
+                                                "tunekd.status": "completed"})
+        params = {"task.name": "synthetic", "task.max_length": "32",
+                  **{f"student.{k}": json.dumps(v) if not isinstance(v, str) else v
+                     for k, v in flatten(cfg.model_dump(mode="json")).items()}}
+        for k, v in params.items():
+            client.log_param(child.info.run_id, k, v)
+        client.log_metric(child.info.run_id, "eval/accuracy", acc, step=2)
+        ids[trial_id] = child.info.run_id
+    kept = ids["ab12c_00001"]
+    rc = angles.main(["--student", f"run:{kept}", "--tracking-uri", uri, "--samples", "8", "--out", str(tmp_path / "a")])
+    assert rc == 0
+    rc = angles.main(["--best", "kept", "--tracking-uri", uri, "--samples", "8", "--out", str(tmp_path / "b")])
+    assert rc == 0 and f"run {kept}" in capsys.readouterr().err
+    rc = angles.main(["--teacher", str(tiny_teacher), "--student", str(tmp_path / "same"), "--samples", "8",
+                      "--max-length", "32", "--out", str(tmp_path / "c")])
+    assert rc == 0
+    ref = pd.read_csv(tmp_path / "c" / "angles.csv")
+    assert len(ref) == 3 * 6
+    for out in ("a", "b"):
+        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / out / "angles.csv"), ref)
+    capsys.readouterr()
+    # the better trial kept nothing: by run id it is one error line
+    rc = angles.main(["--student", f"run:{ids['ab12c_00000']}", "--tracking-uri", uri, "--out", str(tmp_path / "d")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no weights kept" in err and len(err.strip().splitlines()) == 1
+    rc = angles.main(["--best", "nosuch", "--tracking-uri", uri, "--out", str(tmp_path / "e")])
+    assert rc == 2 and "nosuch" in capsys.readouterr().err
 
 
 def test_cli_errors(tmp_path, mlflow_store, tiny_teacher, capsys):

@@ -16,6 +16,7 @@ import yaml
 from tunekd import angles
 from tunekd import report
 from tunekd import run as cli
+from tunekd import studies
 
 INF = float("inf")
 NOT_UTF8 = b"caf\xe9"  # Latin-1 bytes, invalid as UTF-8
@@ -237,6 +238,86 @@ def cases(tmp_path, tiny_bert_dir):
     ]
 
 
+def _garbage_store(tmp_path):
+    """A file named like a store that holds no database (random bytes)."""
+    f = tmp_path / "garbage.db"
+    f.write_bytes(bytes(range(256)) * 8)
+    return f
+
+
+def _declared(tmp_path, folder, train, dev="text,label\nfine,pos\nmeh,neg\n", suffix=".csv", **task):
+    """A declared classification task (teacher `tiny:bert`, which a run would build under .tunekd_cache/:
+    the data must be refused before it is) over the files `train` and `dev` (text or bytes; None: no file)."""
+    files = {k: v for k, v in {f"train{suffix}": train, f"dev{suffix}": dev}.items() if v is not None}
+    d = _folder_with(tmp_path, folder, files)
+    loader = {".csv": "csv", ".jsonl": "json", ".parquet": "parquet"}[suffix]
+    data_files = {"train": str(d / f"train{suffix}"), "validation": str(d / f"dev{suffix}")}
+    return {"task": {"name": "mine", "kind": "classification", "text_fields": ["text"],
+                     "data": {"path": loader, "data_files": data_files}, **task},
+            "teacher": {"model": "tiny:bert"}}
+
+
+def issue19_cases(tmp_path):
+    """Issue 19: declared labels that collapsed, data checked only after the teacher was materialised (also on
+    --dry-run), a folder of another task, a store that is not a database, the smaller ones."""
+    sst_header = "sentence\tlabel\n"
+    two_rows = "text,label\ngood,pos\nbad,neg\n"
+    outside = _declared(tmp_path, "outside", two_rows)
+    outside["task"]["data"]["data_files"]["train"] = "../elsewhere/train.csv"
+    hub = {"task": {"name": "mine", "kind": "classification", "text_fields": ["text"],
+                    "data": {"path": "someone/no-such-dataset"}}, "teacher": {"model": "tiny:bert"}}
+    return [
+        ("declared_numeric_labels_1_2", _declared(tmp_path, "n12", "text,label\na,0\nb,1\n", "text,label\nc,1\n",
+                                                  labels=[1, 2]), [],
+         ["row 0: label 0 is not in the task's labels ['1', '2']", "by value, not as an id"]),
+        ("declared_labels_minus_1_1", _declared(tmp_path, "m11", "text,label\na,-1\nb,1\nc,0\n",
+                                                "text,label\nc,1\n", labels=[-1, 1]), [],
+         ["row 2: label 0 is not in the task's labels ['-1', '1']"]),
+        ("declared_one_class", _declared(tmp_path, "oneclass", "text,label\na,pos\nb,pos\n", labels=["pos", "neg"]),
+         [], ["every training row has label 'pos'", "at least two classes"]),
+        ("declared_missing_file", _declared(tmp_path, "nofile", None), [], ["train.csv does not exist"]),
+        ("declared_empty_csv", _declared(tmp_path, "emptycsv", ""), [], ["train.csv is empty"]),
+        ("declared_empty_csv_dry_run", _declared(tmp_path, "emptycsv2", ""), ["--dry-run"], ["train.csv is empty"]),
+        ("declared_header_only", _declared(tmp_path, "headeronly", "text,label\n"), [],
+         ["train.csv has a header but no rows"]),
+        ("declared_label_not_in_labels_dry_run", _declared(tmp_path, "notin", two_rows, labels=["pos", "zzz"]),
+         ["--dry-run"], ["label 'neg' is not in the task's labels ['pos', 'zzz']"]),
+        ("declared_missing_text_column", _declared(tmp_path, "notext", "words,label\na,pos\nb,neg\n"), [],
+         ["train.csv: column 'text' is missing; columns found: words, label"]),
+        ("declared_label_missing_in_dev_only", _declared(tmp_path, "devnolabel", two_rows, "text\nfine\n"), [],
+         ["(validation)", "dev.csv: column 'label' is missing"]),
+        ("declared_empty_text_cell", _declared(tmp_path, "emptycell", "text,label\n,pos\nbad,neg\n"), [],
+         ["split 'train', row 0, column 'text': expected text, got None"]),
+        ("declared_no_eval_split", _declared(tmp_path, "noeval", two_rows, None), [],
+         ["dev.csv does not exist"]),
+        ("declared_csv_not_utf8", _declared(tmp_path, "latin1csv", b"text,label\n" + NOT_UTF8 + b",pos\nx,neg\n"), [],
+         ["train.csv: not UTF-8 text (byte 0xe9 at line 2)"]),
+        ("declared_jsonl_broken_line", _declared(tmp_path, "brokenjsonl", '{"text": "a", "label": "pos"}\n{"text": \n',
+                                                 '{"text": "b", "label": "neg"}\n', suffix=".jsonl"), [],
+         ["train.jsonl, line 2: invalid JSON"]),
+        ("declared_text_named_parquet", _declared(tmp_path, "fakeparquet", two_rows, two_rows, suffix=".parquet"), [],
+         ["train.parquet is not a Parquet file"]),
+        ("declared_offline_hub_id", hub, [], ["could not load task 'mine' from someone/no-such-dataset"]),
+        ("declared_path_outside_study_folder", outside, [],
+         ["../elsewhere/train.csv does not exist", "relative path is read from the working folder"]),
+        ("declared_regression_label_not_number",
+         _declared(tmp_path, "regtext", "text,label\na,high\nb,1.5\n", "text,label\nc,0.5\n", kind="regression"), [],
+         ["label 'high' of regression task 'mine' is not a finite number"]),
+        ("folder_of_another_task", {"task": {"name": "cola", "data_dir": str(_folder_with(tmp_path, "sst2like", {
+            "train.tsv": sst_header + "good \t1\nbad \t0\n", "dev.tsv": sst_header + "fine \t1\n"}))},
+            "teacher": {"model": "tiny:bert"}}, [], ["this is a sst2 file", "not one of task 'cola'"]),
+        ("builtin_one_class", {"task": {"name": "sst2", "data_dir": str(_folder_with(tmp_path, "sst2oneclass", {
+            "train.tsv": sst_header + "good \t1\nfine \t1\n", "dev.tsv": sst_header + "ok \t1\n"}))}}, [],
+         ["every training row has label 'positive'"]),
+        ("store_not_a_database", {}, ["--tracking-uri", f"sqlite:///{_garbage_store(tmp_path)}"],
+         ["is not an SQLite database"]),
+        ("set_lr_100000_digits", {}, ["--set", "train.lr=" + "1" * 100_000], ["an integer of 100000 digits"]),
+        ("grid_value_repeated", {}, ["--set", "search.student.init.grid=[copy, copy]"],
+         ["grid value 'copy' is given twice"]),
+        ("run_without_study", None, [], ["the following arguments are required: study"]),
+    ]
+
+
 def tool_cases(tmp_path, tiny_bert_dir):
     """(id, the tool's main, its arguments, words expected in the message): report and angles."""
     a_file = _file(tmp_path, "a_file")
@@ -253,6 +334,14 @@ def tool_cases(tmp_path, tiny_bert_dir):
         ("angles_samples_huge", angles.main, ["--samples", "100000000"], ["--samples must be in 1..100000"]),
         ("angles_out_is_file", angles.main, ["--out", str(a_file)], ["--out", "is a file"]),
         ("angles_layers_zero", angles.main, ["--layers", "0"], ["--layers must be in 1..1024, got 0"]),
+        ("list_store_not_a_database", studies.main_list, ["--tracking-uri", f"sqlite:///{_garbage_store(tmp_path)}"],
+         ["is not an SQLite database"]),
+        ("compare_store_not_a_database", studies.main_compare,
+         ["a", "b", "--tracking-uri", f"sqlite:///{_garbage_store(tmp_path)}"], ["is not an SQLite database"]),
+        ("report_store_not_a_database", report.main,
+         ["--experiment", "e", "--tracking-uri", f"sqlite:///{_garbage_store(tmp_path)}"], ["is not an SQLite database"]),
+        ("compare_one_study", studies.main_compare, ["onlyone"],
+         ["the following arguments are required: B", "tunekd compare --help"]),
         ("angles_data_not_utf8", angles.main, ["--teacher", str(tiny_bert_dir), "--task", "sst2", "--data-dir",
                                                str(latin1), "--samples", "4"], ["not UTF-8 text", ".tsv"]),
     ]
@@ -301,13 +390,16 @@ def _assert_one_line(code, err, words):
         assert w in err, err
 
 
-@pytest.mark.parametrize("case_id", _case_ids())
+@pytest.mark.parametrize("case_id", _case_ids() + _case_ids(lambda tmp, _model: issue19_cases(tmp)))
 def test_bad_input(case_id, tmp_path, tiny_bert_dir, capsys, monkeypatch, no_ray):
     monkeypatch.chdir(tmp_path)
-    (case,) = [c for c in cases(tmp_path, tiny_bert_dir) if c[0] == case_id]
+    monkeypatch.delenv("TUNEKD_TINY_DIR", raising=False)  # a `tiny:` teacher would be built under .tunekd_cache/
+    (case,) = [c for c in cases(tmp_path, tiny_bert_dir) + issue19_cases(tmp_path) if c[0] == case_id]
     _, edits, extra, words = case
     study = tmp_path / "study.yaml"
-    if callable(edits):  # the study path itself is the problem (a folder, a FIFO)
+    if edits is None:  # no study file argument at all
+        study = None
+    elif callable(edits):  # the study path itself is the problem (a folder, a FIFO)
         edits(study)
     elif isinstance(edits, (str, bytes)):
         text = edits.replace(b"TINY", str(tiny_bert_dir).encode()) if isinstance(edits, bytes) \
@@ -319,9 +411,17 @@ def test_bad_input(case_id, tmp_path, tiny_bert_dir, capsys, monkeypatch, no_ray
             raw["teacher"]["model"] = str(tiny_bert_dir)
         study.write_text(yaml.safe_dump(raw))
     before = _listing(tmp_path)
-    code = cli.main([str(study), *extra])
+    code = _exit_code(cli.main, [str(study)] * (study is not None) + extra)
     _assert_one_line(code, capsys.readouterr().err.strip(), words)
     assert _listing(tmp_path) == before  # nothing written: no mlflow.db, ray_results/, .tunekd_cache/
+
+
+def _exit_code(main, argv) -> int:
+    """The exit code of a CLI's main: returned, or (a usage error, from argparse) raised as SystemExit."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return exc.code
 
 
 @pytest.mark.parametrize("case_id", _case_ids(tool_cases))
@@ -330,7 +430,7 @@ def test_bad_tool_input(case_id, tmp_path, tiny_bert_dir, capsys, monkeypatch, n
     (case,) = [c for c in tool_cases(tmp_path, tiny_bert_dir) if c[0] == case_id]
     _, main, argv, words = case
     before = _listing(tmp_path)
-    code = main(argv)
+    code = _exit_code(main, argv)
     _assert_one_line(code, capsys.readouterr().err.strip(), words)
     assert _listing(tmp_path) == before
 

@@ -20,6 +20,7 @@ QUICKSTART = REPO / "search_spaces" / "quickstart.yaml"
 SHRINK = [
     "task.synthetic.train_size=64", "task.synthetic.eval_size=32", "task.max_length=24",
     "teacher.finetune.epochs=1", "train.epochs=2", "train.batch_size=16",
+    "tune.scheduler=asha",  # the quickstart runs FIFO; here ASHA, so that early stopping is covered end to end
 ]
 
 pytestmark = pytest.mark.slow
@@ -33,6 +34,7 @@ def quickstart(tmp_path_factory, ray_session, mlflow_uri):
     mp = pytest.MonkeyPatch()
     try:
         mp.chdir(cwd)
+        mp.setenv("TUNEKD_REPORT", "1")  # the study ends with its report (conftest turns it off elsewhere)
         import contextlib
         import io
 
@@ -61,7 +63,7 @@ def test_quickstart_records_every_trial_as_a_child_run(quickstart):
         assert tags["mlflow.parentRunId"] == parent.info.run_id
         assert tags["tunekd.status"] in ("completed", "early_stopped")
         for key in ("distill.strategy", "distill.lambda_hid", "student.init", "student.layers", "seed",
-                    "train.lr", "distill.layer_map", "student.copied_layers", "distill.temperature"):
+                    "train.lr", "distill.layer_map", "student.copied_teacher_layers", "distill.temperature"):
             assert key in params, key
         for key in ("eval/accuracy", "train/loss", "train/loss_ce", "train/loss_kl", "train/loss_hid"):
             assert key in metrics, key
@@ -73,16 +75,19 @@ def test_quickstart_records_every_trial_as_a_child_run(quickstart):
         else:
             assert len(steps) < 2
         init = params["student.init"]
-        copied = json.loads(params["student.copied_layers"])
-        assert copied == ([1, 3, 5] if init == "copy" else None)  # fwd(i) - 1 for 6 -> 3
+        copied = json.loads(params["student.copied_teacher_layers"])
+        assert copied == ([2, 4, 6] if init == "copy" else None)  # fwd(i) for 6 -> 3, 1-based like the map
     combos = {(r.data.params["distill.strategy"], r.data.params["student.init"], r.data.params["seed"])
               for r in children}
     assert len(combos) == 20
 
 
-def test_quickstart_report_compares_every_strategy_and_init_at_common_rungs(quickstart, tmp_path):
-    """The report pairs every strategy with forward for both inits on both seeds, early-stopped trials
-    included, each pair at the deepest epoch both trials reached (column `rung`)."""
+def test_quickstart_report_compares_at_the_epoch_every_trial_reached(quickstart, tmp_path):
+    """The shrunk quickstart runs ASHA (grace period 1): the report reads the design from the parent run and
+    compares every strategy with forward for both inits on both seeds at epoch 1, which every trial reached —
+    not at the epoch ASHA's stops chose; each pair at the deepest epoch both trials reached is descriptive only."""
+    import json
+
     import pandas as pd
 
     from tunekd import report
@@ -90,16 +95,26 @@ def test_quickstart_report_compares_every_strategy_and_init_at_common_rungs(quic
     cwd, _, uri = quickstart
     code = report.main(["--experiment", "quickstart", "--tracking-uri", uri, "--out", str(tmp_path), "--no-log"])
     assert code == 0
+    client, parents, children = runs(uri, "quickstart")
+    design = json.loads(parents[0].data.tags["tunekd.design"])
+    assert design["scheduler"] == "asha" and design["grace_period"] == 1 and design["epochs"] == 2
     paired = pd.read_csv(tmp_path / "paired.csv")
     assert {(s, i) for s, i in zip(paired["strategy"], paired["init"])} == {
         (s, i) for s in ("none", "reverse", "all_to_one", "random") for i in ("copy", "random")}
     assert (paired["n"] == 2).all(), paired
-    client, _, children = runs(uri, "quickstart")
-    last = {(r.data.params["distill.strategy"], r.data.params["student.init"], r.data.params["seed"]):
-            max(m.step for m in client.get_metric_history(r.info.run_id, "eval/accuracy")) for r in children}
-    for _, row in paired.iterrows():  # the rung is the shorter trial of each pair
-        rungs = [min(last[(row["strategy"], row["init"], s)], last[("forward", row["init"], s)]) for s in ("0", "1")]
-        assert str(row["rung"]) == (str(rungs[0]) if rungs[0] == rungs[1] else f"{min(rungs)}–{max(rungs)}")
+    assert set(paired["rung"].astype(str)) == {"1"} and set(paired["basis"]) == {"epoch 1, every trial"}
+    assert "descriptive" not in set(paired["verdict"])
+    at1 = {(r.data.params["distill.strategy"], r.data.params["student.init"], r.data.params["seed"]):
+           {m.step: m.value for m in client.get_metric_history(r.info.run_id, "eval/accuracy")}[1] for r in children}
+    for _, row in paired.iterrows():  # by hand, from MLflow's histories
+        d = [at1[(row["strategy"], row["init"], s)] - at1[("forward", row["init"], s)] for s in ("0", "1")]
+        assert row["mean_diff"] == pytest.approx(sum(d) / 2)
+        if d[0] == d[1] or abs(d[0] - d[1]) < 1e-9:  # identical differences decide nothing
+            assert row["verdict"] in ("inconclusive", "at chance"), row
+    md = (tmp_path / "report.md").read_text()
+    assert "**epoch 1, every trial**" in md
+    if any(r.data.tags["tunekd.status"] == "early_stopped" for r in children):
+        assert "## Descriptive: each pair at the deepest epoch both trials reached" in md
 
 
 def test_asha_stopped_at_least_one_trial(quickstart):
@@ -125,6 +140,24 @@ def test_quickstart_prints_summary_and_ui_command(quickstart):
     assert f"mlflow ui --backend-store-uri {uri}" in out
     assert "eval/accuracy" in out and "early_stopped" in out
     assert "teacher: fine-tuning" in out
+
+
+def test_quickstart_ends_with_its_report(quickstart):
+    """The end of `tunekd run` names the study's report.html, written to report/<experiment>/ and logged on the
+    parent run with the per-epoch metrics of every trial."""
+    import pandas as pd
+
+    cwd, out, uri = quickstart
+    folder = cwd / "report" / "quickstart"
+    assert f"report: {Path('report') / 'quickstart' / 'report.html'}" in out, out[-2000:]
+    client, (parent,), children = runs(uri, "quickstart")
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.html", "report/report.md", "report/trials.csv", "report/curves_accuracy.png"} <= logged
+    trials = pd.read_csv(folder / "trials.csv")
+    epochs = {r.info.run_id: len(client.get_metric_history(r.info.run_id, "eval/accuracy")) for r in children}
+    assert len(trials) == sum(epochs.values()) and trials.groupby("run_id").size().to_dict() == epochs
+    text = (folder / "report.html").read_text()
+    assert "curves_accuracy.png" not in text and text.count("data:image/png;base64,") >= 2
 
 
 def test_fine_tuned_teacher_is_cached_and_reused(quickstart, study_cli, mlflow_uri):
@@ -178,9 +211,12 @@ def test_trained_student_is_saved_as_an_mlflow_artifact(tmp_path, tiny_bert_dir,
     from mlflow.artifacts import download_artifacts
     from transformers import AutoModelForSequenceClassification
 
-    study = tiny_study(tmp_path, tiny_bert_dir, "save", train={"save_model": True})
+    study = tiny_study(tmp_path, tiny_bert_dir, "save", train={"save_model": True}, tune={"ray_loggers": False})
     code, out = study_cli([study, "--tracking-uri", mlflow_uri], tmp_path)
     assert code == 0, out[-3000:]
+    # tune.ray_loggers: false: none of Ray's per-trial result files
+    ray_files = {p.name for p in (tmp_path / "ray_results").rglob("*") if p.is_file()}
+    assert not ray_files & {"result.json", "params.json", "params.pkl", "progress.csv"}, ray_files
     client, _, children = runs(mlflow_uri, "save")
     (run,) = children
     local = download_artifacts(run_id=run.info.run_id, artifact_path="student", tracking_uri=mlflow_uri,

@@ -152,7 +152,7 @@ def test_bad_data_is_one_line(tmp_path):
     data = write(tmp_path, "csv", {"train": TRAIN, "validation": DEV})
     base = dict(kind="classification", data=data, text_fields=["premise"], label_field="gold")
     cases = [
-        (dict(base, text_fields=["premis"]), r"split 'train': column 'premis' is missing; columns found: premise, "),
+        (dict(base, text_fields=["premis"]), r"train.csv: column 'premis' is missing; columns found: premise, "),
         (dict(base, labels=["entailment", "neutral"]), r"split 'train', row 2: label 'contradiction' is not in the "
                                                       r"task's labels \['entailment', 'neutral'\]"),
         (dict(base, eval_splits=["dev"]), r"has no split 'dev'; it has train, validation"),
@@ -164,10 +164,10 @@ def test_bad_data_is_one_line(tmp_path):
         assert "\n" not in str(exc.value)
     empty = tmp_path / "empty.csv"
     empty.write_text("premise,gold\n")
-    with pytest.raises(ConfigError, match=r"split 'validation' has no rows"):
+    with pytest.raises(ConfigError, match=r"\(validation\): .*empty\.csv has a header but no rows"):
         load_configured(task_cfg(**dict(base, data={"path": "csv", "data_files": {"train": data["data_files"]["train"],
                                                                                    "validation": str(empty)}})))
-    with pytest.raises(ConfigError, match=r"could not load task 'custom' from csv files .*missing\.csv"):
+    with pytest.raises(ConfigError, match=r"task.data.data_files \(train\): .*missing\.csv does not exist"):
         load_configured(task_cfg(**dict(base, data={"path": "csv", "data_files": str(tmp_path / "missing.csv")})))
 
 
@@ -240,7 +240,8 @@ def test_regression_kd_losses_by_hand(regression, tiny_bert_dir, tmp_path):
         t = teacher(**kw).logits.double()[:, 0]
     y = batch["labels"].double()
     assert float(parts["loss_ce"]) == pytest.approx(float(((s - y) ** 2).mean()), rel=1e-5)
-    assert float(parts["loss_kl"]) == pytest.approx(float(((s - t) ** 2).mean()), rel=1e-5)
+    assert float(parts["loss_out_mse"]) == pytest.approx(float(((s - t) ** 2).mean()), rel=1e-5)
+    assert "loss_kl" not in parts  # an MSE of the outputs, named for what it is
     assert float(parts["loss"]) == pytest.approx(0.5 * float(((s - y) ** 2).mean()) + 2.0 * float(((s - t) ** 2).mean()),
                                                  rel=1e-5)
     # the cache holds the one-output teacher's scores; KD from it gives the same term
@@ -251,7 +252,7 @@ def test_regression_kd_losses_by_hand(regression, tiny_bert_dir, tmp_path):
     assert cache.arrays["logits"].shape == (6, 1)
     np.testing.assert_allclose(cache.arrays["logits"][:, 0], t.numpy(), rtol=1e-6)
     cached = distill.Distiller(family=family, student=student, distill=d, cache=cache).losses(batch)
-    assert float(cached["loss_kl"]) == pytest.approx(float(parts["loss_kl"]), rel=1e-5)
+    assert float(cached["loss_out_mse"]) == pytest.approx(float(parts["loss_out_mse"]), rel=1e-5)
 
 
 def test_regression_finetune_and_evaluate(regression, tiny_bert_dir):
@@ -330,5 +331,5 @@ def test_declared_csv_study_through_the_cli(tmp_path):
     assert {"teacher/pearson", "teacher/spearman"} <= set(parent.data.metrics)
     m = child.data.metrics
     assert child.data.tags["tunekd.status"] == "completed"
-    assert -100.0 <= m["eval/pearson"] <= 100.0 and m["train/loss_kl"] > 0 and m["train/loss_hid"] > 0
+    assert -100.0 <= m["eval/pearson"] <= 100.0 and m["train/loss_out_mse"] > 0 and m["train/loss_hid"] > 0
     assert m["perf/cache_hit"] == 1.0

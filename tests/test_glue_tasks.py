@@ -151,10 +151,10 @@ def test_stsb_glue_tsv(tmp_path):
 
 
 def test_wnli_glue_tsv(tmp_path):
-    _write(tmp_path / "train.tsv", [WNLI_HEADER, *WNLI_TRAIN])
+    _write(tmp_path / "train.tsv", [WNLI_HEADER, *WNLI_TRAIN, *WNLI_DEV])  # both classes (one alone is refused)
     _write(tmp_path / "dev.tsv", [WNLI_HEADER, *WNLI_DEV])
     dsd = load_task("wnli", tmp_path)
-    assert dsd["train"]["label"] == [1, 1, 1]  # GLUE/HF WNLI: 1 = entailment
+    assert dsd["train"]["label"] == [1, 1, 1, 0, 1]  # GLUE/HF WNLI: 1 = entailment
     assert dsd["validation"]["label"] == [0, 1]
     assert dsd["validation"].features["label"].int2str(1) == "entailment"
     assert dsd["validation"][0]["text_b"] == "The hair has to be cleaned."

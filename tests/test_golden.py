@@ -259,6 +259,7 @@ def test_describe_loss_per_preset(family, family_name, markers):
     line = describe_loss(study, FAMILIES[family_name])
     for m in markers:
         assert m in line, (m, line)
+    assert "loss_out_mse" not in line  # a KL, not the regression's output MSE
     trials = Trials(study, 12, FAMILIES[family_name].match_embeddings_default)
     lines = describe_losses(trials, [{"distill.strategy": s} for s in ("none", "forward", "reverse", "random")],
                             FAMILIES[family_name])
@@ -267,6 +268,18 @@ def test_describe_loss_per_preset(family, family_name, markers):
 
 
 FAMILIES_PRESET = {k: v[0] for k, v in FAMILIES.items()}
+
+
+def test_describe_loss_of_a_regression_task_names_the_output_mse():
+    """STS-B (one output): the output term is an MSE between student and teacher outputs, no KL and no τ,
+    logged as loss_out_mse (`distill.Distiller.losses`)."""
+    from tunekd.models import FAMILIES
+    from tunekd.plan import describe_loss
+
+    study = load_study(PAPER / "glue_bert.yaml", ["task.name=stsb"])
+    line = describe_loss(study, FAMILIES["encoder"])
+    assert "MSE(teacher output)" in line and "logged as loss_out_mse" in line
+    assert "KL" not in line.replace("no KL", "") and "τ" not in line, line
 
 
 def test_dry_run_prints_the_resolved_loss_settings(data_dir, tmp_path):

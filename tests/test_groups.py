@@ -159,6 +159,22 @@ def test_group_points_and_views():
     assert (plain.trial_id, plain.folder, plain.result) == ("t2", "", {"epoch": 1})
 
 
+def test_a_members_kept_weights_are_found_by_its_trial_id(tmp_path):
+    """`tunekd angles --best` / `--student run:ID` find a member's kept weights in its subfolder of the group's
+    checkpoint (its trial id is `<ray trial id>/<i>`), and a plain trial's where they always were."""
+    from tunekd.checkpoints import WEIGHTS, kept_weights
+
+    for trial in ("train_abc12_00000_0_seed=0", "train_abc12_00001_1_seed=1"):
+        for sub in ("m0", "m1", ""):
+            (tmp_path / trial / "checkpoint_000001" / sub).mkdir(parents=True, exist_ok=True)
+            (tmp_path / trial / "checkpoint_000001" / sub / WEIGHTS).write_bytes(b"x")
+    assert groups.locate("abc12_00001/1") == ("abc12_00001", "m1") and groups.locate("abc12_00001") == ("abc12_00001", "")
+    found = kept_weights(tmp_path, "abc12_00001/1")
+    assert found == tmp_path / "train_abc12_00001_1_seed=1" / "checkpoint_000001" / "m1" / WEIGHTS
+    assert kept_weights(tmp_path, "abc12_00000") == tmp_path / "train_abc12_00000_0_seed=0" / "checkpoint_000001" / WEIGHTS
+    assert kept_weights(tmp_path, "abc12_00000/7") is None
+
+
 BASE = {"name": "g", "task": {"name": "synthetic"}, "teacher": {"model": "minilm"}, "search": {"distill.strategy": {"grid": ["forward", "none"]},
                                                                 "train.batch_size": {"grid": [8, 16]}},
         "tune": {"scheduler": "fifo", "group_by": ["distill.strategy"]}}

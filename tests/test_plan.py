@@ -30,8 +30,11 @@ def test_trial_params_are_the_plans():
     t = trials({"student.init": "copy"})
     params = t.params()
     assert params == t.plan.params(t.study)
-    assert params["student.copied_layers"] == [1, 3, 5] and params["distill.layer_map"] == [[0, 0], [1, 2], [2, 4],
-                                                                                           [3, 6]]
+    # one numbering: the copied teacher layers are the forward map's teacher layers fwd(i) = 2, 4, 6 (1-based),
+    # the modules 1, 3, 5 (0-based) the student was built from
+    assert t.plan.copied_layers == [1, 3, 5]
+    assert params["student.copied_teacher_layers"] == [2, 4, 6] and "student.copied_layers" not in params
+    assert params["distill.layer_map"] == [[0, 0], [1, 2], [2, 4], [3, 6]]
 
 
 def test_trial_points_take_every_discrete_value_and_continuous_bounds():
@@ -52,3 +55,20 @@ def test_trial_callback_pickles_without_its_driver():
     cb = TrialCallback(driver=object())
     back = pickle.loads(pickle.dumps(cb))
     assert isinstance(back, TrialCallback) and back.driver is None
+
+
+def test_identical_trials_are_warned_about():
+    """A 1-layer student: forward and reverse resolve to the same map; λ = 0 makes every matching
+    strategy the `none` trial. The warnings name them; distinct maps give none."""
+    strategies = {"grid": ["none", "forward", "reverse", "all_to_one"]}
+    one = study(student={"layers": 1}, search={"distill.strategy": strategies, "seed": {"grid": [0, 1]}})
+    warnings = plan.identical_trials(plan.Trials(one, 6, True), list(plan.trial_points(one)))
+    assert len(warnings) == 1
+    assert warnings[0].startswith("strategies forward, reverse run the same trial (the same layer map "
+                                  "[[0, 0], [1, 6]])") and "decide nothing" in warnings[0]
+    zero = study(distill={"lambda_hid": 0.0}, search={"distill.strategy": strategies})
+    warnings = plan.identical_trials(plan.Trials(zero, 6, True), list(plan.trial_points(zero)))
+    assert len(warnings) == 1 and warnings[0].startswith("strategies none, forward, reverse, all_to_one run the same "
+                                                         "trial (λ = 0 or no pairs")
+    three = study(search={"distill.strategy": strategies})
+    assert plan.identical_trials(plan.Trials(three, 6, True), list(plan.trial_points(three))) == []

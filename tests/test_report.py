@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 
 import numpy as np
 import pandas as pd
@@ -171,10 +172,14 @@ def test_strategy_table_means_sds(runs):
     table = report.strategy_table(runs, metrics)
     assert list(table.columns[:2]) == ["strategy", "init"]
     assert "seed" not in table and "distill.layer_map" not in table  # seed pooled, derived params ignored
-    assert len(table) == 6 and set(table["strategy"]) == {"forward", "reverse", "all_to_one"}
-    assert table["init"].tolist() == ["random"] * 3 + ["copy"] * 3
-    assert table["strategy"].tolist()[:3] == ["forward", "reverse", "all_to_one"]
-    for _, row in table.iterrows():
+    # random/copy has only a failed trial: its row stays, with no value
+    assert len(table) == 7 and set(table["strategy"]) == {"forward", "reverse", "all_to_one", "random"}
+    assert table["init"].tolist() == ["random"] * 3 + ["copy"] * 4
+    assert table["strategy"].tolist() == ["forward", "reverse", "all_to_one"] * 2 + ["random"]
+    missing = table.iloc[-1]
+    assert missing["eval/accuracy"] == "no completed trial (1 failed)" and missing["eval/accuracy n"] == 0
+    assert math.isnan(missing["eval/accuracy mean"])
+    for _, row in table.iloc[:-1].iterrows():
         x = np.array(accuracy(row["strategy"], row["init"]))
         mean, sd = x.sum() / len(x), np.sqrt(((x - x.mean()) ** 2).sum() / (len(x) - 1))
         assert row["eval/accuracy n"] == 3  # the early-stopped seed 3 is not counted
@@ -193,6 +198,7 @@ def test_cell_format():
 def test_strategy_table_single_seed_sd_dash(runs):
     one = runs[(runs["seed"] == 0) | (runs["status"] != "completed")]
     table = report.strategy_table(one, ["eval/accuracy"])
+    table = table[table["strategy"] != "random"]  # random/copy: only a failed trial (n 0)
     assert (table["eval/accuracy n"] == 1).all() and table["eval/accuracy sd"].isna().all()
     assert all(c.endswith("± – (1)") for c in table["eval/accuracy"])
 
@@ -278,9 +284,9 @@ def test_cli_writes_files_and_logs_artifacts(store, tmp_path, capsys):
     out = tmp_path / "rep"
     rc = report.main(["--experiment", "kd", "--tracking-uri", store.uri, "--out", str(out)])
     assert rc == 0
-    expected = {"report.md", "table.csv", "paired.csv", "claims.csv", "table.tex", "strategies_accuracy.png",
-                "strategies_f1.png",
-                "paired_accuracy.png", "paired_f1.png"}
+    expected = {"report.md", "report.html", "table.csv", "paired.csv", "claims.csv", "table.tex", "trials.csv",
+                "curves.csv", "strategies_accuracy.png", "strategies_f1.png", "paired_accuracy.png", "paired_f1.png",
+                "curves_accuracy.png", "curves_f1.png"}
     assert {p.name for p in out.iterdir()} == expected
     for png in out.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -295,7 +301,8 @@ def test_cli_writes_files_and_logs_artifacts(store, tmp_path, capsys):
     assert "early_stopped" in tail and "failed" in tail and "CUDA out of memory \\| boom" in tail
     assert "Teacher: eval/accuracy 90.50" in md
     table = pd.read_csv(out / "table.csv")
-    assert len(table) == 6
+    assert len(table) == 7  # 3 strategies x 2 inits, and random/copy whose one trial failed
+    assert "| random | copy | no completed trial (1 failed) |" in md
     paired = pd.read_csv(out / "paired.csv")
     assert len(paired) == 8 and set(paired["metric"]) == {"eval/accuracy", "eval/f1"}
     logged = {a.path for a in store.client.list_artifacts(store.kd_parent, "report")}
@@ -307,7 +314,8 @@ def test_cli_lambda_and_depth_plots(store, tmp_path, capsys):
     rc = report.main(["--experiment", "kd-sweep", "--tracking-uri", store.uri, "--out", str(out),
                       "--metric", "accuracy", "--margin", "0.25", "--no-log"])
     assert rc == 0
-    assert {p.name for p in out.iterdir()} == {"report.md", "table.csv", "paired.csv", "claims.csv", "table.tex",
+    assert {p.name for p in out.iterdir()} == {"report.md", "report.html", "table.csv", "paired.csv", "claims.csv",
+                                                "table.tex", "trials.csv", "curves.csv", "curves_accuracy.png",
                                                 "strategies_accuracy.png", "paired_accuracy.png",
                                                 "lambda_accuracy.png", "depth_accuracy.png"}
     paired = pd.read_csv(out / "paired.csv")
@@ -410,3 +418,42 @@ def test_report_cli_compares_asha_studies_at_the_grace_rung(asha_runs, store, tm
     paired = pd.read_csv(tmp_path / "b" / "paired.csv")
     assert list(paired["init"]) == ["copy"] and list(paired["rung"]) == ["final"] and list(paired["n"]) == [1]
     assert list(paired["verdict"]) == ["descriptive"]
+
+
+# --- LaTeX ---------------------------------------------------------------------------------------
+
+
+def test_latex_p_values_and_epoch_column(runs, tmp_path):
+    paired = report.paired_differences(runs, "eval/accuracy", "forward", MARGIN)
+    table = report.strategy_table(runs, ["eval/accuracy"])
+    tex = report.latex_tables(table, paired, ["eval/accuracy"], reference="forward", margin=MARGIN, alpha=0.05)
+    assert "& epoch & $n$ &" in tex and "& final & 3 &" in tex
+    assert report.p_text(0.0004, tex=True) == "$<0.001$" and report.p_text(0.0004) == "< 0.001"
+    assert report.p_text(0.01234) == "0.0123"
+    assert " & 0 & " not in tex  # no p printed as "0"
+    assert tex.count("\\resizebox") == 2 and "graphicx" in tex
+
+
+def test_latex_tables_compile_without_overfull_boxes(runs, store, tmp_path):
+    """table.tex in a one-column article: pdflatex compiles it with no overfull box (skipped without pdflatex)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("pdflatex") is None:
+        pytest.skip("pdflatex not installed (apt-get install texlive-latex-base texlive-latex-recommended)")
+    sweep = report.load_runs(store.client, "kd-sweep")
+    for name, df in (("kd", runs), ("sweep", sweep)):
+        paired = report.paired_differences(df, "eval/accuracy", "forward", MARGIN)
+        table = report.strategy_table(df, ["eval/accuracy", "eval/f1"] if "eval/f1" in df else ["eval/accuracy"])
+        metrics = [c for c in ("eval/accuracy", "eval/f1") if c in df]
+        (tmp_path / f"{name}.tex").write_text(report.latex_tables(table, paired, metrics, reference="forward",
+                                                                   margin=MARGIN, alpha=0.05))
+        doc = tmp_path / f"doc_{name}.tex"
+        doc.write_text("\\documentclass{article}\n\\usepackage{booktabs,graphicx}\n\\begin{document}\n"
+                       f"\\input{{{name}.tex}}\n\\end{{document}}\n")
+        res = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", doc.name], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=120)
+        log = (tmp_path / f"doc_{name}.log").read_text(errors="replace")
+        assert res.returncode == 0, log[-2000:]
+        assert "Overfull" not in log, [ln for ln in log.splitlines() if "Overfull" in ln]
+        assert (tmp_path / f"doc_{name}.pdf").exists()

@@ -328,9 +328,11 @@ def test_finished_study_keeps_no_optimizer_state_and_best_weights_only(tmp_path,
     assert len(trial_dirs) == 3
     files = [p for p in exp_dir.rglob("*") if p.is_file()]
     assert not [p for p in files if p.name in (checkpoints.OPTIM, checkpoints.RNG)]
-    # Ray's per-trial loggers are off (tune.ray_loggers false): no params.pkl, result.json, TensorBoard
-    assert not [p for p in files if p.name in ("params.pkl", "params.json", "result.json", "progress.csv")
-                or p.name.startswith("events.out")]
+    # Ray's JSON result files (tune.ray_loggers, default): result.json (a line per epoch) and params per trial,
+    # none of its CSV or TensorBoard files
+    assert not [p for p in files if p.name == "progress.csv" or p.name.startswith("events.out")]
+    for d in trial_dirs:
+        assert len((d / "result.json").read_text().splitlines()) == 2 and (d / "params.json").is_file()
     weights = [p for p in files if p.name == checkpoints.WEIGHTS]
     assert len(weights) == 1
     client, _, children = runs(mlflow_uri, "resume_disk")
@@ -339,6 +341,18 @@ def test_finished_study_keeps_no_optimizer_state_and_best_weights_only(tmp_path,
     assert best.data.metrics["eval/accuracy"] == max(scores)
     kept_score = json.loads((weights[0].parent / checkpoints.FINAL).read_text())["score"]
     assert kept_score == max(scores)
-    # beside the one kept student, a finished trial holds a few small files (progress, score)
+    # beside the one kept student, a finished trial holds a few small files (progress, score, Ray's results)
     other = sum(checkpoints.disk_bytes(d) for d in trial_dirs) - weights[0].stat().st_size
     assert other / len(trial_dirs) < 16_000, other
+    # Ray's own tools read the study: ExperimentAnalysis and Tuner.restore(...).get_results(), each trial's
+    # last eval/accuracy equal to its MLflow run's
+    from ray import tune
+
+    from tunekd.trainable import tune_trainable
+
+    final = {r.data.tags["tunekd.trial_id"]: r.data.metrics["eval/accuracy"] for r in children}
+    frame = tune.ExperimentAnalysis(str(exp_dir)).dataframe()
+    assert dict(zip(frame["trial_id"], frame["eval/accuracy"])) == final
+    results = tune.Tuner.restore(str(exp_dir), tune_trainable).get_results()
+    assert not results.errors and {r.metrics["trial_id"]: r.metrics["eval/accuracy"] for r in results} == final
+    assert all(len(r.metrics_dataframe) == 2 for r in results)  # the per-epoch history: 2 epochs

@@ -294,3 +294,25 @@ def test_cell_values_match_however_they_are_written():
             for j, seed in enumerate(d.seeds[:3])]
     plan = plan_round(results_frame(recs, d, "eval/accuracy"), d)
     assert plan.done and {p["verdict"] for p in plan.pairs} == {"equivalent"} and len(plan.pairs) == 8
+
+
+def test_adaptive_seeds_along_lambda():
+    """`compare: distill.lambda_hid`, `reference: 3.0`: the levels are the λ values, the cells the inits; a λ
+    pair is planned like a strategy pair (the sequential design's boundaries with 2 pairs per cell)."""
+    raw = _raw(**{"search.distill.strategy": None, "search.distill.lambda_hid": {"grid": [1, 3, 10]},
+                  "tune.seeds.compare": "distill.lambda_hid", "tune.seeds.reference": 3.0})
+    d = Design.from_study(validate(raw))
+    assert d.factor == "distill.lambda_hid" and d.strategies == (1, 3, 10) and d.pairs_per_cell == 2
+    assert d.cell_keys == ("student.init",)
+    plan = plan_round(results_frame([], d, "eval/accuracy"), d)
+    assert {c["distill.lambda_hid"] for c in plan.needed} == {1, 3, 10} and len(plan.needed) == 3 * 2 * 3
+    recs = [({"distill.lambda_hid": str(float(lam)), "student.init": init, "seed": str(seed)}, "completed",
+             {"eval/accuracy": 70.0 + (5.0 if lam == 10 else 0.0) + 0.1 * j * (lam == 1) + 0.3 * (j % 2) * (lam == 10)})
+            for lam in (1, 3, 10) for init in ("copy", "random") for j, seed in enumerate(d.seeds[:3])]
+    plan = plan_round(results_frame(recs, d, "eval/accuracy"), d)
+    by = {(p["strategy"], p["student.init"]): p for p in plan.pairs}
+    assert by[(1, "copy")]["verdict"] == _verdict_by_hand([0.0, 0.1, 0.2], design=d) == "equivalent"
+    assert by[(10, "copy")]["verdict"] == _verdict_by_hand([5.0, 5.3, 5.0], design=d)
+    with pytest.raises(ConfigError, match="reference 7.0 is not one of the searched values of distill.lambda_hid"):
+        validate(_raw(**{"search.distill.lambda_hid": {"grid": [1, 3]}, "tune.seeds.compare": "distill.lambda_hid",
+                         "tune.seeds.reference": 7.0}))

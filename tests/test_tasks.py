@@ -307,7 +307,7 @@ def test_hub_columns_are_mapped(monkeypatch):
                 "idx": datasets.Value("int32"),
             }
         )
-        row = {"premise": ["p"], "hypothesis": ["h"], "label": [2], "idx": [0]}
+        row = {"premise": ["p", "q"], "hypothesis": ["h", "i"], "label": [2, 0], "idx": [0, 1]}  # two classes
         splits = ("train", "validation_matched", "validation_mismatched")
         return datasets.DatasetDict({s: datasets.Dataset.from_dict(row, features=feats) for s in splits})
 

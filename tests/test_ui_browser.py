@@ -28,6 +28,11 @@ def test_run_list_shows_trial_names_and_status(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert report["names_shown"] == report["trials"] == 8 and not report["missing"]
+    # the parent's row: its teacher and best metric; the trials' epochs column; its status not cut off; the
+    # view grouped by strategy (x init) shows both strategies' groups
+    assert all(report["parent_row"].values()) and report["parent_status_shown"], report["parent_row"]
+    assert not [c for c in report["cut_off_cells"] if c[0].startswith("study:")], report["cut_off_cells"]
+    assert report["groups_shown"] == {"forward": True, "reverse": True}
     # 8 trials ending completed, early_stopped, failed in turn: each status word appears in the list
     assert report["status_words_in_run_list"] == {"completed": 3, "early_stopped": 3, "failed": 2}
     for png in report["pages"].values():

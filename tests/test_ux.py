@@ -66,8 +66,9 @@ def test_dry_run_lines_show_maps_epochs_outputs():
     assert "map 0←0, 1←6, 2←4, 3←2" in text  # SPEC.md's reverse map for 6 → 3 (embeddings matched)
     from tunekd import mapping
 
-    copied = mapping.copy_layer_indices("forward", 6, 3)
-    assert f"{study.train.epochs} epochs" in text and f"copies teacher layers {','.join(map(str, copied))} (0-based)" in text
+    copied = mapping.copy_layer_indices("forward", 6, 3)  # modules 1, 3, 5: teacher layers 2, 4, 6 (1-based)
+    assert f"{study.train.epochs} epochs" in text and f"copies teacher layers {','.join(str(i + 1) for i in copied)}" in text
+    assert "copies teacher layers 2,4,6" in text and "(0-based)" not in text and describe.NUMBERING in text
     assert str(Path("mlflow.db").resolve()) in text and str(Path("ray_results").resolve()) in text
 
 
@@ -117,6 +118,10 @@ def test_child_runs_named_described_and_statused(tracked):
     note = runs["reverse·random·S3·λ3·s0"].data.tags["mlflow.note.content"]
     assert "stopped early by the scheduler after 1/4 epochs" in note
     assert "0←0, 1←6, 2←4, 3←2" in note and "eval/accuracy 57.00" in note
+    assert "1-based as in the paper" in note and "0-based" not in note
+    copy_note = runs["forward·copy·S3·λ3·s0"].data.tags["mlflow.note.content"]
+    assert "Layer map (student layer ← teacher layer): 0←0, 1←2, 2←4, 3←6" in copy_note
+    assert "Copied teacher layers: 2, 4, 6" in copy_note  # the forward map's teacher layers, one numbering
     assert "non-finite loss at step 3" in runs["none·random·S3·λ3·s1"].data.tags["mlflow.note.content"]
 
 
@@ -159,8 +164,24 @@ def test_shared_view_and_ui_url(tracked):
     state = json.loads(exp.tags[f"mlflow.sharedViewState.tunekd-{tracker.parent_id}"])
     assert state["searchFilter"] == f"tags.`mlflow.parentRunId` = '{tracker.parent_id}'"
     assert state["selectedColumns"][:2] == ["tags.`tunekd.status`", "metrics.`eval/accuracy`"]
+    # the parent row's teacher and best metric, the trials' epochs: columns of metrics the runs hold
+    assert {"metrics.`teacher/accuracy`", "metrics.`best/accuracy`", "metrics.`train/epochs`"} <= set(
+        state["selectedColumns"])
+    parent = tracker.client.get_run(tracker.parent_id).data.metrics
+    assert parent["teacher/accuracy"] == 93.25 and parent["best/accuracy"] == 84.5
+    for rec in tracker.trials.values():  # train/epochs is the step of every epoch: 1, 2, ... up to the last
+        history = tracker.client.get_metric_history(rec.run_id, "train/epochs")
+        assert [(m.step, m.value) for m in history] == [(e, float(e)) for e in range(1, rec.last_step + 1)]
+    assert state["columnWidths"]["tags.`tunekd.status`"] >= 280 and state["runsHiddenMode"] == "SHOW_ALL"
+    grouped = json.loads(exp.tags[f"mlflow.sharedViewState.tunekd-{tracker.parent_id}-by-strategy"])
+    # one group per cell: strategy x the other searched values but the seed (here the init)
+    assert grouped["groupBy"]["groupByKeys"] == [{"mode": "param", "groupByData": "distill.strategy"},
+                                                 {"mode": "param", "groupByData": "student.init"}]
+    assert grouped["selectedColumns"] == state["selectedColumns"] and grouped["useGroupedValuesInCharts"]
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
-    assert "mlflow ui --backend-store-uri sqlite:///" in tracker.ui_command()
+    lines = tracker.ui_command().splitlines()  # pasteable: a command, then comment lines with the links
+    assert lines[0] == f"mlflow ui --backend-store-uri {tracker.uri}"
+    assert lines[1] == f"# then open: {url}" and lines[2].endswith(f"viewStateShareKey=tunekd-{tracker.parent_id}-by-strategy")
 
 
 def test_git_commit_outside_a_repository(tmp_path):
@@ -285,6 +306,60 @@ def test_tunekd_list_and_compare(tracked, tmp_path, capsys):
     assert md.read_text().strip() in out
     assert cli.main(["compare", "ux", "nope", "--tracking-uri", tracker.uri]) == 2
     assert "unknown experiment 'nope'" in capsys.readouterr().err
+    # the same study twice would merge its two columns into one: refused, one line
+    assert cli.main(["compare", "ux", "ux", "--tracking-uri", tracker.uri]) == 2
+    captured = capsys.readouterr()
+    assert not captured.out and len(captured.err.strip().splitlines()) == 1 and "same study 'ux'" in captured.err
+
+
+COMMANDS = ("run", "report", "plan", "angles", "list", "compare")
+
+
+def _help(command: str, capsys) -> str:
+    from tunekd import cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main([command, "--help"])
+    assert exc.value.code == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_usage_line_names_the_tunekd_command(command, capsys):
+    assert _help(command, capsys).startswith(f"usage: tunekd {command} ")
+
+
+def test_help_examples_run_as_written(capsys):
+    """Every `tunekd ...` example of `tunekd --help` and the commands' helps parses with that command's own
+    parser, names files that exist in the repository, and only studies an example creates (the quickstart's
+    file, `--set name=...`) — so that they run as written, in this order, from the repository root."""
+    import importlib
+    import shlex
+
+    from tunekd import cli
+
+    texts = []
+    assert cli.main(["--help"]) == 0
+    texts.append(capsys.readouterr().out)
+    texts += [_help(c, capsys) for c in COMMANDS]
+    examples = [ln.split("#", 1)[0].strip() for text in texts for ln in text.splitlines()
+                if ln.startswith("  tunekd ")]
+    assert len(examples) >= 10
+    created, named = set(), []
+    for line in examples:
+        command, *args = shlex.split(line)[1:]
+        module, _, _ = cli.COMMANDS[command]
+        parse = {"list": "parse_list", "compare": "parse_compare"}.get(command, "parse_args")
+        ns = getattr(importlib.import_module(module), parse)(args)
+        if hasattr(ns, "study"):
+            assert (REPO / ns.study).is_file(), line
+        if command == "run":
+            sets = dict(s.split("=", 1) for s in ns.overrides)
+            created.add(sets.get("name", yaml.safe_load((REPO / ns.study).read_text())["name"]))
+        named += {"report": [getattr(ns, "experiment", None)], "compare": [getattr(ns, "a", None), getattr(ns, "b", None)],
+                  "angles": [getattr(ns, "best", None)], "plan": [getattr(ns, "sd_from", None)]}.get(command, [])
+    assert {"quickstart", "quickstart-lambda1"} <= created
+    assert {n for n in named if n} <= created, (named, created)
 
 
 def test_tunekd_help_and_module_entry():
@@ -299,7 +374,7 @@ def test_report_help_has_no_double_percent(capsys):
     with pytest.raises(SystemExit):
         report.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "95% t intervals" in text and "%%" not in text and "table.tex" in text
+    assert "with t intervals" in text and "%%" not in text and "table.tex" in text
 
 
 def test_run_help_names_outputs(capsys):
@@ -354,6 +429,6 @@ def test_latex_table_booktabs_and_n1(tmp_path):
     assert f"$81.00 \\pm {math.sqrt(2):.2f}$ (2)" in tex
     assert "all\\_to\\_one & random & $70.00$ (1)" in tex
     # reverse - forward on copy: d = 1, 1.5 -> mean +1.25
-    assert "reverse & copy & 2 & $+1.25$" in tex
+    assert "reverse & copy & final & 2 & $+1.25$" in tex  # the epoch compared, then n
     assert {p.name for p in files} >= {"table.tex", "paired_accuracy.png", "strategies_accuracy.png"}
     assert (tmp_path / "paired_accuracy.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,4 +1,4 @@
-"""`python -m tunekd.angles`: the geometric analysis of SPEC.md — angles at a student state between teacher layers.
+"""`python -m tunekd.angles`: the geometric analysis of docs/method.md — angles at a student state between teacher layers.
 
 For a student hidden state `S_i` and teacher states `T_j`, `T_k` at the same (non-padding) token,
 
@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import math
 import os
 import re
 import sys
 import tempfile
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tunekd.errors import ConfigError, run_cli
+from tunekd.describe import copied_teacher_layers
+from tunekd.errors import ArgumentParser, ConfigError, run_cli, unknown
 
 HIST_BINS = 80
 
@@ -217,34 +220,148 @@ def _load_model(path: str, spec, what: str):
         raise ConfigError(f"{what} {path!r} cannot be loaded: {str(exc).splitlines()[0]}") from None
 
 
-def download_student(run_id: str, tracking_uri: str, dst: str) -> tuple[str, dict]:
-    """The run's artifact folder `student/` (a transformers model) downloaded into `dst`; and the
-    run's params. ConfigError when the run or the artifact does not exist."""
+def _store(tracking_uri: str, what: str):
     from tunekd import tracking
 
     if tracking_uri.startswith("sqlite:///") and not os.path.isfile(tracking_uri[len("sqlite:///"):]):
-        raise ConfigError(f"--student run:{run_id}: no MLflow database at {tracking_uri[len('sqlite:///'):]!r}")
-    client = tracking.client(tracking_uri)
+        raise ConfigError(f"{what}: no MLflow database at {tracking_uri[len('sqlite:///'):]!r}")
+    return tracking.client(tracking_uri)
+
+
+def _ray_dirs(tag: str | None, tracking_uri: str) -> list[Path]:
+    """Where a study's Ray folder may be: the parent run's `tunekd.ray_path`, else (a moved or copied study
+    folder) a folder of that name under `ray_results/` beside the sqlite store or in the working directory."""
+    if not tag:
+        return []
+    out = [Path(tag)]
+    name = Path(tag).name
+    if tracking_uri.startswith("sqlite:///"):
+        out.append(Path(tracking_uri[len("sqlite:///"):]).resolve().parent / "ray_results" / name)
+    out.append(Path("ray_results") / name)
+    return [p for p in out if p.is_dir()]
+
+
+@dataclass
+class StudentSource:
+    """A trial's trained student: an MLflow artifact folder `student/` (`train.save_model`), or the weights it
+    kept in `ray_results/` (`tune.keep_students`), rebuilt on its teacher from the trial's params."""
+
+    run_id: str
+    params: dict
+    artifact: bool
+    weights: Path | None = None
+
+
+def student_source(client, run, tracking_uri: str) -> StudentSource | None:
+    """Where run `run`'s trained student is (artifact `student/` first, then kept weights), or None."""
+    from tunekd import checkpoints
+
+    rid = run.info.run_id
+    params = dict(run.data.params)
+    parent = run.data.tags.get("mlflow.parentRunId")
+    parent_run = None
+    if parent:
+        try:
+            parent_run = client.get_run(parent)
+            params.setdefault("teacher.path", parent_run.data.params.get("teacher.path"))
+        except Exception:  # noqa: BLE001 - the parent is context only
+            parent_run = None
+    if "student" in {a.path for a in client.list_artifacts(rid)}:
+        return StudentSource(rid, params, artifact=True)
+    trial_id = run.data.tags.get("tunekd.trial_id")
+    ray_tag = parent_run.data.tags.get("tunekd.ray_path") if parent_run is not None else None
+    for folder in _ray_dirs(ray_tag, tracking_uri) if trial_id else []:
+        weights = checkpoints.kept_weights(folder, trial_id)
+        if weights is not None:
+            return StudentSource(rid, params, artifact=False, weights=weights)
+    return None
+
+
+def find_student(run_id: str, tracking_uri: str) -> StudentSource:
+    """`--student run:ID`: that trial's trained student; ConfigError when the run or its weights are missing."""
+    client = _store(tracking_uri, f"--student run:{run_id}")
     try:
         run = client.get_run(run_id)
     except Exception as exc:  # MlflowException
         raise ConfigError(f"--student run:{run_id}: no such run at {tracking_uri} "
                           f"({str(exc).splitlines()[0]})") from None
-    names = {a.path for a in client.list_artifacts(run_id)}
-    if "student" not in names:
-        raise ConfigError(f"--student run:{run_id}: the run has no artifact folder 'student/' "
-                          f"(artifacts: {', '.join(sorted(names)) or 'none'})")
-    path = tracking.download_artifacts(tracking_uri, run_id, "student", dst)
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise ConfigError(f"--student run:{run_id}: artifact 'student/' has no config.json (not a transformers model)")
-    params = dict(run.data.params)
-    parent = run.data.tags.get("mlflow.parentRunId")
-    if parent:
+    found = student_source(client, run, tracking_uri)
+    if found is None:
+        names = sorted(a.path for a in client.list_artifacts(run_id))
+        raise ConfigError(f"--student run:{run_id}: the run has no artifact folder 'student/' (artifacts: "
+                          f"{', '.join(names) or 'none'}) and no weights kept in its study's ray_results/ "
+                          "(train.save_model: true logs every student; tune.keep_students keeps the best)")
+    return found
+
+
+def best_student(experiment: str, tracking_uri: str) -> StudentSource:
+    """`--best EXPERIMENT`: the best completed trial (by the study's metric, tag `tunekd.best.metric`) of the
+    experiment's latest study run whose student is kept (artifact `student/` or weights in ray_results/)."""
+    client = _store(tracking_uri, f"--best {experiment}")
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        names = [e.name for e in client.search_experiments()]
+        raise unknown("experiment", experiment, names)
+    parents = client.search_runs([exp.experiment_id], "tags.`tunekd.role` = 'study'", max_results=1,
+                                 order_by=["attributes.start_time DESC"])
+    if not parents:
+        raise ConfigError(f"--best {experiment}: the experiment has no study run")
+    parent = parents[0]
+    metric = parent.data.tags.get("tunekd.best.metric", "eval/accuracy")
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and "
+                                  "tags.`tunekd.status` = 'completed'", max_results=10_000)
+    ranked = sorted((r for r in children if metric in r.data.metrics), key=lambda r: -r.data.metrics[metric])
+    for run in ranked:
+        found = student_source(client, run, tracking_uri)
+        if found is not None:
+            log(f"--best {experiment}: trial {run.info.run_name} ({metric} {run.data.metrics[metric]:.2f}), "
+                f"run {run.info.run_id}, " + ("artifact student/" if found.artifact else f"weights {found.weights}"))
+            return found
+    raise ConfigError(f"--best {experiment}: none of the {len(ranked)} completed trials of study run "
+                      f"{parent.info.run_id} has a kept student (artifact student/ or weights in ray_results/)")
+
+
+def _config_from_params(params: dict, prefix: str) -> dict:
+    """The nested section `prefix` (e.g. `student`) of a trial's dotted MLflow params, values parsed back."""
+    out: dict = {}
+    for key, value in params.items():
+        if not key.startswith(prefix + "."):
+            continue
         try:
-            params.setdefault("teacher.path", client.get_run(parent).data.params.get("teacher.path"))
-        except Exception:  # the parent is optional context only
+            value = json.loads(value)
+        except (TypeError, ValueError):
             pass
-    return path, params
+        node = out
+        *head, last = key[len(prefix) + 1:].split(".")
+        for part in head:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return out
+
+
+def rebuild_student(source: StudentSource, teacher, family, spec):
+    """The trial's student rebuilt on its teacher from the trial's `student.*` params, with the kept weights."""
+    from safetensors.torch import load_file
+
+    from tunekd.study import StudentConfig
+    from tunekd.students import build_student
+
+    fields = set(StudentConfig.model_fields)
+    raw = {k: v for k, v in _config_from_params(source.params, "student").items() if k in fields}
+    try:
+        cfg = StudentConfig.model_validate(raw)
+    except ValueError as exc:
+        raise ConfigError(f"run {source.run_id}: its student.* params do not make a student config "
+                          f"({str(exc).splitlines()[0]})") from None
+    student = build_student(teacher, family, spec, cfg, seed=0).model
+    tensors = load_file(str(source.weights))
+    state = {k[len("student."):]: v for k, v in tensors.items() if k.startswith("student.")}
+    try:
+        student.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ConfigError(f"the weights {source.weights} do not fit the student rebuilt from run {source.run_id}'s "
+                          f"params ({str(exc).splitlines()[0]})") from None
+    return student
 
 
 def load_models(args, workdir: str) -> Loaded:
@@ -256,12 +373,25 @@ def load_models(args, workdir: str) -> Loaded:
     student_ref = args.student
     run_params: dict = {}
     student_path = None
-    if student_ref.startswith("run:"):
+    source = None
+    if args.best:
+        source = best_student(args.best, args.tracking_uri)
+        student_ref = args.student = f"run:{source.run_id}"
+    elif student_ref.startswith("run:"):
         run_id = student_ref[len("run:"):]
         if not run_id:
             raise ConfigError("--student run:<mlflow_run_id> needs a run id")
-        student_path, run_params = download_student(run_id, args.tracking_uri, workdir)
-        label = f"run-{run_id[:8]}"
+        source = find_student(run_id, args.tracking_uri)
+    if source is not None:
+        from tunekd import tracking
+
+        run_params = source.params
+        label = f"run-{source.run_id[:8]}"
+        if source.artifact:
+            student_path = tracking.download_artifacts(args.tracking_uri, source.run_id, "student", workdir)
+            if not os.path.isfile(os.path.join(student_path, "config.json")):
+                raise ConfigError(f"--student run:{source.run_id}: artifact 'student/' has no config.json "
+                                  "(not a transformers model)")
     elif student_ref in ("random", "copy"):
         label = f"{student_ref}-{args.layers}"
     else:
@@ -288,18 +418,22 @@ def load_models(args, workdir: str) -> Loaded:
     teacher_path = resolve_model(teacher_ref)
     family, teacher = _load_model(teacher_path, spec, "--teacher")
     info: dict = {"student": student_ref}
-    if student_path is None:
+    if source is not None and not source.artifact:
+        student = rebuild_student(source, teacher, family, spec)
+        info.update(layers=family.num_layers(student.config), init=run_params.get("student.init"),
+                    copied_teacher_layers=run_params.get("student.copied_teacher_layers"), weights=str(source.weights))
+    elif student_path is None:
         cfg = StudentConfig(layers=args.layers, init=student_ref, copy_layers=args.copy_layers)
         student = build_student(teacher, family, spec, cfg, seed=args.seed).model
         info.update(layers=args.layers, init=student_ref, seed=args.seed,
-                    copied_layers=getattr(student.config, "tunekd_copied_layers", None))
+                    copied_teacher_layers=copied_teacher_layers(getattr(student.config, "tunekd_copied_layers", None)))
     else:
         s_family, student = _load_model(student_path, spec, "--student")
         if s_family.name != family.name:
             raise ConfigError(f"the student is a {s_family.name} model but the teacher a {family.name} model")
         info.update(layers=s_family.num_layers(student.config),
                     init=getattr(student.config, "tunekd_init", run_params.get("student.init")),
-                    copied_layers=getattr(student.config, "tunekd_copied_layers", None))
+                    copied_teacher_layers=copied_teacher_layers(getattr(student.config, "tunekd_copied_layers", None)))
     s_width, t_width = family.hidden_size(student.config), family.hidden_size(teacher.config)
     if s_width != t_width:
         raise ConfigError(f"the student width {s_width} differs from the teacher width {t_width}: the angles between "
@@ -479,24 +613,33 @@ def log_to_mlflow(args, loaded: Loaded, stats, files: list[Path]) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m tunekd.angles",
-        description="The geometric analysis of SPEC.md: at every valid token, the cosine of the angle at a student "
+    p = ArgumentParser(
+        prog="tunekd angles",
+        description=textwrap.fill("The geometric analysis of docs/method.md: at every valid token, the cosine of the angle at a student "
                     "hidden state S_i between the directions to two teacher layers, cos θ_jk = <T_j - S_i, T_k - S_i> "
                     "/ (|T_j - S_i| |T_k - S_i|), for every student state i (0 = embeddings) and teacher-layer pair "
                     "1 <= j < k <= T. Writes angles.csv (mean cosine and fraction acute per student state and pair), "
                     "a heatmap PNG of the mean-cosine matrix per student state and a histogram PNG of all cosines; "
-                    "prints a per-student-state summary.",
-        epilog="Examples: python -m tunekd.angles --student copy --layers 3;  python -m tunekd.angles --student "
-               "run:<run_id> --tracking-uri sqlite:///mlflow.db --experiment angles.  The student must have the "
-               "teacher's width (else the angles are undefined, exit 2).")
+                    "prints a per-student-state summary.", 100),
+        epilog="examples:\n"
+               "  tunekd angles --student copy --layers 3 --samples 64\n"
+               "  tunekd run search_spaces/quickstart.yaml        # a study whose best student is kept\n"
+               "  tunekd angles --best quickstart --experiment angles\n\n"
+               "--student run:<child run id> takes any trial whose student is kept (tunekd list shows the best). "
+               "The student must have the teacher's width (else the angles are undefined, exit 2).",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default=None,
                    help="teacher: a local transformers folder, a hub id, or 'minilm' (offline MiniLM-L6). Default: "
                         "for --student run:ID the teacher path recorded by that run's study, else minilm")
     p.add_argument("--student", default="copy",
                    help="'random' or 'copy' (a fresh student built from the teacher, see --layers), "
-                        "'run:<mlflow_run_id>' (the trained student logged by that trial as artifact student/), or a "
-                        "local transformers folder (default: %(default)s)")
+                        "'run:<mlflow_run_id>' (the trained student of that trial: its artifact student/, or its "
+                        "weights kept in its study's ray_results/), or a local transformers folder (default: "
+                        "%(default)s)")
+    p.add_argument("--best", default=None, metavar="EXPERIMENT",
+                   help="the student of the best completed trial of EXPERIMENT's latest study run whose weights are "
+                        "kept (artifact student/, or tune.keep_students' weights in ray_results/), instead of "
+                        "--student; its task and teacher are the trial's")
     p.add_argument("--layers", type=int, default=3, help="depth of a random/copy student, 1..1024 (default: %(default)s)")
     p.add_argument("--copy-layers", default="forward", choices=("forward", "spread"),
                    help="which teacher layers a copy student copies (default: %(default)s)")

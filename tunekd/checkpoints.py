@@ -153,6 +153,17 @@ def prune_students(experiment_dir: str | Path, keep: int) -> list[Path]:
     return kept
 
 
+def kept_weights(experiment_dir: str | Path, trial_id: str) -> Path | None:
+    """The weights trial `trial_id` kept in its experiment folder (`prune_students` left them: it is among the
+    best `tune.keep_students`), or None. Ray names a trial's folder with its trial id; a trial group's member
+    (`<ray trial id>/<i>`, `tunekd.groups`) keeps them in subfolder `m<i>/` of the group's checkpoint."""
+    from tunekd.groups import locate
+
+    ray_id, sub = locate(trial_id)
+    found = sorted(Path(experiment_dir).glob(f"*{ray_id}*/checkpoint_*/{sub + '/' if sub else ''}{WEIGHTS}"))
+    return found[-1] if found else None
+
+
 def disk_bytes(folder: str | Path) -> int:
     """Bytes of the files under `folder`."""
     return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file() and not f.is_symlink())

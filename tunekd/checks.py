@@ -62,6 +62,9 @@ def check_writable_dir(path: str | Path, key: str) -> None:
         raise ConfigError(f"{key} {str(path)!r} is not writable{where}; give a folder you can write to")
 
 
+SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite 3 database file
+
+
 def check_tracking_uri(uri: str) -> None:
     """The scheme is one MLflow can record a study in, and its target is usable (no network here: an
     http(s) server's health is `tracking.check_uri`'s job)."""
@@ -84,6 +87,11 @@ def check_tracking_uri(uri: str) -> None:
                 raise ConfigError(f"{key}: {str(path)!r} is not a regular file")
             if not os.access(path, os.R_OK | os.W_OK):
                 raise ConfigError(f"{key}: {str(path)!r} is not writable")
+            with open(path, "rb") as f:
+                head = f.read(len(SQLITE_MAGIC))
+            if head and head != SQLITE_MAGIC:  # an empty file is an empty database
+                raise ConfigError(f"{key}: {str(path)!r} is not an SQLite database (its first bytes are not "
+                                  "'SQLite format 3'); give another file, or move this one away")
             return
         folder = path.parent
         if not folder.is_dir():

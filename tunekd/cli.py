@@ -25,12 +25,14 @@ commands:
 """ + "\n".join(f"  {name:<9}{text}" for name, (_, _, text) in COMMANDS.items()) + """
 
 examples:
-  tunekd run search_spaces/quickstart.yaml             # then open the printed MLflow UI link
-  tunekd run STUDY.yaml --dry-run                        # every trial's name, layer map, epochs; outputs
-  tunekd list                                            # studies in ./mlflow.db
-  tunekd report --experiment quickstart                  # report/quickstart/{report.md,table.tex,...}
-  tunekd plan search_spaces/robustness.yaml --sd 1.0     # verdict probabilities and expected seeds
-  tunekd compare quickstart quickstart-random
+  tunekd run search_spaces/quickstart.yaml            # then open the printed MLflow UI link
+  tunekd run search_spaces/quickstart.yaml --dry-run  # every trial's name, layer map, epochs; outputs
+  tunekd list                                         # studies in ./mlflow.db
+  tunekd report --experiment quickstart               # report/quickstart/{report.md,table.tex,...}
+  tunekd plan search_spaces/robustness.yaml --sd 1.0  # verdict probabilities and expected seeds
+  tunekd run search_spaces/quickstart.yaml --set name=quickstart-lambda1 --set distill.lambda_hid=1
+  tunekd compare quickstart quickstart-lambda1        # the two studies side by side
+  tunekd angles --best quickstart                     # angles of the quickstart's best kept student
 
 outputs (relative to the working directory): ./mlflow.db (MLflow), ./ray_results/ (trials, checkpoints,
 teacher-output cache), ./.tunekd_cache/teachers/ (fine-tuned teachers), ./report/<experiment>/ (reports).

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 SEP = "·"
+# the one layer numbering of every output (run descriptions, params, the dry-run listing): the paper's
+NUMBERING = "layers 1-based as in the paper: layer k = the k-th transformer layer's output, 0 = the embeddings"
 # the fixed parts of a name, in order: (dotted param, prefix)
 NAME_PARTS = (("distill.strategy", ""), ("student.init", ""), ("student.layers", "S"),
               ("distill.lambda_hid", "λ"), ("seed", "s"))
@@ -61,8 +63,14 @@ def unique_name(name: str, taken: Iterable[str]) -> str:
     return f"{name}#{i}"
 
 
+def copied_teacher_layers(copied: Iterable[int] | None) -> list[int] | None:
+    """The teacher layers a copy-init student copied, in the outputs' numbering (`NUMBERING`, 1-based), from
+    the 0-based module indices `student.copy_layers` takes and `tunekd.students` uses; None: random init."""
+    return None if copied is None else [i + 1 for i in copied]
+
+
 def layer_map_text(layer_map: Iterable[Iterable[int]] | str | None) -> str:
-    """`[[1, 2], [2, 4]]` → `1←2, 2←4` (student layer ← teacher layer); `–` for no matching."""
+    """`[[1, 2], [2, 4]]` → `1←2, 2←4` (student layer ← teacher layer, `NUMBERING`); `–` for no matching."""
     if isinstance(layer_map, str):
         layer_map = json.loads(layer_map)
     pairs = [tuple(p) for p in (layer_map or [])]
@@ -104,7 +112,7 @@ def dry_run_lines(study, trials: Iterable[tuple[dict, Any, Any]]) -> list[str]:
         n += 1
         name = trial_name(p.params(t_study), varying)
         where = ", ".join(f"{k}={v}" for k, v in point.items())
-        copied = (", copies teacher layers " + ",".join(str(i) for i in p.copied_layers) + " (0-based)"
+        copied = (", copies teacher layers " + ",".join(str(i) for i in copied_teacher_layers(p.copied_layers))
                   if p.copied_layers else "")
         lines.append(f"  {n:>3}. {name}" + (f"   ({where})" if where else ""))
         lines.append(f"       map {layer_map_text(p.layer_map)}; {t_study.student.layers}-layer {t_study.student.init} "
@@ -112,6 +120,7 @@ def dry_run_lines(study, trials: Iterable[tuple[dict, Any, Any]]) -> list[str]:
                      f"batch {t_study.train.batch_size}")
     if study.tune.num_samples > 1:
         lines.append(f"  (each point {study.tune.num_samples} times: tune.num_samples)")
+    lines.append(f"  (map: student layer ← teacher layer; {NUMBERING})")
     lines.append("outputs:")
     lines += [f"  {k + ':':<15}{v}" for k, v in output_locations(study).items()]
     return lines

@@ -8,7 +8,7 @@ The teacher's outputs come from a `cache.TeacherCache` when one holds them (look
 batch's row numbers, `batch["index"]`), else from running the teacher: all of it when its logits
 are needed, else only its layers up to the highest one the layer map uses (`truncated`).
 The loss options (`study.DistillConfig`) select each family's formula from the paper's code; see
-SPEC.md "The paper's code, family by family" and `losses`.
+docs/method.md "Losses per model family" and `losses`.
 """
 
 from __future__ import annotations
@@ -33,6 +33,10 @@ from tunekd.errors import ConfigError
 from tunekd.models import Family
 from tunekd.study import DistillConfig, GenerationConfig, TrainConfig
 from tunekd.tasks.base import compute_metrics
+
+
+# the logged name of the output term of a regression task: an MSE between student and teacher outputs, not a KL
+OUTPUT_MSE = "loss_out_mse"
 
 
 class NonFiniteLoss(RuntimeError):
@@ -265,13 +269,15 @@ class Distiller:
         ce = self.family.ce_loss(s_out, batch)
         zero = ce.new_zeros(())
         kl, hid = zero, zero
+        # a one-output head (regression, e.g. STS-B): the output term is an MSE, named for it
+        regression = s_out.logits.shape[-1] == 1 and s_out.logits_mask is None
         if self.uses_teacher:
             t_logits, t_hidden = self.teacher_outputs(batch, s_out, logits=d.alpha_kl > 0, hidden=self.uses_hidden)
             if d.alpha_kl > 0:
                 if t_logits.shape[-1] != s_out.logits.shape[-1]:
                     raise ConfigError(f"teacher and student vocabularies differ ({t_logits.shape[-1]} vs "
                                       f"{s_out.logits.shape[-1]} logits): KD needs one shared vocabulary")
-                if s_out.logits.shape[-1] == 1 and s_out.logits_mask is None:  # regression: MSE of the outputs
+                if regression:  # MSE of the outputs
                     kl = losses.regression_logit_loss(s_out.logits, t_logits)
                 else:
                     kl = losses.kl_loss(s_out.logits, t_logits, d.temperature, kl_mask(s_out, d))
@@ -288,7 +294,7 @@ class Distiller:
             total = ce
         else:
             total = losses.total_loss(ce, kl, hid, alpha_ce=d.alpha_ce, alpha_kl=d.alpha_kl, lambda_hid=d.lambda_hid)
-        return {"loss": total, "loss_ce": ce, "loss_kl": kl, "loss_hid": hid}
+        return {"loss": total, "loss_ce": ce, OUTPUT_MSE if regression else "loss_kl": kl, "loss_hid": hid}
 
 
 def kl_mask(out, d) -> torch.Tensor | None:
@@ -520,7 +526,8 @@ def fit_members(
 
     for epoch in range((done.pop() if done else epochs) + 1, epochs + 1):
         live = [m for m in members if m.error is None]
-        sums = {id(m): {"loss": 0.0, "loss_ce": 0.0, "loss_kl": 0.0, "loss_hid": 0.0} for m in live}
+        # each member's sums of the loss parts `losses` returns (loss_kl, or loss_out_mse for regression)
+        sums: dict[int, dict[str, float]] = {id(m): {} for m in live}
         for m in live:
             m.distiller.student.train()
         n = 0
@@ -533,8 +540,8 @@ def fit_members(
             batch = _to_device(train.batch(index), device)
             for m, parts in step_members(live, batch, train_cfg, device, scaler, fail):
                 member_sums = sums[id(m)]
-                for k in member_sums:
-                    member_sums[k] += float(parts[k].detach())
+                for k, v in parts.items():
+                    member_sums[k] = member_sums.get(k, 0.0) + float(v.detach())
             n += 1
             if on_step is not None:
                 on_step()

@@ -14,7 +14,7 @@
     setup_data      tokenize the task once
     setup_teacher   load the teacher or fine-tune it once (cached by content hash)
     setup_cache     the teacher-output cache for every trial; the `Shared` data the trials receive
-    guard           from here to the end of fit: a crash ends the parent run FAILED, Ctrl-C KILLED
+    guard           from here to the end of fit: a crash ends the parent run FAILED, a stop signal KILLED
     setup_tracking  the MLflow parent run (or the one --resume continues)
     setup_tuner     tune.Tuner (or Tuner.restore) with `TrialCallback`, which holds this driver
     fit             run the trials; prune checkpoints; settle trials no driver saw finish; close the parent run
@@ -29,6 +29,7 @@ The benchmarks drive the same steps (`benchmarks/study.py`) with `RunOptions(tra
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 import time
 from contextlib import contextmanager
@@ -38,8 +39,13 @@ from pathlib import Path
 from typing import Any
 
 from tunekd import groups, plan
-from tunekd.errors import ConfigError
+from tunekd.errors import SIGNAL_NAMES, ConfigError, Interrupted
 from tunekd.study import Study, grid_size, max_epochs
+
+
+# the stop signal this process received (`StudyDriver.stop_signals`), for the Tune callbacks, which Tune
+# pickles and so cannot hold the driver: a trial whose worker the signal ended is not failed but unfinished
+STOPPING: list[int] = []
 
 
 def log(msg: str) -> None:
@@ -92,7 +98,11 @@ class StudyDriver:
         self.started: set[str] = set()
         self.progress = None  # progress.StudyProgress: the study's bar (trials running / done / stopped)
         self.owns_ray = False  # connect started or attached Ray (and disconnect shuts it down)
-        self.interrupted = False  # Ctrl-C stopped the trials (Tune returns with unfinished ones)
+        self.interrupted = False  # a stop signal stopped the trials (Tune returns with unfinished ones)
+        self.signal: int | None = None  # the stop signal received (`stop_signals`)
+        self.fitting = False  # Tune is running trials (a stop signal asks it to stop)
+        self.stop_handler = None  # `stop_signals`' handler, while it is installed
+        self.stop_signals_caught: list[int] = []  # the signals it handles (not those ignored before, as by nohup)
         self.summary: dict[str, Any] = {}  # tracking.StudyTracker.finish_parent's summary of the study
         # find_resume / check_resume: what --resume continues, this study's fingerprint, a forced change
         self.resumable = None  # resume.Resumable
@@ -106,6 +116,21 @@ class StudyDriver:
     # --- the study, top to bottom ------------------------------------------------------------------
 
     def run(self) -> int:
+        with self.stop_signals(), self.named_interrupt():
+            return self._run()
+
+    @contextmanager
+    def named_interrupt(self):
+        """A KeyboardInterrupt that is not `Interrupted` (Ray raises its own when a signal arrives while it
+        waits in C++) becomes `Interrupted` of the signal received, so that it ends the same way."""
+        try:
+            yield
+        except KeyboardInterrupt as exc:
+            if isinstance(exc, Interrupted):
+                raise
+            raise Interrupted(self.signal or signal.SIGINT) from None
+
+    def _run(self) -> int:
         if self.options.resume:
             self.find_resume()  # before anything is created: nothing to resume fails here, in seconds
         self.setup_task()
@@ -120,7 +145,7 @@ class StudyDriver:
             self.setup_data()
             self.setup_teacher()
             self.setup_cache()
-            with self.guard():  # from here on a crash ends the parent run FAILED, Ctrl-C KILLED
+            with self.guard():  # from here on a crash ends the parent run FAILED, a stop signal KILLED
                 self.setup_tracking()
                 if self.study.tune.seeds is not None:
                     self.run_rounds()
@@ -130,7 +155,47 @@ class StudyDriver:
             self.summarise()
         finally:
             self.disconnect()
-        return 130 if self.interrupted else 0
+        return 128 + (self.signal or signal.SIGINT) if self.interrupted else 0
+
+    @contextmanager
+    def stop_signals(self):
+        """SIGINT (Ctrl-C), SIGTERM (a scheduler's preemption) and SIGHUP (a closed terminal) stop the study
+        alike. While Tune runs trials, the first one asks Tune to stop (through the SIGUSR1 handler Tune
+        installs for this): it saves every trial's state for --resume and returns, `fit` ends the parent run
+        KILLED, and the command exits 128 + the signal's number. Outside the trials, or a second signal:
+        `Interrupted` at once (the parent run, if any, ends KILLED in `guard`). Tune's own SIGINT handler is
+        turned off (TUNE_DISABLE_SIGINT_HANDLER), so that all three take this one path."""
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield
+            return
+
+        def stop(signum, frame):
+            first = self.signal is None
+            if first:
+                self.signal = signum
+                STOPPING.append(signum)
+            tune_stop = signal.getsignal(signal.SIGUSR1)
+            if first and self.fitting and callable(tune_stop):
+                self.log(f"{SIGNAL_NAMES[signum]}: stopping the trials, saving their state for --resume "
+                         "(a second signal stops at once)")
+                tune_stop(signal.SIGUSR1, frame)
+                return
+            raise Interrupted(signum)
+
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+        self.stop_handler = stop  # installed again once Ray is up (`connect`: ray.init takes SIGTERM over)
+        # a signal ignored already stays ignored: `nohup tunekd run ...` must outlive its terminal (SIGHUP)
+        previous = {s: signal.signal(s, stop) for s in SIGNAL_NAMES if signal.getsignal(s) is not signal.SIG_IGN}
+        self.stop_signals_caught = list(previous)
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            STOPPING.clear()
+            self.stop_handler = None
 
     # --- the steps ---------------------------------------------------------------------------------
 
@@ -162,7 +227,13 @@ class StudyDriver:
         if self.options.track:
             check_uri(study.tracking.uri)
         quiet_libraries()
-        self.spec = spec = spec_for(study.task)
+        spec = spec_for(study.task)
+        source = (study.task.data_dir or (study.task.data and study.task.data.path)
+                  or ("the hub" if spec.hub else "the built-in generator"))
+        self.log(f"task {spec.name} ({spec.kind}): loading from {source}")
+        # the data first: a bad file, column or label fails here, before the teacher is materialised
+        spec, self.raw = load_configured(study.task, seed=study.seed)
+        self.spec = spec
         self.base = resolve_model(study.teacher.model)
         try:
             self.teacher_config = AutoConfig.from_pretrained(self.base, trust_remote_code=study.teacher.trust_remote_code)
@@ -173,11 +244,6 @@ class StudyDriver:
         if spec.kind not in family.task_kinds:
             raise ConfigError(f"task {spec.name!r} ({spec.kind}) cannot be run by the {family.name} family "
                               f"(it runs: {', '.join(family.task_kinds)})")
-        source = (study.task.data_dir or (study.task.data and study.task.data.path)
-                  or ("the hub" if spec.hub else "the built-in generator"))
-        self.log(f"task {spec.name} ({spec.kind}): loading from {source}")
-        spec, self.raw = load_configured(study.task, seed=study.seed)
-        self.spec = spec
         check_teacher_head(study, self.teacher_config, spec)
         if spec.label_names and study.task.kind is not None:  # labels read from the data travel with the study
             self.study = study = study.model_copy(
@@ -282,6 +348,9 @@ class StudyDriver:
         else:
             connect_ray(self.options.address, self.options.num_cpus, log=self.log, source=self.options.address_source)
             self.owns_ray = True
+            if self.stop_handler is not None:  # ray.init installed its own SIGTERM handler (sys.exit)
+                for signum in self.stop_signals_caught:
+                    signal.signal(signum, self.stop_handler)
         try:
             check_resources(ray, self.study)
         except ConfigError:
@@ -389,8 +458,10 @@ class StudyDriver:
         from tunekd.trainable import tune_trainable
 
         study = self.study
-        # Ray's per-trial TensorBoard/JSON/CSV/params.pkl loggers, read when Tune builds its callbacks
-        os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "0" if study.tune.ray_loggers else "1"
+        # Ray's automatic per-trial loggers (TensorBoard, CSV, JSON) stay off; `tune.ray_loggers` (default) adds
+        # the JSON one only: result.json (one line per epoch) and params.json per trial, what
+        # `ray.tune.ExperimentAnalysis` and `Tuner.restore(...).get_results()` read
+        os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
         if not study.tune.ray_loggers:  # the result grid then warns, per trial, that it found no result.json
             import logging
 
@@ -404,6 +475,10 @@ class StudyDriver:
 
             self.progress = StudyProgress(self.total_trials, study.name)
         callbacks.append(CheckpointCallback(self.metric, study.tune.keep_students))
+        if study.tune.ray_loggers:
+            from ray.tune.logger import JsonLoggerCallback
+
+            callbacks.append(JsonLoggerCallback())
         if self.options.resume and self.round_points is None:
             self.tuner = tune.Tuner.restore(self.ray_path, trainable, resume_unfinished=True, resume_errored=False,
                                             restart_errored=False)
@@ -425,26 +500,29 @@ class StudyDriver:
 
     @contextmanager
     def guard(self):
-        """Around the parent run's life: a crash ends it FAILED with the error, Ctrl-C KILLED (`parent_guard`)."""
+        """Around the parent run's life: a crash ends it FAILED with the error, a stop signal KILLED (`parent_guard`)."""
         if not self.options.track:
             yield
             return
         from tunekd.tracking import StudyTracker
 
         self.tracker = StudyTracker(self.study.tracking.uri, self.study.experiment)
-        with self.tracker.parent_guard():
+        with self.tracker.parent_guard(), self.named_interrupt():  # the parent's tag names the signal
             yield
 
     def fit(self, finish: bool = True) -> None:
-        """Run the trials; end the parent run FINISHED, or KILLED when Ctrl-C stopped them (Tune catches the first
-        Ctrl-C itself and returns with unfinished trials); settle trials no driver saw finish. `finish=False`
+        """Run the trials; end the parent run FINISHED, or KILLED when a stop signal stopped them (Tune, asked by
+        `stop_signals`, saves their state and returns with unfinished ones); settle trials no driver saw finish. `finish=False`
         (a round of adaptive seeds) leaves the parent run open."""
+        self.fitting = True
         try:
             self.results = self.tuner.fit()
         finally:
+            self.fitting = False
             if self.progress is not None:
                 self.progress.close()
-        self.interrupted = self.results.num_terminated + self.results.num_errors < len(self.results)
+        self.interrupted = (self.signal is not None
+                            or self.results.num_terminated + self.results.num_errors < len(self.results))
         if not self.interrupted:  # every trial ended, also those no driver saw end: no optimizer state stays
             from tunekd import checkpoints
 
@@ -457,10 +535,13 @@ class StudyDriver:
             return
         for result in self.results:  # trials that ended while no driver was listening (a killed driver)
             trial_id = (result.metrics or {}).get("trial_id")
+            stopped = self.interrupted and not (result.metrics or {}).get("done")
             for member in groups.views(trial_id, result.config, result.metrics) if trial_id else ():
                 rec = self.tracker.trials.get(member.trial_id)
                 if rec is None or rec.status != "running":
                     continue
+                if stopped and member.error is None:
+                    continue  # stopped by the signal: it stays running, and --resume continues it
                 if result.error is not None or member.error is not None:
                     self.tracker.end_trial(member.trial_id, "failed", error=str(member.error or result.error))
                 else:
@@ -469,10 +550,11 @@ class StudyDriver:
             self.finish()
 
     def finish(self) -> None:
-        """Close the parent run: FINISHED, or KILLED after Ctrl-C."""
+        """Close the parent run: FINISHED, or KILLED after a stop signal."""
         self.summary = self.tracker.finish_parent(  # best trial, counts, wall time, description; closes the run
             self.metric, wall_s=time.perf_counter() - self.t_start, status="KILLED" if self.interrupted else "FINISHED",
-            error="interrupted (Ctrl-C); continue with --resume" if self.interrupted else None)
+            error=f"interrupted ({SIGNAL_NAMES[self.signal or signal.SIGINT]}); continue with --resume"
+            if self.interrupted else None)
 
     def run_rounds(self) -> None:
         """Adaptive seeds: round after round, run the trials `seeds.plan_round` asks for (every pair at `min` seeds,
@@ -542,7 +624,23 @@ class StudyDriver:
         if "best_name" in self.summary:
             self.log(f"best completed trial: {self.summary['best_name']} ({self.metric} "
                      f"{self.summary['best_value']:.2f}), run {self.summary['best_run_id']}")
-        self.log(f"browse it: {tracker.ui_command()}")
+        self.log("browse it in MLflow's UI:")
+        from tunekd.progress import write
+
+        for line in tracker.ui_command().splitlines():
+            write(line)
+        self.log(f"report: {self.study_report()}")
+
+    def study_report(self) -> str:
+        """`tunekd report` of this invocation (its parent run): where it is, or why there is none."""
+        from tunekd import report
+
+        if os.environ.get("TUNEKD_REPORT", "1") == "0":
+            return f"not written (TUNEKD_REPORT=0); tunekd report --experiment {self.tracker.experiment}"
+        try:
+            return report.study_report(self.tracker.uri, self.tracker.experiment, self.tracker.parent_id)
+        except Exception as exc:  # noqa: BLE001 - the study itself is done and recorded: say why, go on
+            return f"not written: {exc}" if isinstance(exc, ConfigError) else f"not written: {type(exc).__name__}: {exc}"
 
     # --- per trial (called by TrialCallback) ---------------------------------------------------------
 
@@ -635,6 +733,8 @@ class TrialCallback(_callback_base()):
             d.log(f"  {d.tracker.trials[member.trial_id].name} {status} after {last}/{epochs} epochs")
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        if STOPPING:  # its worker ended with the signal: unfinished, not failed (--resume continues it)
+            return
         d = self.driver
         members = list(groups.views(trial.trial_id, trial.config))
         if all(m.trial_id not in d.tracker.trials for m in members):  # its actor died before it started (e.g. OOM)
@@ -686,7 +786,8 @@ class CheckpointCallback(_callback_base()):
         self._finish(trial)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._finish(trial, failed=True)
+        if not STOPPING:  # a worker the stop signal ended keeps its checkpoint for --resume
+            self._finish(trial, failed=True)
 
 
 def member_scores(trial_id: str, config: dict[str, Any], result: dict[str, Any] | None,
@@ -778,8 +879,9 @@ def connect_ray(address: str | None, num_cpus: int | None, *, log=log, source: s
             ray.init(address=address, log_to_driver=True, configure_logging=False)
             log(f"ray: attached to the cluster at {address}")
         else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-                     configure_logging=False, log_to_driver=True)
+            with signals_blocked(SIGNAL_NAMES):  # Ray's processes inherit them blocked: see signals_blocked
+                ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                         configure_logging=False, log_to_driver=True)
             log(f"ray: started locally on 127.0.0.1 with {int(ray.cluster_resources().get('CPU', 0))} CPUs")
     except ConfigError:
         raise
@@ -787,6 +889,26 @@ def connect_ray(address: str | None, num_cpus: int | None, *, log=log, source: s
         raise ConfigError(f"cannot reach the Ray cluster at {address!r} (from {source}): "
                           f"{str(exc).splitlines()[0]}") from None
     return ray
+
+
+@contextmanager
+def signals_blocked(signals):
+    """`signals` blocked in this thread while the body runs: the processes it starts (a local Ray's GCS,
+    raylet and, through the raylet, its workers) inherit the block. A stop signal sent to the whole process
+    group (Ctrl-C in a terminal, SIGHUP when it closes, SIGTERM from a job scheduler) then reaches the
+    driver only, which stops the trials in order (their state saved for --resume) and shuts the Ray down
+    itself, instead of a raylet that died under a running Tune. (Ray blocks SIGINT in its processes the same
+    way; `ray.shutdown` ends them with SIGKILL.)"""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, set(signals))
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def check_address(address: str, source: str = "--address") -> None:

@@ -33,6 +33,15 @@ def prefix(i: int) -> str:
     return f"m{i}/"
 
 
+def locate(trial_id: str) -> tuple[str, str]:
+    """(the Ray trial's id, the checkpoint subfolder) of a trial id as the driver records it (MLflow tag
+    `tunekd.trial_id`): a member's `<ray trial id>/<i>` gives (`<ray trial id>`, `m<i>`), a plain trial's (it, '')."""
+    ray_id, sep, i = trial_id.rpartition("/")
+    if sep and i.isdigit():
+        return ray_id, prefix(int(i)).rstrip("/")
+    return trial_id, ""
+
+
 def member_values(study: Study) -> list[dict[str, Any]]:
     """Each member's values of the grouped dimensions (their grid's product, in the search's order)."""
     keys = list(study.tune.group_by)

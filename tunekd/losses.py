@@ -1,6 +1,6 @@
 """Distillation losses: KL on logits and intermediate-layer (hidden-state) matching.
 
-Pure tensor functions; see SPEC.md, "Loss" and "The paper's code, family by family". Everything is
+Pure tensor functions; see docs/method.md, "The loss" and "Losses per model family". Everything is
 computed in at least float32. Padding positions never influence a value (they are dropped by boolean
 indexing before any arithmetic, so NaN/inf there cannot leak into the loss or its gradient), except
 under the two options that reproduce the paper's code where it reads padding on purpose:

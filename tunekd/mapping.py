@@ -1,8 +1,8 @@
 """Layer-selection strategies: which student hidden state is matched to which teacher state.
 
 Pure functions, no torch. Indices follow Hugging Face ``hidden_states`` tuples: 0 is the
-embedding output, ``k`` the output of layer ``k`` (1-based). See SPEC.md, "Layer-selection
-strategies" and "Student construction".
+embedding output, ``k`` the output of layer ``k`` (1-based). See docs/method.md, "Layer-selection
+strategies" and "The student".
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from tunekd import mapping
+from tunekd import describe, mapping
 from tunekd.study import SearchDim, Study, flatten
 
 # a randint dimension with at most this many values is checked (and cached) at every value
@@ -36,7 +36,8 @@ class Plan:
         params = flatten(raw)
         params["distill.match_embeddings"] = self.match_embeddings
         params["distill.layer_map"] = [list(p) for p in self.layer_map]
-        params["student.copied_layers"] = self.copied_layers
+        # one numbering in every output (`describe.NUMBERING`): the copied teacher layers 1-based, like the map
+        params["student.copied_teacher_layers"] = describe.copied_teacher_layers(self.copied_layers)
         if self.permutation is not None:
             params["distill.random_permutation"] = list(self.permutation)
             params["distill.map_seed_used"] = self.map_seed
@@ -137,7 +138,7 @@ _NORMALIZE = {
 
 
 def describe_loss(study: Study, family=None) -> str:
-    """One line: the loss this trial config computes, with its formula (SPEC.md "Loss"). `family` (a
+    """One line: the loss this trial config computes, with its formula (docs/method.md "The loss"). `family` (a
     `models.Family`, or None) decides whether logits are per example or per token (None: from the
     task kind alone) and the default for matching embeddings."""
     from tunekd.tasks import spec_for
@@ -162,8 +163,13 @@ def describe_loss(study: Study, family=None) -> str:
         hid += ", encoder + decoder stacks added"
     if (isinstance(d.strategy, str) and d.strategy == "none") or d.lambda_hid == 0:
         hid = "L_hid off (strategy none or λ = 0)"
-    parts = [f"loss = {d.alpha_ce:g}·CE + {d.alpha_kl:g}·KL + {d.lambda_hid:g}·L_hid",
-             f"KL: τ = {d.temperature:g}, × τ², {kl_where} [kl_positions: {d.kl_positions}]", hid]
+    if kind == "regression":  # a one-output head: no distribution, so no KL and no temperature
+        parts = [f"loss = {d.alpha_ce:g}·MSE(label) + {d.alpha_kl:g}·MSE(teacher output) + {d.lambda_hid:g}·L_hid",
+                 "output term: mean squared difference of the student's and the teacher's outputs, per example "
+                 "(regression: no KL, distill.temperature not used; logged as loss_out_mse)", hid]
+    else:
+        parts = [f"loss = {d.alpha_ce:g}·CE + {d.alpha_kl:g}·KL + {d.lambda_hid:g}·L_hid",
+                 f"KL: τ = {d.temperature:g}, × τ², {kl_where} [kl_positions: {d.kl_positions}]", hid]
     match = d.match_embeddings if d.match_embeddings is not None else getattr(family, "match_embeddings_default", None)
     parts.append(f"embeddings matched: {({None: 'family default', True: 'yes', False: 'no'})[match]}")
     if isinstance(d.strategy, str) and d.strategy == "random":

@@ -18,11 +18,11 @@ import sys
 import numpy as np
 
 from tunekd import stats
-from tunekd.errors import ConfigError, run_cli
+from tunekd.errors import ArgumentParser, ConfigError, run_cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="tunekd plan",
         description="Plan a study's seeds before running it: per pair, the probability of each verdict and the "
                     "expected seeds at Δ = 0 and at Δ = margin under the study's design (adaptive seeds: the "

@@ -6,16 +6,16 @@ lists the early-stopped, failed and unfinished ones apart:
 - the strategy-robustness table: one row per strategy x init (x every other search dimension that
   varies, e.g. student depth or lambda), one column per task metric, cells "mean ± sd (n)" over
   seeds (sample sd, ddof=1);
-- paired differences of every strategy against a reference strategy, paired by seed within the same
-  init/depth/lambda/...: mean difference, 95% t confidence interval, and an equivalence verdict by
-  two one-sided t tests (TOST) with margin δ; each pair is compared at the deepest epoch (ASHA rung) both
-  of its trials reached (per-epoch histories from MLflow), so early-stopped trials are included; the
-  column `rung` says which epoch(s) a row's pairs use (`--final-only`: completed trials, final epoch);
+- paired differences of every level of a searched dimension (the strategy by default) against a reference
+  level, paired by seed within the same init/depth/lambda/...: mean difference, t intervals and verdicts from
+  `tunekd.stats` (TOST per pair, "different" family-wise, the sequential design of adaptive seeds), at an epoch
+  that does not depend on the outcome (final under FIFO, the grace rung under ASHA; deeper rungs descriptive),
+  and per cell the intersection–union headline and a randomized-block analysis (`claims.csv`);
 - plots: metric vs λ and metric vs depth (when they vary) and a strategy bar chart;
-- `report.md`, `table.csv`, `paired.csv` and the PNGs in `--out`, also logged as artifacts
-  (folder `report/`) on the study's parent run.
+- `report.md`, `report.html`, `table.csv`, `paired.csv`, `claims.csv`, `table.tex`, `trials.csv` and the PNGs in
+  `--out`, also logged as artifacts (folder `report/`) on the study's parent run.
 
-The statistics are scipy's (`scipy.stats.ttest_1samp`); tables are pandas; plots matplotlib (Agg).
+The statistics are `tunekd.stats` (scipy, statsmodels); tables are pandas; plots matplotlib (Agg).
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tunekd import stats
-from tunekd.errors import ConfigError, run_cli, unknown
+from tunekd import curves, html_report, stats
+from tunekd.errors import ArgumentParser, ConfigError, run_cli, unknown
 
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -48,7 +48,8 @@ STRATEGY, INIT, LAYERS, LAMBDA, SEED = "distill.strategy", "student.init", "stud
 META = ("run_id", "parent_id", "trial_id", "status", "error", "start_time")
 # Params that follow from others (the resolved map and a `random` map's permutation and seed depend on
 # strategy and seed, the copied layers on init and depth): they never define a group of their own.
-DERIVED = ("distill.layer_map", "student.copied_layers", "distill.random_permutation", "distill.map_seed_used")
+DERIVED = ("distill.layer_map", "student.copied_teacher_layers", "student.copied_layers",  # (older stores)
+           "distill.random_permutation", "distill.map_seed_used")
 SHORT = {STRATEGY: "strategy", INIT: "init", LAYERS: "layers", LAMBDA: "lambda_hid"}
 STRATEGY_ORDER = ("none", "forward", "reverse", "all_to_one", "random")
 INIT_ORDER = ("random", "copy")
@@ -141,12 +142,6 @@ def completed(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["status"] == COMPLETED] if "status" in df else df
 
 
-def rung_aware(df: pd.DataFrame, metric: str) -> bool:
-    """Whether `df` carries the per-epoch histories of `metric` (`with_histories`): pairs are then compared at
-    the deepest rung both trials reached, early-stopped trials included."""
-    return HISTORY + metric in df
-
-
 def design_keys(df: pd.DataFrame) -> list[str]:
     """The columns that define a configuration: strategy and init (when present), then every other
     param that varies across the runs, except the seed and the derived params."""
@@ -218,19 +213,24 @@ def strategy_table(df: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
     One row per configuration: columns `strategy`, `init` and every other varying param (short names
     `layers`, `lambda_hid`; other params keep their dotted names), then for each metric `m`: `m` (the
     cell "mean ± sd (n)"), `m mean`, `m sd` (sample sd, ddof=1; NaN when n < 2) and `m n` (the number
-    of seeds with a value). Rows in display order: init, the other params, then strategy.
+    of seeds with a value). Rows in display order: init, the other params, then strategy. A configuration whose
+    trials all stopped early, failed or are unfinished keeps its row: n 0, the cell "no completed trial (...)".
     """
     runs, keys = comparable(df)
     rows = []
     first = [INIT] + [k for k in keys if k not in (INIT, STRATEGY)] + [STRATEGY]
-    for vals, g in _sorted_groups(runs, keys, first):
+    rest = df[df["status"] != COMPLETED] if "status" in df and all(k in df for k in keys) else df.iloc[0:0]
+    for vals, g in _sorted_groups(pd.concat([runs, rest]), keys, first):
         row = {short(k): v for k, v in zip(keys, vals)}
+        others = g[g["status"] != COMPLETED]["status"].value_counts() if "status" in g else pd.Series(dtype=int)
+        g = g[g["status"] == COMPLETED] if "status" in g else g
         for m in metrics:
             x = g[m].dropna().astype(float) if m in g else pd.Series(dtype=float)
             n = int(x.size)
             mean = float(x.mean()) if n else math.nan
             sd = float(x.std(ddof=1)) if n > 1 else math.nan
-            row[m] = cell(mean, sd, n)
+            row[m] = cell(mean, sd, n) if len(g) else (
+                "no completed trial (" + ", ".join(f"{v} {k}" for k, v in others.items()) + ")")
             row[f"{m} mean"], row[f"{m} sd"], row[f"{m} n"] = mean, sd, n
         rows.append(row)
     cols = [short(k) for k in keys] + [c for m in metrics for c in (m, f"{m} mean", f"{m} sd", f"{m} n")]
@@ -279,7 +279,7 @@ def comparison_epoch(df: pd.DataFrame, metric: str, at=None) -> tuple[object, bo
     return int(at), e is not None and int(at) <= e
 
 
-def _match_level(reference, levels: list) -> object:
+def _match_level(reference, levels: list, what: str = "reference (no trials at that value)") -> object:
     """The level of the compared dimension that `reference` names (numbers compare as numbers: `3` is 3.0)."""
     for v in levels:
         if str(v) == str(reference):
@@ -289,7 +289,7 @@ def _match_level(reference, levels: list) -> object:
                 return v
         except (TypeError, ValueError):
             pass
-    raise unknown("reference (no trials at that value)", str(reference), [str(v) for v in levels])
+    raise unknown(what, str(reference), [str(v) for v in levels])
 
 
 def _trial_names(frame: pd.DataFrame, cols: tuple[str, str]) -> str:
@@ -477,13 +477,6 @@ def cell_claims(df: pd.DataFrame, paired: pd.DataFrame, metric: str, *, factor: 
 # --- plots -------------------------------------------------------------------------------------
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def slug(metric: str) -> str:
@@ -507,7 +500,7 @@ def _key_names(table: pd.DataFrame) -> list[str]:
 
 
 def _figure(n: int, width: float = 4.5, height: float = 3.6):
-    plt = _pyplot()
+    plt = curves.pyplot()
     cols = min(n, 3)
     rows = -(-n // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
@@ -543,7 +536,8 @@ def plot_versus(table: pd.DataFrame, x: str, metric: str, path: Path, teacher: f
     return path
 
 
-def plot_strategies(table: pd.DataFrame, metric: str, path: Path, teacher: float | None = None) -> Path:
+def plot_strategies(table: pd.DataFrame, metric: str, path: Path, teacher: float | None = None,
+                    epoch: str = "the final epoch") -> Path:
     """Bar chart of `metric` mean ± sd per strategy, bars grouped by init, one panel per value of
     the other keys. Bars start at zero; error bars only where n > 1 (the mean is written on each bar,
     so that small differences stay readable)."""
@@ -561,8 +555,12 @@ def plot_strategies(table: pd.DataFrame, metric: str, path: Path, teacher: float
             bars = ax.bar(xs, part[f"{metric} mean"], width, label=f"init={init}" if init is not None else None)
             ax.errorbar(xs, part[f"{metric} mean"], yerr=sd.to_numpy(dtype=float), fmt="none", capsize=3,
                         ecolor="black", lw=1)
-            ax.bar_label(bars, labels=[_fmt(v, 1) for v in part[f"{metric} mean"]], fontsize=7, padding=2,
-                         label_type="center", color="white")
+            ax.bar_label(bars, labels=[f"{_fmt(v, 1)}\nn={n}" if n else "" for v, n in
+                                       zip(part[f"{metric} mean"], part[f"{metric} n"])],
+                         fontsize=7, padding=2, label_type="center", color="white")
+            for x, n in zip(xs, part[f"{metric} n"]):  # a configuration without a completed trial stays visible
+                if not n:
+                    ax.text(x, 0, "no completed\ntrial", rotation=90, fontsize=6, ha="center", va="bottom")
         ax.set_xticks(range(len(strategies)))
         ax.set_xticklabels([str(s) for s in strategies], rotation=20, fontsize=8)
         if teacher is not None:
@@ -572,7 +570,7 @@ def plot_strategies(table: pd.DataFrame, metric: str, path: Path, teacher: float
             hi = max(hi, teacher)
         if np.isfinite(hi):
             ax.set_ylim(0, hi * 1.12 if hi > 0 else 1)  # bars from zero
-        ax.set_ylabel(metric)
+        ax.set_ylabel(f"{metric} at {epoch}")
         ax.set_title(title, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8)
@@ -587,7 +585,7 @@ def plot_paired(paired: pd.DataFrame, metric: str, path: Path) -> Path:
     reference (dot) with its 95% t interval (thin) and the TOST's 90% interval (thick), the ±margin band
     shaded and zero marked. An interval inside the band is *equivalent*; one clear of zero *different*.
     Configurations with fewer than 2 pairs get a hollow dot and no interval."""
-    plt = _pyplot()
+    plt = curves.pyplot()
     part = paired[paired["metric"] == metric].reset_index(drop=True)
     keys = [c for c in part.columns if c not in PAIRED_STATS]
     labels = [", ".join(f"{v}" if k == "strategy" else f"{k}={v}" for k, v in zip(keys, row))
@@ -761,7 +759,7 @@ def _error_line(err) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="tunekd report",
         description="Statistical report of a tunekd study recorded in MLflow: the strategy-robustness table "
                     "(mean ± sd over seeds per strategy x init x ...), paired differences of every level of a "
@@ -921,10 +919,15 @@ def build_report(df: pd.DataFrame, *, experiment: str, out: Path, metrics: list[
                  reference="forward", margin: float = 1.0, alpha: float = 0.05,
                  teacher: dict[str, float] | None = None, source: str = "", factor: str = STRATEGY, at=None,
                  bounds: stats.Boundaries | None = None, chance: dict[str, tuple[float, int | None]] | None = None,
-                 unadjusted: bool = False, descriptive: bool = True) -> tuple[str, list[Path]]:
-    """Write report.md, table.csv, paired.csv, claims.csv, table.tex and the PNGs for the runs `df` into `out`;
-    return the Markdown and the written files. `at`, `bounds`, `chance`, `unadjusted`: see `paired_differences`;
-    `descriptive`: also show each pair at the deepest epoch both trials reached when that differs (ASHA)."""
+                 unadjusted: bool = False, descriptive: bool = True,
+                 histories: dict[str, curves.History] | None = None, description: str | None = None,
+                 study_yaml: str | None = None) -> tuple[str, list[Path]]:
+    """Write report.md, report.html, table.csv, paired.csv, claims.csv, table.tex and the PNGs for the runs `df`
+    into `out`; return the Markdown and the written files. `at`, `bounds`, `unadjusted`: see `paired_differences`;
+    `chance`: metric -> (the majority-class level in percent, the eval rows or None): no verdict from students at
+    chance, the chance line and a warning per cell; `descriptive`: also show each pair at the deepest epoch both
+    trials reached when that differs (ASHA). With `histories` (run id -> metric -> {epoch: value},
+    `curves.fetch_histories`) also trials.csv, curves.csv and the learning curves."""
     check_levels(margin, alpha)
     counts = df["status"].value_counts().to_dict() if len(df) else {}
     runs, keys = comparable(df)
@@ -969,7 +972,7 @@ def build_report(df: pd.DataFrame, *, experiment: str, out: Path, metrics: list[
     if "strategy" in table:
         for m in metrics:
             plots.append((f"{m} by strategy", plot_strategies(table, m, out / f"strategies_{slug(m)}.png",
-                                                              teacher.get(m))))
+                                                              teacher.get(m), final_epoch(runs))))
         if "lambda_hid" in table:
             for m in metrics:
                 plots.append((f"{m} vs λ", plot_versus(table, "lambda_hid", m, out / f"lambda_{slug(m)}.png",
@@ -979,6 +982,9 @@ def build_report(df: pd.DataFrame, *, experiment: str, out: Path, metrics: list[
                 plots.append((f"{m} vs student depth", plot_versus(table, "layers", m, out / f"depth_{slug(m)}.png",
                                                                   teacher.get(m))))
     files.extend(p for _, p in plots)
+    per_epoch = (_per_epoch(df, histories, metrics, out, chance.get("eval/accuracy"), teacher) if histories is not None
+                 else ([], [], []))
+    files.extend(per_epoch[0])
 
     n_done = int((df["status"] == COMPLETED).sum())
     superseded = n_done - len(runs)
@@ -999,8 +1005,11 @@ def build_report(df: pd.DataFrame, *, experiment: str, out: Path, metrics: list[
         if m in metrics:
             lines.append(f"Chance level of {m}: {base:.2f} (the majority class"
                          + (f" of {rows} eval rows)" if rows else ")") + ".")
+    for warning in per_epoch[1]:
+        lines += ["", warning]
     lines += ["", "## Strategy robustness", "",
-              "Cells: mean ± sample sd (number of seeds) of the final value of each metric, completed trials.", "",
+              f"Cells: mean ± sample sd (number of seeds) of each metric at {final_epoch(runs)}, over the completed "
+              "trials; a configuration without one says so.", "",
               md_table(table[[c for c in table.columns if not c.endswith((" mean", " sd", " n"))]]), ""]
     if compared:
         lines += _verdict_section(paired_parts, claims_parts, metrics, factor=factor, reference=reference,
@@ -1014,6 +1023,7 @@ def build_report(df: pd.DataFrame, *, experiment: str, out: Path, metrics: list[
                           md_table(_paired_md(part).drop(columns=["p (TOST)", "verdict"], errors="ignore")), ""]
     if plots:
         lines += ["## Plots", ""] + [f"![{t}]({p.name})" for t, p in plots] + [""]
+    lines += per_epoch[2]
     excluded = _excluded_md(df)
     lines += ["## Trials not compared", "",
               "Early-stopped, failed and unfinished trials: not in the strategy table (early-stopped ones are in the "
@@ -1021,6 +1031,8 @@ def build_report(df: pd.DataFrame, *, experiment: str, out: Path, metrics: list[
     text = "\n".join(lines)
     (out / "report.md").write_text(text)
     files.insert(0, out / "report.md")
+    files.insert(1, html_report.write(out / "report.html", text, title=f"Study report: {experiment}",
+                                      description=description, study_yaml=study_yaml))
     return text, files
 
 
@@ -1083,6 +1095,57 @@ def _claims_md(claims: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def final_epoch(runs: pd.DataFrame) -> str:
+    """The epoch the completed trials `runs` end at, in words: "epoch 4" (or "epochs 2–4" when `train.epochs`
+    varies; "the final epoch" when the runs do not record it)."""
+    epochs = sorted({int(e) for e in runs["train.epochs"].dropna()}) if "train.epochs" in runs else []
+    if not epochs:
+        return "the final epoch"
+    return f"epoch {epochs[0]}" if len(epochs) == 1 else f"epochs {epochs[0]}–{epochs[-1]}"
+
+
+def _per_epoch(df: pd.DataFrame, histories: dict, metrics: list[str], out: Path,
+               chance: tuple[float, int | None] | None, teacher: dict[str, float]) -> tuple[list[Path], list[str], list[str]]:
+    """trials.csv, curves.csv and the learning-curve PNGs (`tunekd.curves`) for every trial run of `df`: the files,
+    the at-chance warnings and the Markdown section."""
+    keys = design_keys(df)
+    names = {k: short(k) for k in keys}
+    cells = [names[k] for k in keys if k != STRATEGY]
+    strategy = names.get(STRATEGY)
+    longs = {v: k for k, v in names.items()}
+
+    def order(cols, vals):
+        return tuple(_order(longs.get(c, c), v) for c, v in zip(cols, vals))
+
+    trials = curves.trials_frame(df, histories, keys, names)
+    trials.to_csv(out / "trials.csv", index=False)
+    files = [out / "trials.csv"]
+    series = pd.concat([curves.curve_series(trials, m, cells, strategy) for m in metrics], ignore_index=True)
+    series.to_csv(out / "curves.csv", index=False)
+    files.append(out / "curves.csv")
+    level = chance[0] if chance else None
+    lines = ["## Learning curves", "",
+             "Per cell, each strategy's mean over the seeds that reached each epoch, the band min–max over those seeds; "
+             "x marks an early-stopped trial at its last epoch"
+             + (f"; the dotted line is chance (the majority class, {level:.2f})" if level is not None else "")
+             + ". Every trial's per-epoch metrics: `trials.csv`; the plotted series: `curves.csv`.", ""]
+    warnings: list[str] = []
+    for m in metrics:
+        if m not in trials:
+            continue
+        path = curves.plot_curves(trials, m, out / f"curves_{slug(m)}.png", cells=cells, strategy=strategy,
+                                  chance=level if m == "eval/accuracy" else None, teacher=teacher.get(m), order=order)
+        files.append(path)
+        lines += [f"![{m} per epoch]({path.name})", ""]
+        if chance and m == "eval/accuracy":
+            by_cell = curves.chance_cells(trials, m, cells, *chance, order=order)
+            warnings += curves.chance_warnings(by_cell, cells, m, *chance)
+            by_strategy = cells + ([strategy] if strategy else [])
+            lines += [f"Students at chance ({m} at each trial's last epoch, {curves.chance_test(*chance)}):", "",
+                      md_table(curves.chance_cells(trials, m, by_strategy, *chance, order=order)), ""]
+    return files, warnings, lines
+
+
 def _with_last_steps(client, df: pd.DataFrame) -> pd.DataFrame:
     """Add `__last_step` (the last epoch reported) to the runs that were not completed."""
     df = df.copy()
@@ -1110,7 +1173,42 @@ def with_histories(client, df: pd.DataFrame, metrics: list[str]) -> pd.DataFrame
     return df
 
 
+def _study_context(client, prun) -> dict[str, str | None]:
+    """The parent run's description and its study file (artifact study.yaml), for report.html."""
+    import tempfile
+
+    study_yaml = None
+    bar = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # one small file: no progress bar on stderr
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            study_yaml = Path(client.download_artifacts(prun.info.run_id, "study.yaml", tmp)).read_text()
+    except Exception:  # noqa: BLE001 - no artifact (an older study) or an unreachable store: the report goes on
+        pass
+    finally:
+        if bar is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = bar
+    return {"description": prun.data.tags.get("mlflow.note.content"), "study_yaml": study_yaml}
+
+
 def run(args) -> int:
+    text, where = write_report(args)
+    print(text)
+    print(f"[tunekd] report: {where}", file=sys.stderr)
+    return 0
+
+
+def study_report(tracking_uri: str, experiment: str, parent: str) -> str:
+    """The end of `tunekd run`: the report of the study's parent run `parent` with the defaults, written to
+    report/<experiment>/ and logged on the parent run; returns where it is (one line)."""
+    return write_report(parse_args(["--experiment", experiment, "--tracking-uri", tracking_uri, "--parent", parent]))[1]
+
+
+def write_report(args) -> tuple[str, str]:
+    """Write (and unless --no-log log) the report `args` ask for; return its Markdown and where it is."""
+    from tunekd import tracking
     from tunekd.checks import check_writable_dir
 
     check_levels(1.0 if args.margin is None else args.margin, args.alpha)
@@ -1121,11 +1219,20 @@ def run(args) -> int:
     exp = get_experiment(client, args.experiment)
     df = load_runs(client, args.experiment, args.parent)
     parent = args.parent or latest_parent(client, exp.experiment_id)
-    teacher = {}
+    teacher, context = {}, {}
     if parent:
-        teacher = {"eval/" + k[len("teacher/"):]: v for k, v in client.get_run(parent).data.metrics.items()
-                   if k.startswith("teacher/")}
+        prun = client.get_run(parent)
+        teacher = {"eval/" + k[len("teacher/"):]: v for k, v in prun.data.metrics.items() if k.startswith("teacher/")}
+        context = _study_context(client, prun)
     design = study_design(client, parent)
+    mixed = ""
+    if len(df) and not args.parent:  # several invocations: one design must hold for all of them
+        others = {str(client.get_run(p).data.tags.get(DESIGN_TAG)) for p in df["parent_id"].dropna().unique()}
+        if len(others) > 1:
+            mixed = (" The trials come from parent runs with different designs: verdicts use fixed-n tests and are "
+                     "marked unadjusted (use --parent for one invocation's design).")
+            design = {k: v for k, v in design.items() if k not in ("seeds", "scheduler", "grace_period")}
+            design["unadjusted"] = any(str(t) != "None" and '"seeds"' in str(t) for t in others)
     if len(df):
         df = _with_last_steps(client, df)
         done = df[df["status"].isin((COMPLETED, EARLY_STOPPED))]
@@ -1135,30 +1242,47 @@ def run(args) -> int:
     if len(df) and factor_name in df:
         levels = list(df[factor_name].dropna().unique())
     factor, reference, margin, at, bounds = _comparison(args, design, levels)
+    if levels and factor == factor_name:  # an unknown reference is refused before --out is made
+        _match_level(reference, sorted(levels, key=lambda v: _order(factor, v)),
+                     "--reference strategy" if factor == STRATEGY else f"--reference level of {factor}")
     out = Path(args.out or Path("report") / re.sub(r"[^\w.-]+", "_", args.experiment))
     parents = sorted(df["parent_id"].dropna().unique()) if len(df) else []
     source = (f"MLflow {args.tracking_uri}, experiment {args.experiment!r}, "
               + (f"parent run {args.parent}" if args.parent else f"{len(parents)} parent run(s)") + ".")
+    source += mixed
     if design.get("scheduler"):
         source += (f" Scheduler: {design['scheduler']}" + (f" (grace period {design.get('grace_period')})"
                                                           if design["scheduler"] == "asha" else "")
                    + f", {design.get('epochs')} epochs" + ("; adaptive seeds" if design.get("seeds") else "") + ".")
-    text, files = build_report(df, experiment=args.experiment, out=out, metrics=args.metric,
-                               reference=reference, margin=margin, alpha=args.alpha,
-                               teacher=teacher, source=source, factor=factor, at=at, bounds=bounds,
-                               chance=design.get("chance"), unadjusted=design.get("unadjusted", False))
-    print(text)
-    if not args.no_log:
-        if parent:
-            for f in files:
-                client.log_artifact(parent, str(f), "report")
-            print(f"[tunekd] report: {len(files)} files in {out}, logged on parent run {parent} (artifacts report/)",
-                  file=sys.stderr)
-        else:
-            print(f"[tunekd] report: {len(files)} files in {out}; no parent run to log them on", file=sys.stderr)
-    else:
-        print(f"[tunekd] report: {len(files)} files in {out}", file=sys.stderr)
-    return 0
+    made = None  # the first folder of `out` that does not exist yet (build_report makes it)
+    for folder in (out, *out.parents):
+        if folder.exists():
+            break
+        made = folder
+    try:
+        text, files = build_report(df, experiment=args.experiment, out=out, metrics=args.metric,
+                                   reference=reference, margin=margin, alpha=args.alpha,
+                                   teacher=teacher, source=source, factor=factor, at=at, bounds=bounds,
+                                   chance=design.get("chance"), unadjusted=design.get("unadjusted", False),
+                                   histories=curves.fetch_histories(client, df), **context)
+    except ConfigError:
+        if made is not None and made.is_dir():  # refused: leave no half-written folder this command made
+            import shutil
+
+            shutil.rmtree(made, ignore_errors=True)
+        raise
+    where = f"{out / 'report.html'} (and report.md, trials.csv, ...: {len(files)} files in {out})"
+    if args.no_log:
+        return text, where
+    moved = tracking.moved_store(client, args.tracking_uri, exp)
+    if moved:
+        return text, where + (f"; warning: {moved}; the report is not logged to MLflow (it would be written there), "
+                              f"only to {out.resolve()}")
+    if not parent:
+        return text, where + "; no parent run to log them on"
+    for f in files:
+        client.log_artifact(parent, str(f), "report")
+    return text, where + f", logged on parent run {parent} (artifacts report/)"
 
 
 def main(argv=None) -> int:

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from tunekd.errors import run_cli
+from tunekd.errors import ArgumentParser, run_cli
 
 
 def _epilog() -> str:
@@ -19,14 +19,15 @@ def _epilog() -> str:
 
     return ("examples:\n"
             "  tunekd run search_spaces/quickstart.yaml\n"
-            "  tunekd run STUDY.yaml --set train.epochs=2 --set search.distill.lambda_hid.grid=[0,1,3]\n"
-            "  tunekd run STUDY.yaml --dry-run        # every trial: name, layer map, epochs; where it writes\n"
-            "  tunekd run STUDY.yaml --resume\n\n" + OUTPUTS_HELP)
+            "  tunekd run search_spaces/quickstart.yaml --dry-run   # every trial: name, layer map, epochs; outputs\n"
+            "  tunekd run search_spaces/quickstart.yaml --set name=quickstart-lambda1 --set distill.lambda_hid=1\n"
+            "  tunekd run search_spaces/quickstart.yaml --resume    # continue the latest 'quickstart' run\n\n"
+            + OUTPUTS_HELP)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m tunekd.run",
+    p = ArgumentParser(
+        prog="tunekd run",
         description="Run a knowledge-distillation study (a YAML study file) on Ray Tune; every trial is "
                     "recorded as a nested MLflow run.",
         epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)

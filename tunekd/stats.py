@@ -64,8 +64,8 @@ def paired_test(d, margin: float, alpha: float = 0.05) -> dict:
         return out
     mean, sd = float(d.mean()), float(d.std(ddof=1))
     out["sd_diff"] = sd
-    if sd == 0.0:  # every difference equal: no estimate of the spread, no test
-        out["degenerate"] = True
+    if identical(d):  # every difference equal: no estimate of the spread, no test
+        out.update(degenerate=True, sd_diff=0.0)
         return out
     res = stats.ttest_1samp(d, 0.0)
     ci, ci_eq = res.confidence_interval(1 - alpha), res.confidence_interval(1 - 2 * alpha)
@@ -78,6 +78,16 @@ def paired_test(d, margin: float, alpha: float = 0.05) -> dict:
     elif out["ci_low"] > 0 or out["ci_high"] < 0:
         out["verdict"] = "different"
     return out
+
+
+IDENTICAL_TOL = 1e-9  # differences closer than this (relative to their size, at least 1) are the same value
+
+
+def identical(d) -> bool:
+    """Whether every value of `d` is the same up to float rounding (accuracies of a small eval set, subtracted,
+    differ in their last bits: 80.05 − 79.70 and 79.82 − 79.47 are both 0.35 to a person, not to a float)."""
+    d = np.asarray(d, dtype=float)
+    return bool(d.size) and float(np.ptp(d)) <= IDENTICAL_TOL * max(1.0, float(np.abs(d).max()))
 
 
 # --- the sequential design ----------------------------------------------------------------------
@@ -125,13 +135,15 @@ def _calibrate(n_min: int, n_max: int, alpha: float, spending: Spending, two_sid
         stat = np.abs(t) if two_sided else t
         target = int(round(float(spent(n / n_max, alpha, spending)) * m))
         need = target - crossed
-        cand = np.sort(stat[alive])[::-1]
+        cand = stat[alive]
         if need <= 0 or not cand.size:
             c = math.inf
         elif need >= cand.size:
-            c = float(cand[-1])
-        else:  # exactly `need` of the surviving paths lie above c
-            c = float((cand[need - 1] + cand[need]) / 2.0)
+            c = float(cand.min())
+        else:  # exactly `need` of the surviving paths lie above c: between the need-th and (need+1)-th largest
+            k = cand.size - need
+            part = np.partition(cand, (k - 1, k))
+            c = float((part[k - 1] + part[k]) / 2.0)
         hit = alive & (stat > c)
         crossed += int(hit.sum())
         alive &= ~hit
@@ -348,17 +360,16 @@ def sequential_verdicts(paths: np.ndarray, margin: float, bounds: Boundaries) ->
     verdict = np.zeros(r, dtype=np.int8)
     stop = np.full(r, bounds.n_max, dtype=np.int64)
     open_ = np.ones(r, dtype=bool)
-    s = np.cumsum(paths, axis=1)
-    q = np.cumsum(paths * paths, axis=1)
+    hi, lo = np.maximum.accumulate(paths, axis=1), np.minimum.accumulate(paths, axis=1)
+    size = np.maximum.accumulate(np.abs(paths), axis=1)
     for n in range(bounds.n_min, bounds.n_max + 1):
         c_eq, c_diff = bounds.at(n)
-        mean = s[:, n - 1] / n
-        var = np.maximum(q[:, n - 1] - n * mean * mean, 0.0) / (n - 1)
-        # sd 0 is no spread (degenerate): never decides; tiny float noise around an exact 0 counts as 0
-        sd = np.sqrt(var)
-        sd = np.where(sd <= 1e-12 * np.maximum(np.abs(mean), 1.0), 0.0, sd)
+        x = paths[:, :n]
+        mean = x.mean(axis=1)
+        sd = x.std(axis=1, ddof=1)
         se = sd / math.sqrt(n)
-        ok = open_ & (sd > 0)
+        # identical values (`identical`) are no spread: they never decide
+        ok = open_ & (hi[:, n - 1] - lo[:, n - 1] > IDENTICAL_TOL * np.maximum(size[:, n - 1], 1.0))
         eq = ok & (mean - c_eq * se > -margin) & (mean + c_eq * se < margin)
         diff = ok & ~eq & (np.abs(mean) > c_diff * se)
         verdict[eq], verdict[diff] = 1, 2
@@ -370,7 +381,8 @@ def sequential_verdicts(paths: np.ndarray, margin: float, bounds: Boundaries) ->
 def simulate_cell(deltas, sd: float, margin: float, bounds: Boundaries, reps: int = 20_000,
                   seed: int = 0) -> dict:
     """The sequential design on simulated trials of one cell: the reference and one level per entry of `deltas`
-    (its true difference to the reference); trial value = seed effect + Δ + noise with var sd²/2, so each pair's
+    (its true difference to the reference); trial value = Δ + noise with var sd²/2 (a seed effect would cancel in
+    the paired differences), so each pair's
     differences have sd `sd` (and pairs sharing the reference correlate 0.5). Returns per pair the probability
     of each verdict and the expected seeds, and the expected trials of the cell (the reference runs as many
     seeds as its longest pair)."""

@@ -144,7 +144,7 @@ def build_projections(layer_map, student_width: int, teacher_width: int, *, seed
     """One trainable linear map per matched student state when the widths differ (else empty).
 
     With `stacks` (e.g. `list(family.stacks(model))`): {stack: {student index: Linear}}, each stack's
-    states with their own independently initialised maps (SPEC: every matched state has its own
+    states with their own independently initialised maps (docs/method.md: every matched state has its own
     projection; an encoder-decoder's encoder state i and decoder state i are two states). Without:
     a flat {student index: Linear}, which `distill.Distiller` turns into per-stack copies."""
     projections = nn.ModuleDict()

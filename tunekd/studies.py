@@ -18,7 +18,7 @@ from datetime import datetime
 import pandas as pd
 
 from tunekd import report
-from tunekd.errors import ConfigError, run_cli
+from tunekd.errors import ArgumentParser, ConfigError, run_cli
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 
@@ -103,12 +103,12 @@ def compare_tables(df_a: pd.DataFrame, df_b: pd.DataFrame, metric: str, names: t
 
 
 def parse_list(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="tunekd list",
         description="List the tunekd studies in an MLflow store: per parent run (one invocation of a study) its "
                     "start, status, trial counts by status, the teacher's metric and the best completed trial.",
-        epilog="examples:\n  tunekd list\n  tunekd list --tracking-uri sqlite:///runs/mlflow.db\n"
-               "  tunekd list --tracking-uri http://127.0.0.1:5000",
+        epilog="examples:\n  tunekd list\n  tunekd list --tracking-uri sqlite:///mlflow.db\n"
+               "  tunekd list --tracking-uri http://127.0.0.1:5000   # a running mlflow server",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tracking-uri", default=DEFAULT_URI, help="MLflow tracking URI (default: %(default)s)")
     return p.parse_args(argv)
@@ -128,13 +128,17 @@ def run_list(args) -> int:
 
 
 def parse_compare(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="tunekd compare",
         description="Put two studies' strategy-robustness tables side by side: per configuration (strategy x "
                     "init x the other columns both studies vary) the cell mean ± sd (n seeds) of each study's "
                     "completed trials, and the difference of the means (B − A).",
-        epilog="examples:\n  tunekd compare quickstart quickstart-lambda1\n"
-               "  tunekd compare sst2-copy sst2-random --metric accuracy --out compare.md",
+        epilog="examples (the second study: the quickstart again with λ = 1):\n"
+               "  tunekd run search_spaces/quickstart.yaml\n"
+               "  tunekd run search_spaces/quickstart.yaml --set name=quickstart-lambda1 --set distill.lambda_hid=1\n"
+               "  tunekd compare quickstart quickstart-lambda1\n"
+               "  tunekd compare quickstart quickstart-lambda1 --metric accuracy --out compare.md\n\n"
+               "A and B must be two different studies (the same one twice is refused).",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("a", metavar="A", help="first study (MLflow experiment name)")
     p.add_argument("b", metavar="B", help="second study (MLflow experiment name)")
@@ -146,6 +150,9 @@ def parse_compare(argv=None) -> argparse.Namespace:
 
 
 def run_compare(args) -> int:
+    if args.a == args.b:
+        raise ConfigError(f"compare: A and B are the same study {args.a!r}; name two different studies "
+                          "(tunekd list shows them)")
     client = report._client(args.tracking_uri)
     dfs = [report.load_runs(client, name) for name in (args.a, args.b)]
     for name, df in zip((args.a, args.b), dfs):

@@ -39,6 +39,7 @@ MAX_BATCH = 65536
 MAX_TRIALS = 100_000  # grid points x num_samples
 MAX_STUDY_BYTES = 1 << 20
 MAX_YAML_DEPTH = 32
+MAX_INT_DIGITS = 1000  # longer digit strings are no value a study needs (Python's own limit is 4300)
 MAX_NAME = 64
 Seed = Annotated[int, Strict(), Field(ge=0, le=MAX_SEED)]
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -323,7 +324,9 @@ class TuneConfig(_Section):
     # the best `keep_students` finished trials (by the task metric), and no optimizer state
     checkpoint_every: Int = Field(1, ge=1, le=MAX_EPOCHS)
     keep_students: Int = Field(1, ge=0, le=MAX_TRIALS)
-    ray_loggers: Bool = False  # Ray's per-trial TensorBoard/JSON/CSV/params.pkl files (Tune resumes without them)
+    # Ray's per-trial JSON result files (result.json, params.json, params.pkl: a few kB per trial), read by
+    # `ray.tune.ExperimentAnalysis` and `Tuner.restore(...).get_results()`; false: none (Tune resumes without them)
+    ray_loggers: Bool = True
     seeds: SeedsConfig | None = None  # adaptive seeds (tunekd.seeds); None: the seeds the search gives
     # trial groups (tunekd.groups): the trials differing only in these grid dimensions run as one Ray trial
     group_by: list[str] = Field(default_factory=list, max_length=64)
@@ -332,6 +335,9 @@ class TuneConfig(_Section):
 class TrackingConfig(_Section):
     uri: str = "sqlite:///mlflow.db"
     experiment: str | None = Field(None, min_length=1, max_length=256)  # default: the study name
+
+
+_NONE = object()
 
 
 class SearchDim(_Section):
@@ -350,6 +356,11 @@ class SearchDim(_Section):
         value = getattr(self, kind)
         if kind in ("grid", "choice") and not value:
             raise ValueError(f"{kind} needs at least one value")
+        if kind == "grid":  # a repeated value would run the same trials twice
+            repeated = next((v for i, v in enumerate(value) if v in value[:i]), _NONE)
+            if repeated is not _NONE:
+                raise ValueError(f"grid value {repeated!r} is given twice (a grid runs each value once; "
+                                 "for repeats vary seed or tune.num_samples)")
         if kind in ("uniform", "loguniform", "randint") and not value[0] < value[1]:
             raise ValueError(f"{kind} needs [low, high] with low < high, got {list(value)}")
         if kind == "loguniform" and value[0] <= 0:
@@ -669,6 +680,17 @@ class StudyLoader(yaml.SafeLoader):
                     raise StudyYAMLError(None, None, f"duplicate key {key!r}", key_node.start_mark)
         return super().construct_mapping(node, deep=deep)
 
+
+def _construct_int(loader, node):
+    """An int of at most MAX_INT_DIGITS digits (Python refuses to convert longer digit strings, with a
+    traceback)."""
+    digits = sum(c.isdigit() for c in node.value)
+    if digits > MAX_INT_DIGITS:
+        raise StudyYAMLError(None, None, f"an integer of {digits} digits (at most {MAX_INT_DIGITS})", node.start_mark)
+    return loader.construct_yaml_int(node)
+
+
+StudyLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 
 # YAML 1.2 floats without a dot (`1e-4`, `5E3`): PyYAML (YAML 1.1) reads them as strings, which the
 # strict float fields would refuse.

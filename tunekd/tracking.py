@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tunekd.errors import ConfigError
@@ -31,6 +32,9 @@ KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 RUN_STATUS = {"completed": "FINISHED", "early_stopped": "KILLED", "failed": "FAILED", "superseded": "KILLED"}
 VIEW_PREFIX = "mlflow.sharedViewState."  # an experiment tag the UI reads for `?viewStateShareKey=<key>`
 NAME_COLUMN = "attributes.`Run Name`"
+EPOCHS_METRIC = "train/epochs"  # a trial's epochs done, logged beside its metrics: the epoch of the list's values
+GROUP_SUFFIX = "-by-strategy"  # the second saved view: the trials grouped by strategy
+STORE_TAG = "tunekd.store_dir"  # experiment tag: the folder of the sqlite store the experiment was created in
 STATUS_WORDS = {"completed": "completed", "early_stopped": "stopped early by the scheduler", "failed": "failed",
                 "running": "running", "superseded": "superseded by a re-run"}
 
@@ -56,6 +60,39 @@ def check_uri(uri: str) -> None:
     elif "://" not in uri or uri.startswith("file:"):
         raise ConfigError(f"tracking URI {uri!r}: use sqlite:///path.db or an http(s) MLflow server "
                           "(mlflow 3 refuses the file store)")
+
+
+def _local_path(location: str) -> Path | None:
+    if location.startswith("file://"):
+        from urllib.parse import unquote, urlparse
+
+        return Path(unquote(urlparse(location).path))
+    return Path(location) if "://" not in location and os.path.isabs(location) else None
+
+
+def moved_store(client, uri: str, experiment) -> str | None:
+    """Whether a sqlite store's folder was copied or moved away from the experiment's artifacts: MLflow keeps
+    absolute artifact paths, so anything logged through this store would land in the original folder. Returns
+    a warning naming both folders, or None (not sqlite, artifacts not local, or where the store expects them).
+    Known when the experiment records its store's folder (tag `tunekd.store_dir`); for older experiments, when
+    the artifact folder lies outside this store's folder and a copy of it (same last two parts) inside."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    here = Path(uri[len("sqlite:///"):]).resolve().parent
+    location = _local_path(experiment.artifact_location or "")
+    if location is None or location.is_relative_to(here):
+        return None
+    origin = experiment.tags.get(STORE_TAG)
+    if origin is not None:
+        moved = Path(origin) != here and location.is_relative_to(origin)
+    elif len(location.parts) > 3:  # e.g. /orig/mlruns/1: is there a /here/mlruns/1?
+        origin, moved = str(location.parents[1]), (here / Path(*location.parts[-2:])).is_dir()
+    else:
+        moved = False
+    if not moved:
+        return None
+    return (f"this MLflow store ({here}) is a copy or move of the study folder {origin}: its experiment "
+            f"{experiment.name!r} stores artifacts at the absolute path {location}")
 
 
 def _params_key(params: dict[str, Any]) -> tuple:
@@ -108,8 +145,15 @@ class StudyTracker:
         self.client = MlflowClient(tracking_uri=uri)
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
-            self.experiment_id = self.client.create_experiment(experiment, tags={KIND_TAG: KIND})
+            tags = {KIND_TAG: KIND}
+            if uri.startswith("sqlite:///"):  # `moved_store` tells a copied study folder by it
+                tags[STORE_TAG] = str(Path(uri[len("sqlite:///"):]).resolve().parent)
+            self.experiment_id = self.client.create_experiment(experiment, tags=tags)
         else:
+            moved = moved_store(self.client, uri, exp)
+            if moved:
+                raise ConfigError(f"{moved}; a study logged here would write into that folder: run it in the "
+                                  "original folder, or as a new experiment (--set name=...)")
             self.experiment_id = exp.experiment_id
             if KIND_TAG not in exp.tags:
                 self.client.set_experiment_tag(self.experiment_id, KIND_TAG, KIND)
@@ -175,16 +219,36 @@ class StudyTracker:
         return f"tunekd-{self.parent_id}"
 
     def share_view(self, metrics: list[str] | None = None) -> None:
-        """A saved view of the MLflow UI's run list for this study (experiment tag `mlflow.sharedViewState.
-        tunekd-<parent run id>`, opened by `ui_url`): the study's trials, the columns a researcher reads
-        first (status, eval metrics, the searched params) and a run-name column wide enough for the names."""
-        cols = [f"tags.`{STATUS_TAG}`"] + [f"metrics.`{m}`" for m in (metrics or [])]
+        """Two saved views of the MLflow UI's run list for this study (experiment tags `mlflow.sharedViewState.
+        <key>`, opened by `ui_url`). `tunekd-<parent run id>`: the study's parent run and trials, the columns a
+        researcher reads first — status (wide enough for the parent's tally), the parent's teacher and best
+        metric, the eval metrics with the epoch they were measured at (`train/epochs`), the searched params —
+        and every run in the charts. `tunekd-<parent run id>-by-strategy`: the same, grouped by
+        `distill.strategy` (MLflow's "Group by" on params: a row per group with the mean of its runs;
+        with grouped values in the charts, one colour per strategy), and by the other searched values but
+        the seed (one row per cell, e.g. strategy × init, its seeds averaged)."""
+        metrics = metrics or []
+        status = f"tags.`{STATUS_TAG}`"
+        cols = [status] + [f"metrics.`{m}`" for m in metrics[:1]]
+        if metrics:  # the epoch of the trials' values, the parent row's best and teacher metric (`finish_parent`)
+            short = metrics[0].split("/", 1)[-1]
+            cols += [f"metrics.`{EPOCHS_METRIC}`", f"metrics.`best/{short}`", f"metrics.`teacher/{short}`"]
+        cols += [f"metrics.`{m}`" for m in metrics[1:]]
         cols += [f"params.`{k}`" for k in self.search_dims]  # the rest of the name's parts are fixed
-        state = {"searchFilter": f"tags.`{PARENT_TAG}` = '{self.parent_id}'",
+        state = {"searchFilter": f"tags.`{PARENT_TAG}` = '{self.parent_id}'",  # the UI adds the parent's row
                  "orderByKey": "attributes.start_time", "orderByAsc": True,
                  "selectedColumns": cols, "columnOrder": [NAME_COLUMN, *cols],
-                 "columnWidths": {NAME_COLUMN: 300, "Run Name": 300}}
+                 "columnWidths": {NAME_COLUMN: 300, status: 290, **{c: 150 for c in cols if c.startswith("metrics.")}},
+                 "runsHiddenMode": "SHOW_ALL"}
         self.client.set_experiment_tag(self.experiment_id, VIEW_PREFIX + self.view_key(), json.dumps(state))
+        if "distill.strategy" in self.search_dims:  # a cell: the strategy and the other searched values but seed
+            keys = ["distill.strategy"] + [k for k in self.search_dims if k not in ("distill.strategy", "seed")]
+            grouped = {**state, "groupBy": {"aggregateFunction": "average", "groupByKeys": [
+                           {"mode": "param", "groupByData": k} for k in keys]},
+                       "useGroupedValuesInCharts": True,  # a group's label names its values: a wider first column
+                       "columnWidths": {**state["columnWidths"], NAME_COLUMN: 460}}
+            self.client.set_experiment_tag(self.experiment_id, VIEW_PREFIX + self.view_key() + GROUP_SUFFIX,
+                                           json.dumps(grouped))
 
     def log_parent_metrics(self, metrics: dict[str, float]) -> None:
         self.teacher_metrics.update({k: float(v) for k, v in metrics.items() if k.startswith("teacher/")})
@@ -199,13 +263,14 @@ class StudyTracker:
     @contextmanager
     def parent_guard(self):
         """Wrap everything from the parent run's creation to the end of the study: a crash ends the
-        parent run FAILED with the error (tag `tunekd.error`), Ctrl-C ends it KILLED; either way the
-        exception goes on. Without it, a crash leaves the parent run RUNNING forever. Does nothing while
+        parent run FAILED with the error (tag `tunekd.error`), Ctrl-C or another stop signal ends it KILLED;
+        either way the exception goes on. Without it, a crash leaves the parent run RUNNING forever. Does nothing while
         no parent run exists."""
         try:
             yield self
-        except KeyboardInterrupt:
-            self._end_parent_after_error("KILLED", "interrupted (KeyboardInterrupt); continue with --resume")
+        except KeyboardInterrupt as exc:  # Ctrl-C, or tunekd.errors.Interrupted (a stop signal, named)
+            why = str(exc) or "interrupted (KeyboardInterrupt)"
+            self._end_parent_after_error("KILLED", f"{why}; continue with --resume")
             raise
         except BaseException as exc:
             text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
@@ -270,9 +335,12 @@ class StudyTracker:
         if error:
             last = [ln for ln in error.strip().splitlines() if ln.strip()]
             lines += [f"Error: `{last[-1][:300] if last else 'unknown'}`", ""]
-        lines.append(f"Layer map (student ← teacher): {describe.layer_map_text(p.get('distill.layer_map'))}")
-        if p.get("student.copied_layers") not in (None, "null"):
-            lines.append(f"Copied teacher layers: {_note_value(p.get('student.copied_layers'))}")
+        lines.append(f"Layer map (student layer ← teacher layer): {describe.layer_map_text(p.get('distill.layer_map'))}")
+        copied = p.get("student.copied_teacher_layers")
+        if copied not in (None, "null"):
+            copied = json.loads(copied) if isinstance(copied, str) else copied
+            lines.append("Copied teacher layers: " + ", ".join(str(i) for i in copied))
+        lines.append(f"({describe.NUMBERING[0].upper()}{describe.NUMBERING[1:]}.)")
         shown = [k for k in ("distill.strategy", "student.init", "student.layers", "distill.lambda_hid", "seed",
                              "train.lr", "train.epochs") if k in p]
         shown += [k for k in self.search_dims if k in p and k not in shown]
@@ -298,7 +366,7 @@ class StudyTracker:
         rec = self.trials[trial_id]
         if step <= rec.last_step:
             return  # written before (a retried trial replays from its checkpoint)
-        self._log_metrics(rec.run_id, metrics, step)
+        self._log_metrics(rec.run_id, {**metrics, EPOCHS_METRIC: step}, step)
         rec.last_step = step
         rec.metrics.update(metrics)
 
@@ -431,20 +499,25 @@ class StudyTracker:
         """Every file under `folder` as artifacts of `run_id` (under `artifact_path`)."""
         self.client.log_artifacts(run_id, folder, artifact_path)
 
-    def ui_url(self, base: str = "http://127.0.0.1:5000") -> str:
+    def ui_url(self, base: str = "http://127.0.0.1:5000", suffix: str = "") -> str:
         """The MLflow UI's run list of this study: the experiment's runs view (not the GenAI overview) in
-        the study's saved view (`share_view`): its trials, with status, metrics and searched params."""
+        the study's saved view (`share_view`): its trials, with status, metrics and searched params;
+        `suffix=GROUP_SUFFIX`: the view grouped by strategy."""
         from urllib.parse import quote
 
         if self.uri.startswith(("http://", "https://")):
             base = self.uri
         url = f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs"
-        return url + (f"?viewStateShareKey={quote(self.view_key())}" if self.parent_id else "")
+        return url + (f"?viewStateShareKey={quote(self.view_key() + suffix)}" if self.parent_id else "")
 
     def ui_command(self) -> str:
-        if self.uri.startswith("sqlite:///"):
-            return f"mlflow ui --backend-store-uri {self.uri}   then open {self.ui_url()}"
-        return f"open {self.ui_url()}"
+        """How to browse the study, as lines a user can paste: the `mlflow ui` command (sqlite stores), then
+        the two views' links (a comment line each, so pasting the whole block into a shell is harmless)."""
+        lines = [f"mlflow ui --backend-store-uri {self.uri}"] if self.uri.startswith("sqlite:///") else []
+        lines.append(f"# then open: {self.ui_url()}")
+        if self.parent_id and "distill.strategy" in self.search_dims:
+            lines.append(f"# grouped by strategy: {self.ui_url(suffix=GROUP_SUFFIX)}")
+        return "\n".join(lines)
 
 
 # --- single runs and artifacts (the analysis CLIs go through these, not through mlflow) -------------
@@ -474,6 +547,9 @@ def log_single_run(uri: str, experiment: str, run_name: str, *, tags: dict[str, 
 
     c = client(uri)
     exp = c.get_experiment_by_name(experiment)
+    moved = moved_store(c, uri, exp) if exp else None
+    if moved:
+        raise ConfigError(f"{moved}; not logged to MLflow (it would be written there)")
     exp_id = exp.experiment_id if exp else c.create_experiment(experiment)
     run = c.create_run(exp_id, run_name=run_name, tags=tags)
     rid = run.info.run_id

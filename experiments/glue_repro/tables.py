@@ -7,7 +7,8 @@ numbers from SPEC.md beside ours), RESULTS/lambda_sweep.csv and RESULTS/lambda_s
 - strategies: mean ± sd (n seeds) per init x strategy, the paper's value beside it;
 - matching vs none: paired difference (strategy − none) with its 95% t interval, per init;
 - spread: max − min of the strategy means, over the four matching strategies and over all five;
-- verdicts: every strategy against forward (TOST, margin 1 point), the adaptive reference;
+- verdicts: every strategy against forward (margin 1 point), the adaptive reference: the old rules' (paired.csv)
+  and the corrected statistics' (paired_rederived.csv of experiments/rederive.py, when present);
 - λ: forward, random init, λ ∈ {0 (= none), 1, 3, 10}.
 
 Usage: python tables.py RESULTS_DIR
@@ -54,12 +55,13 @@ def strategies_table(task: str, table: pd.DataFrame) -> list[str]:
     return lines
 
 
-def paired_table(paired: pd.DataFrame, task: str, verdicts: bool) -> list[str]:
-    """Paired differences per init x strategy: with the TOST verdicts (against forward), or with the paper's
-    difference (against none)."""
-    head = "| init | strategy | n | mean diff | 95% CI | 90% CI | verdict |" if verdicts else \
-        "| init | strategy | n | mean diff | 95% CI | paper diff |"
-    lines = [head, "|---|---|---|---|---|---|---|" if verdicts else "|---|---|---|---|---|---|"]
+def paired_table(paired: pd.DataFrame, task: str, verdicts: bool, rederived: pd.DataFrame | None = None) -> list[str]:
+    """Paired differences per init x strategy: with the verdicts (against forward: the old rules' from paired.csv
+    and the corrected statistics' from `rederived`, paired_rederived.csv of experiments/rederive.py), or with the
+    paper's difference (against none)."""
+    head = "| init | strategy | n | mean diff | 95% CI | 90% CI | verdict (old rules) | re-derived verdict |" \
+        if verdicts else "| init | strategy | n | mean diff | 95% CI | paper diff |"
+    lines = [head, "|---|---|---|---|---|---|---|---|" if verdicts else "|---|---|---|---|---|---|"]
     for init in INITS:
         for s in STRATEGIES:
             r = paired[(paired["init"] == init) & (paired["strategy"] == s)]
@@ -69,8 +71,12 @@ def paired_table(paired: pd.DataFrame, task: str, verdicts: bool) -> list[str]:
             ci = f"[{_fmt(r['ci_low'], True)}, {_fmt(r['ci_high'], True)}]"
             if verdicts:
                 ci90 = f"[{_fmt(r['ci90_low'], True)}, {_fmt(r['ci90_high'], True)}]"
+                new = "–"
+                if rederived is not None:
+                    n = rederived[(rederived["init"] == init) & (rederived["strategy"] == s)]["verdict"]
+                    new = f"**{n.iloc[0]}**" if len(n) else "–"
                 lines.append(f"| {init} | {s} | {int(r['n'])} | {_fmt(r['mean_diff'], True)} | {ci} | {ci90} | "
-                             f"**{r['verdict']}** |")
+                             f"{r['verdict']} | {new} |")
             else:
                 pp, pn = PAPER[task].get((init, s)), PAPER[task].get((init, "none"))
                 paper = _fmt(pp - pn, True) if pp and pn else "–"
@@ -153,6 +159,8 @@ def main(results: Path) -> None:
         vs_fwd = pd.read_csv(d / "vs_forward" / "paired.csv")
         vs_none = pd.read_csv(d / "vs_none" / "paired.csv")
         vs_fwd, vs_none = (p[p["metric"] == METRIC] for p in (vs_fwd, vs_none))
+        redo = d / "vs_forward" / "paired_rederived.csv"
+        vs_fwd_new = pd.read_csv(redo).query("metric == @METRIC") if redo.exists() else None
         out += [f"## {title}", "", f"Teacher: {_teacher(results, task)} (MiniLM-L6); paper {PAPER[task]['teacher']} (BERT-base)",
                 "", "### Strategies", ""]
         out += strategies_table(task, table)
@@ -160,8 +168,13 @@ def main(results: Path) -> None:
         out += paired_table(vs_none, task, verdicts=False)
         out += ["", "### Spread across strategies (max − min of the means)", ""]
         out += spread_table(task, table)
-        out += ["", "### Equivalence verdicts against forward (TOST, margin 1 point, α = 0.05)", ""]
-        out += paired_table(vs_fwd, task, verdicts=True)
+        out += ["", "### Equivalence verdicts against forward (margin 1 point, α = 0.05)", "",
+                "*verdict (old rules)*: as first reported (fixed-n TOST and 95 % interval at every look of the "
+                "adaptive seeds, no multiplicity correction, sd 0 deciding); kept as history. *re-derived verdict*: "
+                "re-derived with the corrected statistics (issue 18: the study's sequential design, O'Brien–Fleming "
+                "α spending, \"different\" at α/4 over a cell's 4 pairs; sd 0 decides nothing) by "
+                "`experiments/rederive.py`; why each changed: `experiments/REDERIVED.md`.", ""]
+        out += paired_table(vs_fwd, task, verdicts=True, rederived=vs_fwd_new)
         out.append("")
     if sst2_table is not None and (results / "sst2" / "lambda" / "table.csv").exists():
         out += ["## λ sensitivity (SST-2, forward, random init)", ""] + lambda_sweep(results, sst2_table) + [""]

@@ -77,11 +77,25 @@ def _load(spec: TaskSpec, data_dir, data, synthetic, seed):
     return spec, load_hub(spec) if hub else load_local(spec, data_dir)
 
 
+def _check_classes(spec: TaskSpec, train) -> None:
+    """A classification task's training rows hold at least two classes: labels that collapsed to one (a
+    wrong label list, a wrong folder, a subset too small) would train nothing and score 100."""
+    if spec.kind != "classification":
+        return
+    found = sorted(set(train["label"]))
+    if len(found) < 2:
+        name = spec.label_names[found[0]] if found else "none"
+        raise ConfigError(f"task {spec.name!r}: every training row has label {name!r} (of "
+                          f"{list(spec.label_names)}); a classification task needs at least two classes in its "
+                          "training data (check task.labels, the label column or max_train_samples)")
+
+
 def _load_subset(spec, data_dir, data, max_train_samples, max_eval_samples, seed, synthetic):
     _check_max(max_train_samples, "max_train_samples")
     _check_max(max_eval_samples, "max_eval_samples")
     spec, dsd = _load(spec, data_dir, data, synthetic, seed)
     dsd["train"] = _subset(dsd["train"], max_train_samples, seed)
+    _check_classes(spec, dsd["train"])
     for split in spec.eval_splits:
         dsd[split] = _subset(dsd[split], max_eval_samples, seed)
     return spec, dsd

@@ -45,6 +45,9 @@ class TaskSpec:
     local_files: Mapping[str, tuple[tuple[str, ...], ...]] = field(default_factory=dict, compare=False, hash=False)
     local_columns: Mapping[str, tuple[str, ...]] = field(default_factory=dict, compare=False, hash=False)
     headerless: tuple[str, ...] | None = None
+    # the header of GLUE's own TSVs of this task (None: none, or it varies): a TSV whose header is exactly
+    # another task's is that task's folder, refused (`glue._read_tsv`)
+    glue_header: tuple[str, ...] | None = field(default=None, compare=False, hash=False)
     # declared tasks
     data: Mapping[str, Any] | None = field(default=None, compare=False, hash=False)
     source_fields: tuple[str, ...] = ()

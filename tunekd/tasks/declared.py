@@ -13,7 +13,8 @@ Canonical columns after loading (the same as the built-in tasks of each kind):
   ``label_field`` (a string or a list of reference strings).
 
 Classification labels: a data value is matched against ``labels`` by name (``str(value)``), then as an
-id (an int in ``range(len(labels))``). Without ``labels`` they are the names of a ``ClassLabel``
+id (an int in ``range(len(labels))``) -- unless the labels are numbers (``[1, 2]``, ``[-1, 1]``): then by
+numeric value only, so that a 0 in the data is an error and not the id of the first label. Without ``labels`` they are the names of a ``ClassLabel``
 column, else the distinct values of the train split, sorted (numbers numerically). A value outside
 the list, a missing column, an empty split, a non-text text field are one ConfigError line each.
 """
@@ -86,22 +87,109 @@ def _sorted_labels(values: set) -> list[str]:
     return sorted(str(v) for v in values)
 
 
+def _number(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
 def _class_id(spec: TaskSpec, key: Any, where: str) -> int:
+    """The id of a data value in ``spec.label_names``: by name; then, when the names are numbers
+    (``[1, 2]``, ``[-1, 1]``), by numeric value only (a 0 is not the id of the first label, else the
+    values 0 and 1 of ``[1, 2]`` would both be id 0); else an int as an id."""
     names = spec.label_names
     if key is None or (isinstance(key, float) and math.isnan(key)):
         raise ConfigError(f"{where}: the label is missing")
     if str(key) in names:
         return names.index(str(key))
-    if isinstance(key, int) and not isinstance(key, bool) and 0 <= key < len(names):
+    numbers = [_number(n) for n in names]
+    numeric = all(n is not None for n in numbers)
+    if numeric:
+        value = _number(str(key)) if not isinstance(key, bool) else None
+        if value is not None and value in numbers:
+            return numbers.index(value)
+    elif isinstance(key, int) and not isinstance(key, bool) and 0 <= key < len(names):
         return key
-    raise ConfigError(f"{where}: label {key!r} is not in the task's labels {list(names)} "
-                      f"(names, or ids 0..{len(names) - 1})")
+    how = "the labels are numbers: a value matches by value, not as an id" if numeric else \
+        f"names, or ids 0..{len(names) - 1}"
+    raise ConfigError(f"{where}: label {key!r} is not in the task's labels {list(names)} ({how})")
+
+
+TEXT_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".txt")
+
+
+def _local_files(data: dict) -> list[tuple[str, str]]:
+    """``(split, path)`` of each local file in ``data_files`` (not globs, not URLs)."""
+    files = data.get("data_files")
+    if files is None:
+        return []
+    by_split = files if isinstance(files, dict) else {"train": files}
+    out = []
+    for split, paths in by_split.items():
+        for path in [paths] if isinstance(paths, str) else paths:
+            if "://" not in path and not any(c in path for c in "*?["):
+                out.append((str(split), path))
+    return out
+
+
+def check_files(spec: TaskSpec) -> None:
+    """The declared task's local ``data_files`` against what `datasets` will meet, each problem one line
+    naming the file: missing, empty, not UTF-8, a CSV without the columns or without rows, a broken JSON
+    line, a file named ``.parquet`` that is not one. Before `datasets` reads them (whose own errors name
+    no file: "An error occurred while generating the dataset")."""
+    import csv
+    import json
+    from pathlib import Path
+
+    from tunekd.errors import not_utf8
+
+    need = [*spec.source_fields, spec.label_field]
+    options = dict(spec.data.get("options") or {})
+    for split, name in _local_files(dict(spec.data)):
+        path = Path(name).expanduser()
+        where = f"task.data.data_files ({split}): {name}"
+        if not path.is_file():
+            what = "is not a file" if path.exists() else "does not exist"
+            raise ConfigError(f"{where} {what} (a relative path is read from the working folder {Path.cwd()})")
+        data = path.read_bytes()
+        if not data.strip():
+            raise ConfigError(f"{where} is empty")
+        suffix = path.suffix.lower()
+        if suffix == ".parquet":
+            if not (len(data) >= 12 and data[:4] == data[-4:] == b"PAR1"):
+                raise ConfigError(f"{where} is not a Parquet file (no PAR1 marks); name it for what it holds")
+            continue
+        if suffix not in TEXT_SUFFIXES:
+            continue
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise not_utf8(path, exc, data) from None
+        if suffix in (".csv", ".tsv"):
+            sep = str(options.get("sep", options.get("delimiter", "\t" if suffix == ".tsv" else ",")))
+            rows = [r for r in csv.reader(text.splitlines(), delimiter=sep[:1] or ",") if any(c.strip() for c in r)]
+            header = [c.strip() for c in rows[0]]
+            missing = [c for c in need if c not in header]
+            if missing:
+                raise ConfigError(f"{where}: column {missing[0]!r} is missing; columns found: {', '.join(header)}")
+            if len(rows) < 2:
+                raise ConfigError(f"{where} has a header but no rows")
+        elif suffix == ".jsonl" or (suffix == ".json" and not text.lstrip().startswith(("[", "{\n", "{\r"))):
+            for i, line in enumerate(text.splitlines(), start=1):
+                if line.strip():
+                    try:
+                        json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise ConfigError(f"{where}, line {i}: invalid JSON ({exc.msg})") from None
 
 
 def load_declared(spec: TaskSpec):
     """``(spec with its labels resolved, DatasetDict of train + eval splits in canonical columns)``."""
     import datasets
 
+    check_files(spec)
     raw = call_load_dataset(spec, dict(spec.data),
                             hint="check task.data (any datasets.load_dataset arguments: path, name, data_files, ...)")
     if isinstance(raw, datasets.Dataset):

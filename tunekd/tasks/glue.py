@@ -102,6 +102,21 @@ def _resolve_columns(spec: TaskSpec, available: Iterable[str], path: Path) -> di
     return resolved
 
 
+def _check_layout(spec: TaskSpec, header: list[str], path: Path) -> None:
+    """A TSV whose header is exactly another GLUE task's own (and not this task's) is that task's file: a
+    folder of the wrong task (SST-2's `sentence, label` read as CoLA would load, with the wrong data)."""
+    from .table import TASKS
+
+    if tuple(header) == spec.glue_header:
+        return
+    owners = [t.name for t in TASKS.values() if t.glue_header == tuple(header)]
+    if owners:
+        ours = "has no header" if spec.glue_header is None and spec.headerless else \
+            f"has the header {', '.join(spec.glue_header or ())}"
+        raise ConfigError(f"{path}: this is a {' / '.join(owners)} file (GLUE's header {', '.join(header)}), not "
+                          f"one of task {spec.name!r} (whose GLUE file {ours}); check task.name and task.data_dir")
+
+
 def _read_tsv(spec: TaskSpec, path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     with path.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
@@ -114,6 +129,7 @@ def _read_tsv(spec: TaskSpec, path: Path) -> Iterator[tuple[str, dict[str, Any]]
             header_like = any(cell.strip() in _header_names(spec) for cell in first)
             if header_like:
                 header = [cell.strip() for cell in first]
+                _check_layout(spec, header, path)
                 mapping = _resolve_columns(spec, header, path)
                 pending: list[tuple[int, list[str]]] = []
             elif spec.headerless is not None:
@@ -278,15 +294,31 @@ def call_load_dataset(spec: TaskSpec, data: dict[str, Any], *, hint: str):
         # so another folder of the same name (or edited files) would read stale data; rebuild it instead
         kwargs["download_mode"] = "force_redownload"
         kwargs["verification_mode"] = "no_checks"  # split sizes recorded for the old files do not apply
+    quiet = logging.getLogger("datasets")  # its loaders log the error themselves before raising it
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL + 1)
     try:
         return datasets.load_dataset(**kwargs)
     except Exception as e:  # network, auth, offline mode, missing cache, missing files ...
+        e = _unwrap(e)
         detail = (str(e).strip().splitlines() or [""])[0][:300]
         empty = re.search(r'Instruction "([^"]+)" corresponds to no data', detail)
         if empty:  # datasets' words for a split whose files hold no rows
             raise ConfigError(f"task {spec.name!r} ({describe(data)}), split {empty.group(1)!r} has no rows") from e
         where = "the hub" if spec.builtin and data.get("path") == (spec.hub or (None,))[0] else describe(data)
         raise ConfigError(f"could not load task {spec.name!r} from {where} ({type(e).__name__}: {detail}); {hint}") from e
+    finally:
+        quiet.setLevel(level)
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """The error under `datasets`' wrapper ("DatasetGenerationError: An error occurred while generating the
+    dataset" says nothing): its cause."""
+    from datasets.exceptions import DatasetGenerationError
+
+    while isinstance(exc, DatasetGenerationError) and (exc.__cause__ or exc.__context__) is not None:
+        exc = exc.__cause__ or exc.__context__
+    return exc
 
 
 def describe(data: dict[str, Any]) -> str:
