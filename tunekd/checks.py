@@ -281,15 +281,16 @@ def _layer_activations(batch: int, length: int, width: int, heads: int, inner: i
 def group_memory(trials: list, teacher_config, family) -> dict[str, int]:
     """Bytes a trial group (`tunekd.groups`) holds at its peak, estimated from the configs (fp32 throughout,
     so an upper estimate for bf16): the teacher's weights and the hidden states of one batch; each member's
-    weights, gradients and AdamW's two moments (16 bytes a parameter, projections included); and the largest
-    member's activations (the members step one after another, so one backward graph lives at a time).
-    `trials`: the members' trial studies."""
+    weights and AdamW's two moments (12 bytes a parameter, projections included); and the largest member's
+    gradients (4 bytes a parameter) and activations (the members step one after another and free their
+    gradients after their step, `distill.step_members`: one backward lives at a time). `trials`: the members'
+    trial studies."""
     first = trials[0]
     batch, length = first.train.batch_size, first.task.max_length
     t_width, t_layers = family.hidden_size(teacher_config), family.num_layers(teacher_config)
     teacher = 4 * _param_count(family, first.task, teacher_config)
     outputs = 4 * batch * length * t_width * (t_layers + 1)
-    students = activations = 0
+    students = activations = gradients = 0
     for trial in trials:
         s = trial.student
         config = family.student_config(teacher_config, s.layers, hidden_size=s.hidden_size,
@@ -297,12 +298,14 @@ def group_memory(trials: list, teacher_config, family) -> dict[str, int]:
                                        intermediate_size=s.intermediate_size)
         width = family.hidden_size(config)
         projections = 0 if width == t_width else (s.layers + 1) * (width * t_width + t_width)
-        students += 16 * (_param_count(family, trial.task, config) + projections)
+        params = _param_count(family, trial.task, config) + projections
+        students += 12 * params
+        gradients = max(gradients, 4 * params)
         heads = getattr(config, "num_attention_heads", None) or 1
         inner = getattr(config, "intermediate_size", None) or 4 * width
         activations = max(activations, 4 * s.layers * _layer_activations(batch, length, width, heads, inner))
-    return {"teacher": teacher + outputs, "students": students, "activations": activations,
-            "total": teacher + outputs + students + activations}
+    return {"teacher": teacher + outputs, "students": students + gradients, "activations": activations,
+            "total": teacher + outputs + students + gradients + activations}
 
 
 def node_memory(study) -> tuple[int, str]:

@@ -437,7 +437,9 @@ class Member:
 def step_members(members: list[Member], batch: dict[str, torch.Tensor], train_cfg: TrainConfig, device, scaler,
                  fail: Callable[[Member, Exception], None]) -> list[tuple[Member, dict[str, torch.Tensor]]]:
     """One optimizer step of every member still training on the same batch (each with its own generators;
-    a group's teacher forward runs at the first member that asks); a non-finite loss goes to `fail`."""
+    a group's teacher forward runs at the first member that asks); a non-finite loss goes to `fail`. A member's
+    gradients are freed once it has stepped (`train_step` sets them to None before its next backward anyway),
+    so a group holds one member's gradients at a time, not K."""
     out = []
     for m in members:
         if m.error is not None:
@@ -447,6 +449,8 @@ def step_members(members: list[Member], batch: dict[str, torch.Tensor], train_cf
                 out.append((m, train_step(m.distiller, m.state, batch, train_cfg, device, scaler)))
         except NonFiniteLoss as exc:
             fail(m, exc)
+        finally:
+            m.state.optimizer.zero_grad(set_to_none=True)
     return out
 
 
