@@ -9,8 +9,10 @@ copy-init students, batch 32, length 128, λ = 3, α_kl = 1, `--threads` 2): `pl
 fine-tuning step (CE only, `distill.train_step`); a group of K is one `distill.step_members` call for K
 members (strategies forward, reverse, all_to_one, random, none, then again) sharing one teacher forward
 (`distill.SharedForward`), each with its own generators. The per-member step is the group's step / K, given
-as a ratio to `plain`. The variants are interleaved rep by rep (the K groups are the first K of the same
-members, so their weights move on; the time of a step does not depend on them), each figure a median;
+as a ratio to `plain`, from wall time and (`_cpu`) from the process's CPU time (all threads): on a machine
+other processes load, wall time stretches the long group steps more than the short plain one, CPU time much
+less. The variants are interleaved rep by rep (the K groups are the first K of the same members, so their
+weights move on; the time of a step does not depend on them), each figure a median;
 `--sequential`: each K built, timed and freed in turn, with its peak memory (CUDA: max_memory_allocated).
 
 Part `study` — SST-2 (`--rows` training rows, 256 of the 872 dev rows), the MiniLM-L6 teacher fine-tuned once (not
@@ -21,8 +23,8 @@ every Ray trial runs its teacher) and on (`cached`, its build timed). Wall time 
 cache step to the end of the trials, as `benchmarks/study.py`. The grouped and ungrouped students are the
 same trials: their final dev accuracies are compared (`max_accuracy_diff`, expected 0).
 
-Prints tables, then one line of JSON with `k5_over_plain`, `study_wall_ratio` (grouped / ungrouped, cache
-off) and `study_wall_ratio_cached` (cache on).
+Prints tables, then one line of JSON with `k5_over_plain` (and `k5_over_plain_cpu`), `study_wall_ratio`
+(grouped / ungrouped, cache off), `study_wall_ratio_cached` (cache on) and the load average before and after.
 """
 
 from __future__ import annotations
@@ -151,11 +153,12 @@ def bench_steps(args, log=log) -> dict:
         float(sum(p["loss"].detach() for _, p in parts))
 
     def timed(fn, *a):
+        """(wall seconds, CPU seconds of this process: every thread's, kernel included) of `fn(*a)`"""
         sync()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         fn(*a)
         sync()
-        return time.perf_counter() - t
+        return time.perf_counter() - t, time.process_time() - c
 
     from tunekd.students import build_student
     from tunekd.study import StudentConfig
@@ -164,6 +167,7 @@ def bench_steps(args, log=log) -> dict:
                                                                    seed=99).model)
     plain = (plain, new_state(plain))
     times: dict[str, list[float]] = {"plain": [], **{f"k{k}": [] for k in ks}}
+    cpu: dict[str, list[float]] = {name: [] for name in times}
     peak: dict[str, float] = {}
     forward = None
     if args.sequential:
@@ -177,9 +181,10 @@ def bench_steps(args, log=log) -> dict:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             for rep in range(args.warmup + args.reps):
-                s = timed(plain_step, plain, rep) if name == "plain" else timed(group_step, members, rep)
+                s, c = timed(plain_step, plain, rep) if name == "plain" else timed(group_step, members, rep)
                 if rep >= args.warmup:
                     times[name].append(s)
+                    cpu[name].append(c)
             if device.type == "cuda":
                 peak[name] = torch.cuda.max_memory_allocated() / 2**30
             log(f"{name}: median {statistics.median(times[name]):.3f} s" + (f", peak {peak[name]:.2f} GiB"
@@ -194,18 +199,24 @@ def bench_steps(args, log=log) -> dict:
         for rep in range(args.warmup + args.reps):
             for name in names if rep % 2 == 0 else reversed(names):  # interleaved, alternating order
                 if name == "plain":
-                    s = timed(plain_step, plain, rep)
+                    s, c = timed(plain_step, plain, rep)
                 else:
                     forward = forwards[int(name[1:])]
-                    s = timed(group_step, members[:int(name[1:])], rep)
+                    s, c = timed(group_step, members[:int(name[1:])], rep)
                 if rep >= args.warmup:
                     times[name].append(s)
+                    cpu[name].append(c)
             log(f"rep {rep + 1}/{args.warmup + args.reps}: " + ", ".join(
-                f"{n} {times[n][-1]:.2f} s" for n in names if rep >= args.warmup))
+                f"{n} {times[n][-1]:.2f} s (CPU {cpu[n][-1]:.2f} s)" for n in names if rep >= args.warmup)
+                + f"; load {os.getloadavg()[0]:.1f}")
     med = {k: statistics.median(v) for k, v in times.items()}
     out = {"plain_s": med["plain"], "group_s": {k: med[f"k{k}"] for k in ks},
            "per_member_s": {k: med[f"k{k}"] / k for k in ks},
            "per_member_over_plain": {k: med[f"k{k}"] / k / med["plain"] for k in ks},
+           # the same from CPU time, which other processes on a loaded machine stretch much less than wall time
+           "plain_cpu_s": statistics.median(cpu["plain"]),
+           "per_member_over_plain_cpu": {k: statistics.median(cpu[f"k{k}"]) / k / statistics.median(cpu["plain"])
+                                         for k in ks},
            "reps": args.reps, "shape": args.shape, "device": str(device), "precision": args.precision, "threads": args.threads,
            "batch_size": args.batch_size, "length": args.length}
     if peak:
@@ -259,7 +270,7 @@ def run_study(name: str, base, workdir: Path) -> dict:
         for m in groups.views("", result.config, result.metrics):
             accuracy[f"{m.config['distill.strategy']}/{m.config['seed']}"] = m.result["eval/accuracy"]
     out = {"wall_s": wall, "ray_trials": len(driver.results), "trials": len(accuracy), "accuracy": accuracy,
-           "cache_mode": driver.cache.mode}
+           "cache_mode": driver.cache.mode, "load_after": os.getloadavg()[0]}
     log(f"{name}: wall {wall:.1f} s, {out['ray_trials']} Ray trials, {out['trials']} trials, cache {out['cache_mode']}")
     return out
 
@@ -309,16 +320,17 @@ def main(argv=None) -> int:
         print(f"\nstep, {args.shape} shape (teacher online, 3-layer students), batch {args.batch_size} x "
               f"length {args.length}, {args.precision}, {args.device}, {args.threads} threads, medians of "
               f"{args.reps} steps")
-        print(f"{'K':>3} {'group step s':>13} {'per member s':>13} {'/ plain':>8}" +
+        print(f"{'K':>3} {'group step s':>13} {'per member s':>13} {'/ plain':>8} {'/ plain, CPU s':>14}" +
               (f" {'peak GiB':>9}" if "peak_gib" in step else ""))
-        print(f"{'-':>3} {step['plain_s']:>13.3f} {step['plain_s']:>13.3f} {1.0:>8.2f}" +
+        print(f"{'-':>3} {step['plain_s']:>13.3f} {step['plain_s']:>13.3f} {1.0:>8.2f} {1.0:>14.2f}" +
               (f" {step['peak_gib']['plain']:>9.2f}" if "peak_gib" in step else ""))
         for k in step["group_s"]:
             print(f"{k:>3} {step['group_s'][k]:>13.3f} {step['per_member_s'][k]:>13.3f} "
-                  f"{step['per_member_over_plain'][k]:>8.2f}" +
+                  f"{step['per_member_over_plain'][k]:>8.2f} {step['per_member_over_plain_cpu'][k]:>14.2f}" +
                   (f" {step['peak_gib'][f'k{k}']:>9.2f}" if "peak_gib" in step else ""))
         for k, v in step["per_member_over_plain"].items():
             summary[f"k{k}_over_plain"] = round(v, 3)
+            summary[f"k{k}_over_plain_cpu"] = round(step["per_member_over_plain_cpu"][k], 3)
     if "study" in parts:
         study = summary["study"] = bench_study(args)
         print(f"\nstudy: SST-2 {args.rows} rows x {args.epochs} epoch(s), 5 strategies x 2 seeds, FIFO, 2 CPUs")

@@ -44,4 +44,5 @@ def test_gpu_groups_main_on_cpu(tmp_path, capsys):
     step = result["step"]
     assert sorted(step["group_s"]) == ["1", "2"] and step["shape"] == "minilm" and step["device"] == "cpu"
     assert result["k2_over_plain"] == round(step["group_s"]["2"] / 2 / step["plain_s"], 3)
+    assert result["k2_over_plain_cpu"] == round(step["per_member_over_plain_cpu"]["2"], 3) > 0
     assert json.loads((out / "result.json").read_text())["step"]["plain_s"] == step["plain_s"]

@@ -303,6 +303,13 @@ def test_adaptive_seeds_make_each_rounds_new_seeds_new_groups(tmp_path, tiny_ber
         (s, str(seed)) for s in ("forward", "reverse", "none") for seed in (0, 1))
     rounds = list((tmp_path / "ray_results").glob("seeded-*-round0"))
     assert len(rounds) == 1 and len([p for p in rounds[0].iterdir() if p.is_dir()]) == 2
+    # the report has a row per member, and pairs them by seed as it pairs trials
+    from tunekd import report
+
+    df = report.load_runs(client, "seeded")
+    assert len(df) == 6 and df["trial_id"].nunique() == 6 and all(df["trial_id"].str.contains("/"))
+    paired = report.paired_differences(df, "eval/accuracy", reference="forward", margin=100.0)
+    assert sorted(paired["strategy"]) == ["none", "reverse"] and list(paired["n"]) == [2, 2]
 
 
 # --- memory checked up front -------------------------------------------------------------------------
