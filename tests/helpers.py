@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -123,3 +124,73 @@ def listening(pids) -> list[tuple[str, int, int]]:
                 addr = ".".join(str(b) for b in bytes.fromhex(addr_hex)[::-1])
             found.append((addr, int(port_hex, 16), inodes[parts[9]]))
     return found
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# dummy credentials of the loopback S3 endpoint; no metadata-service lookup (it would leave loopback)
+S3_ENV = {"AWS_ACCESS_KEY_ID": "tunekd-test-key", "AWS_SECRET_ACCESS_KEY": "tunekd-test-secret",
+          "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+class MotoS3:
+    """moto's standalone S3 server on 127.0.0.1 (a real S3 HTTP endpoint), started and stopped by PID.
+    `env` is what a process needs to use it (dummy credentials, AWS_ENDPOINT_URL)."""
+
+    def __init__(self, log_dir: Path):
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.env = {**S3_ENV, "AWS_ENDPOINT_URL": self.endpoint}
+        exe = Path(sys.executable).with_name("moto_server")
+        self.log = open(Path(log_dir) / "moto.log", "wb")
+        self.proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(self.port)], stdout=self.log,
+                                     stderr=subprocess.STDOUT, env=dict(os.environ, **self.env))
+        wait_for(self._up, timeout=60, every=0.2)
+
+    def _up(self) -> bool:
+        import socket
+
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"moto_server exited with {self.proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    def create_bucket(self, name: str) -> None:
+        """A bucket (pyarrow creates none: `allow_bucket_creation` is off, as for a study)."""
+        import urllib.request
+
+        urllib.request.urlopen(urllib.request.Request(f"{self.endpoint}/{name}", method="PUT"), timeout=10).read()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+@contextlib.contextmanager
+def environ(values: dict[str, str]):
+    """`os.environ` with `values` set, restored afterwards."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -117,7 +117,7 @@ def test_killed_driver_resumes(tmp_path, tiny_bert_dir, mlflow_uri):
                         task={"synthetic": {"train_size": 1600, "eval_size": 32}},
                         train={"epochs": 3},
                         tune={"max_concurrent_trials": 1},
-                        search={"distill.strategy": {"grid": ["forward", "reverse", "all_to_one"]}})
+                        search={"distill.strategy": {"grid": ["forward", "reverse"]}})
     proc = start_cli(study, tmp_path, mlflow_uri)
 
     def second_trial_after_epoch_1():  # the running trial's folder once MLflow has its step 1
@@ -167,7 +167,7 @@ def test_killed_driver_resumes(tmp_path, tiny_bert_dir, mlflow_uri):
     client, parents_after, after = _runs(mlflow_uri, "faults_driver")
     assert len(parents_after) == 1 and parents_after[0].info.run_id == parents[0].info.run_id
     trials = [r for r in after if r.data.tags["tunekd.status"] != "superseded"]
-    assert len(trials) == 3
+    assert len(trials) == 2
     assert {r.data.tags["tunekd.status"] for r in trials} == {"completed"}
     # a trial the killed driver had started before Ray saved its state is re-run under a new id;
     # its old run is kept and points to the new one

@@ -203,6 +203,29 @@ def test_a_members_kept_weights_are_found_by_its_trial_id(tmp_path):
     assert kept_weights(tmp_path, "abc12_00000/7") is None
 
 
+def test_members_are_finished_and_pruned_as_trials(tmp_path):
+    """A group's checkpoint: each member's subfolder is finished with its own score (optimizer and RNG states
+    gone), and `keep_students` ranks members and plain trials together."""
+    from tunekd import checkpoints as ck
+
+    def make(folder):
+        folder.mkdir(parents=True)
+        for name in (ck.WEIGHTS, ck.OPTIM, ck.RNG):
+            (folder / name).write_bytes(b"x")
+
+    for sub in ("m0", "m1", "m2"):
+        make(tmp_path / "train_g_00000" / "checkpoint_000001" / sub)
+    make(tmp_path / "train_p_00001" / "checkpoint_000001")
+    ck.finish_trial(tmp_path / "train_g_00000", {"m0": 70.0, "m1": None, "m2": 80.0})
+    ck.finish_trial(tmp_path / "train_p_00001", 75.0)
+    assert not list(tmp_path.rglob(ck.OPTIM)) and not list(tmp_path.rglob(ck.RNG))
+    kept = ck.prune_students(tmp_path, 2)
+    assert sorted(str(p.relative_to(tmp_path)) for p in kept) == ["train_g_00000/checkpoint_000001/m2",
+                                                                   "train_p_00001/checkpoint_000001"]
+    assert sorted(str(p.parent.relative_to(tmp_path)) for p in tmp_path.rglob(ck.WEIGHTS)) == [
+        "train_g_00000/checkpoint_000001/m2", "train_p_00001/checkpoint_000001"]
+
+
 BASE = {"name": "g", "task": {"name": "synthetic"}, "teacher": {"model": "minilm"}, "search": {"distill.strategy": {"grid": ["forward", "none"]},
                                                                 "train.batch_size": {"grid": [8, 16]}},
         "tune": {"scheduler": "fifo", "group_by": ["distill.strategy"]}}
@@ -302,7 +325,12 @@ def test_adaptive_seeds_make_each_rounds_new_seeds_new_groups(tmp_path, tiny_ber
     assert sorted((r.data.params["distill.strategy"], r.data.params["seed"]) for r in children) == sorted(
         (s, str(seed)) for s in ("forward", "reverse", "none") for seed in (0, 1))
     rounds = list((tmp_path / "ray_results").glob("seeded-*-round0"))
-    assert len(rounds) == 1 and len([p for p in rounds[0].iterdir() if p.is_dir()]) == 2
+    trial_dirs = [p for p in rounds[0].iterdir() if p.is_dir()]
+    assert len(rounds) == 1 and len(trial_dirs) == 2
+    # Ray's result files (tune.ray_loggers, on by default): per Ray trial, each member's metrics under m<i>/
+    for d in trial_dirs:
+        last = json.loads((d / "result.json").read_text().splitlines()[-1])
+        assert {f"m{i}/eval/accuracy" for i in range(3)} <= set(last) and last["epoch"] == 2
     # the report has a row per member, and pairs them by seed as it pairs trials
     from tunekd import report
 

@@ -131,6 +131,10 @@ def test_load_refuses_a_torn_checkpoint(tmp_path):
     (gone / checkpoints.WEIGHTS).unlink()
     with pytest.raises(RuntimeError, match=r"incomplete: model.safetensors is missing"):
         checkpoints.load(gone, None, None)
+    cut = _fake_checkpoint(tmp_path / "cut", 2)
+    (cut / checkpoints.PROGRESS).unlink()  # an upload killed before its last file
+    with pytest.raises(RuntimeError, match=r"incomplete: progress.json is missing"):
+        checkpoints.load(cut, None, None)
 
 
 def test_finished_trials_keep_weights_of_the_best_only(tmp_path):

@@ -67,17 +67,17 @@ def _signal_after_first_epoch(proc, signum, group, twice=False):
     return code, "".join(lines)
 
 
-@pytest.mark.parametrize("signame, group, code, resume, twice", [
-    ("SIGINT", False, 130, False, True),  # Ctrl-C twice: the second stops at once, still KILLED
-    ("SIGTERM", True, 143, True, False),  # to the whole group: the local Ray's processes must survive it
-    ("SIGHUP", True, 129, False, False),
+@pytest.mark.parametrize("signame, group, own_ray, code, resume, twice", [
+    ("SIGINT", False, False, 130, False, True),  # Ctrl-C twice: the second stops at once, still KILLED
+    ("SIGTERM", True, True, 143, True, False),  # to the whole group: the local Ray's processes must survive it
+    ("SIGHUP", True, False, 129, False, False),
 ])
-def test_stop_signal_ends_the_study_killed_and_resume_finishes_it(signame, group, code, resume, twice, tmp_path,
-                                                                   tiny_bert_dir, mlflow_uri, ray_session):
+def test_stop_signal_ends_the_study_killed_and_resume_finishes_it(signame, group, own_ray, code, resume, twice,
+                                                                   tmp_path, tiny_bert_dir, mlflow_uri, ray_session):
     name = f"signal_{signame.lower()}"
     study = _study(tmp_path, tiny_bert_dir, name)
-    # SIGINT to the driver alone, attached to the session's Ray; the group cases start their own local Ray
-    extra = ["--num-cpus", "1"] if group else ["--address", ray_session]
+    # attached to the session's Ray, or (SIGTERM) with a local Ray of its own that the group signal also reaches
+    extra = ["--num-cpus", "1"] if own_ray else ["--address", ray_session]
     got, out = _signal_after_first_epoch(_start(study, tmp_path, mlflow_uri, *extra), getattr(signal, signame), group,
                                          twice)
     assert got == code, out[-4000:]

@@ -19,11 +19,14 @@ rows against it (and each row's valid-token count), so rows out of step with the
 A size budget decides the mode: `full` (logits and hidden states), `logits` (logits only; a trial
 that matches hidden states runs the teacher only up to its highest mapped layer) or `off`.
 
-Across nodes: the folder lives under the study's storage path. On one machine that is the local
-disk. A multi-node cluster needs `tune.storage_path` on a filesystem every node mounts (NFS, a
-shared volume); otherwise the driver may ship the arrays through Ray's object store with the
-other shared data (`load_arrays`, when they are small), and a trial that finds neither runs the
-teacher online, as without a cache (it reports `perf/cache_hit` = 0).
+Across nodes: the folder lives under the study's storage path (`<tune.storage_path>/teacher_cache/<key>`).
+On one machine, or a cluster whose nodes mount one filesystem, that is a folder every trial opens. On
+object storage (`s3://`, `gs://`: `tunekd.storage`) the driver builds it on its node and publishes it
+(files first, a completion record last); a trial's node reads it once into its node-local cache
+(`storage.local_copy`, keyed by the cache key) and memory-maps it from there. Without either, the
+driver may ship the arrays through Ray's object store (`load_arrays`, when they are small), and a trial
+that finds nothing runs the teacher online. `open_shared` says which (`perf/cache_source`: local,
+storage, object store, online).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tunekd import storage
 from tunekd.data import Encoded, batch_indices
 
 FORMAT = 2  # 2: the key holds the teacher config and tokenizer; per-row fingerprints
@@ -304,12 +308,15 @@ def prepare(family, teacher, data: Encoded, root: str | Path, *, layers: Iterabl
     if dtype not in DTYPES:
         raise ValueError(f"cache dtype {dtype!r}; known: {', '.join(DTYPES)}")
     layers = sorted(set(int(x) for x in layers))
-    root = Path(root).expanduser().resolve()
+    remote = storage.is_remote(str(root))
+    root = storage.resolve(str(root))
+    # where it is built: beside its final place, or for object storage in this node's cache (then published)
+    local_root = storage.node_cache_root() / "teacher_cache" if remote else Path(root)
     width = family.hidden_size(teacher.config)
     num_labels = int(getattr(teacher.config, "num_labels", 2))
     stacks = len(family.stacks(teacher))
     est = estimate_bytes(data, width, num_labels, layers, stacks)
-    probe = root
+    probe = local_root
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
@@ -328,35 +335,46 @@ def prepare(family, teacher, data: Encoded, root: str | Path, *, layers: Iterabl
     for dt in ((dtype, "bf16") if dtype == "fp16" else (dtype,)):
         key = cache_key(teacher_digest, data.digest(), max_length, stored_layers, dt, config=cfg_digest,
                         tokenizer=tok_digest)
-        target = root / key
-        if _valid(target, key):
-            return CacheInfo(mode=mode, reason=reason + " (reused)", folder=str(target), key=key,
-                             layers=tuple(stored_layers), reused=True, nbytes=_folder_bytes(target),
+        target = storage.join(root, key)
+        found = storage.record(target) if remote else _valid(Path(target), key)
+        if found:
+            nbytes = sum(found["files"].values()) if remote else _folder_bytes(Path(target))
+            return CacheInfo(mode=mode, reason=reason + " (reused)", folder=target, key=key,
+                             layers=tuple(stored_layers), reused=True, nbytes=nbytes,
                              seconds=time.perf_counter() - t0)
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{key}-"))
+        local_root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=local_root, prefix=f".{key}-"))
         try:
             if log:
                 log(f"teacher cache: running the teacher once over {len(data)} rows -> {target}")
             build(family, teacher, data, tmp / "c", layers=stored_layers, key=key, dtype=dt,
                   batch_size=batch_size, device=device)
-            if target.exists() and not _valid(target, key):  # an incomplete leftover: move it away first
-                os.rename(target, tmp / "stale")
-            try:
-                os.rename(tmp / "c", target)  # atomic: a half-written cache is never read
-            except OSError:
-                if not _valid(target, key):  # another driver may have finished the same cache first
-                    raise
+            nbytes = _folder_bytes(tmp / "c")
+            if remote:  # published (completion record last), then kept as this node's copy
+                storage.publish(tmp / "c", target)
+                storage.adopt(tmp / "c", f"teacher_cache/{key}")
+            else:
+                _move_into_place(tmp, Path(target), key)
         except _Overflow:
             last_error = "fp16 overflow"
             continue
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         note = "" if dt == dtype else f" (stored as {dt}: {last_error})"
-        return CacheInfo(mode=mode, reason=reason + note, folder=str(target), key=key, layers=tuple(stored_layers),
-                         reused=False, nbytes=_folder_bytes(target), teacher_rows=len(data),
-                         seconds=time.perf_counter() - t0)
+        return CacheInfo(mode=mode, reason=reason + note, folder=target, key=key, layers=tuple(stored_layers),
+                         reused=False, nbytes=nbytes, teacher_rows=len(data), seconds=time.perf_counter() - t0)
     raise RuntimeError(f"teacher cache could not be built: {last_error}")  # pragma: no cover
+
+
+def _move_into_place(tmp: Path, target: Path, key: str) -> None:
+    """Rename the cache built at `tmp/c` to `target` (atomic: a half-written cache is never read)."""
+    if target.exists() and not _valid(target, key):  # an incomplete leftover: move it away first
+        os.rename(target, tmp / "stale")
+    try:
+        os.rename(tmp / "c", target)
+    except OSError:
+        if not _valid(target, key):  # another driver may have finished the same cache first
+            raise
 
 
 def for_study(study, family, teacher, encoded: dict[str, Encoded], points: Iterable[dict], *,
@@ -385,7 +403,7 @@ def for_study(study, family, teacher, encoded: dict[str, Encoded], points: Itera
         trials = Trials(study, family.num_layers(teacher.config), family.match_embeddings_default)
     layers = needed_layers(trials, points)
     needs_logits = any(trials(p).study.distill.alpha_kl > 0 for p in points)
-    root = Path(study.tune.storage_path).expanduser().resolve() / "teacher_cache"
+    root = storage.join(storage.resolve(study.tune.storage_path), "teacher_cache")
     device = device_for()
     teacher.to(device)
     try:
@@ -519,6 +537,35 @@ def load_arrays(folder: str | Path) -> TeacherCache:
 
 
 _OPEN: dict[str, TeacherCache] = {}
+
+SOURCES = ("local", "storage", "object store", "online")  # perf/cache_source
+
+
+def open_shared(info: CacheInfo | None, arrays: TeacherCache | None = None) -> tuple[TeacherCache | None, str, str]:
+    """A trial's teacher cache: (the cache or None, where it came from (`SOURCES`), why a cache the driver
+    built is not used ('' when it is, or when there is none)). `info` is the driver's decision, `arrays`
+    the cache shipped through the object store (or None). The source: `local` (a folder on this node: the
+    storage path, or the node's copy of a published cache), `storage` (read from object storage into the
+    node cache by this trial), `object store`, `online` (the trial runs the teacher)."""
+    if info is None or info.mode == "off" or not info.folder:
+        return None, "online", ""
+    if storage.is_remote(info.folder):
+        try:
+            folder, fetched = storage.local_copy(info.folder, f"teacher_cache/{info.key}")
+            found = open_cached(folder)
+            if found is not None:
+                return found, ("storage" if fetched else "local"), ""
+            why = f"the node's copy {folder} has no manifest"
+        except Exception as exc:  # noqa: BLE001 - unreachable storage, a torn upload: the trial says so
+            why = f"cannot read {info.folder}: {storage.reason(exc)}"
+    else:
+        found = open_cached(info.folder)
+        if found is not None:
+            return found, "local", ""
+        why = f"{info.folder} is not on this node"
+    if arrays is not None:
+        return arrays, "object store", ""
+    return None, "online", why
 
 
 def open_cached(folder: str | Path) -> TeacherCache | None:

@@ -57,6 +57,8 @@ def save(folder: str | Path, distiller, state, *, resumable: bool = True) -> Non
 def load(folder: str | Path, distiller, state) -> None:
     """Restore the student, projections, optimizer, scheduler, RNG states and position from `folder`."""
     folder = Path(folder)
+    if not (folder / PROGRESS).is_file():  # written last: a checkpoint without it was cut short (e.g. an upload)
+        raise RuntimeError(f"checkpoint {folder} is incomplete: {PROGRESS} is missing")
     progress = json.loads((folder / PROGRESS).read_text())
     # a file not the size progress.json records was cut short (optimizer and RNG states may be gone: a
     # finished trial's are deleted by `finish_trial`)
@@ -117,39 +119,67 @@ def set_rng_state(saved: dict) -> None:
 
 def finish_trial(trial_dir: str | Path, score: float | None | dict[str, float | None]) -> None:
     """A trial that ended: delete its optimizer and RNG states (nothing continues it) and record its score
-    (the study's metric at its last epoch) beside the weights, for `prune_students`. A trial group
-    (`tunekd.groups`) gives {member subfolder: score}: each member's checkpoint is finished as a trial's."""
+    (the study's metric at its last epoch) beside the weights, for `prune_students`. `trial_dir` is a local
+    folder or a URI (`tunekd.storage`: a study on object storage). A trial group (`tunekd.groups`) gives
+    {member subfolder: score}: each member's checkpoint is finished as a trial's."""
+    from tunekd import storage
+
     scores = score if isinstance(score, dict) else {"": score}
-    for checkpoint in Path(trial_dir).glob("checkpoint_*"):
-        for sub, value in scores.items():
-            folder = checkpoint / sub
-            for name in RESUME_ONLY:
-                (folder / name).unlink(missing_ok=True)
-            if (folder / WEIGHTS).is_file():
-                ok = value is not None and math.isfinite(float(value))
-                (folder / FINAL).write_text(json.dumps({"score": float(value) if ok else None}))
+    fs, root = storage.filesystem(str(trial_dir))
+    for folder, names in _checkpoints(fs, root).items():
+        sub = folder.partition("/")[2]  # '' for a trial's checkpoint, 'm<i>' for a member's
+        if sub not in scores:
+            continue
+        for name in RESUME_ONLY:
+            if name in names:
+                fs.delete_file(f"{root}/{folder}/{name}")
+        if WEIGHTS in names:
+            value = scores[sub]
+            ok = value is not None and math.isfinite(float(value))
+            with fs.open_output_stream(f"{root}/{folder}/{FINAL}") as out:
+                out.write(json.dumps({"score": float(value) if ok else None}).encode())
 
 
-def prune_students(experiment_dir: str | Path, keep: int) -> list[Path]:
+def _checkpoints(fs, root: str, depth: int = 0) -> dict[str, set[str]]:
+    """{`checkpoint_*` folder (relative to `root`, `depth` folders down), and each of its subfolders (a trial
+    group's members, `m<i>/`): the names of its files}."""
+    from tunekd import storage
+
+    out: dict[str, set[str]] = {}
+    for rel in storage.files(fs, root):
+        parts = rel.split("/")
+        if len(parts) in (depth + 2, depth + 3) and parts[depth].startswith("checkpoint_"):
+            out.setdefault("/".join(parts[:-1]), set()).add(parts[-1])
+    return out
+
+
+def prune_students(experiment_dir: str | Path, keep: int) -> list[Path | str]:
     """Keep the weights of the `keep` best-scoring finished trials of the experiment (ties: the earlier
     folder name), delete the other finished trials' weights, and those of trials without a finite score
-    (failed ones); returns the checkpoint folders kept."""
+    (failed ones); returns the checkpoint folders kept (Paths; URIs for a study on object storage)."""
+    from tunekd import storage
+
+    remote = storage.is_remote(str(experiment_dir))
+    fs, root = storage.filesystem(str(experiment_dir))
     finished = []
-    markers = [*Path(experiment_dir).glob(f"*/checkpoint_*/{FINAL}"), *Path(experiment_dir).glob(f"*/checkpoint_*/*/{FINAL}")]
-    for marker in markers:  # a trial's, or a group member's (`tunekd.groups`)
+    for folder, names in _checkpoints(fs, root, depth=1).items():  # a trial's, or a group member's
+        if FINAL not in names:
+            continue
         try:
-            score = json.loads(marker.read_text()).get("score")
+            with fs.open_input_stream(f"{root}/{folder}/{FINAL}") as f:
+                score = json.loads(f.read()).get("score")
         except (OSError, ValueError):
             score = None
-        finished.append((score is None, -(score or 0.0), str(marker.parent), marker.parent))
+        where = storage.join(str(experiment_dir), folder) if remote else Path(root) / folder
+        finished.append((score is None, -(score or 0.0), str(where), where, WEIGHTS in names, folder))
     finished.sort()
     kept = []
-    for i, (unscored, _, _, folder) in enumerate(finished):
+    for i, (unscored, _, _, where, has_weights, folder) in enumerate(finished):
         if i < keep and not unscored:
-            if (folder / WEIGHTS).is_file():
-                kept.append(folder)
-        else:
-            (folder / WEIGHTS).unlink(missing_ok=True)
+            if has_weights:
+                kept.append(where)
+        elif has_weights:
+            fs.delete_file(f"{root}/{folder}/{WEIGHTS}")
     return kept
 
 

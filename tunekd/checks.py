@@ -3,8 +3,9 @@
 They run before Ray starts and before anything is written (MLflow, the teacher cache, `ray_results/`),
 and each problem is one `ConfigError` line naming the key and what is allowed:
 
-- `check_outputs(study, num_cpus=, address=)`: `tune.storage_path` and `teacher.cache_dir` are (or can
-  become) writable folders; the tracking URI has a supported scheme and a usable target; a local
+- `check_outputs(study, num_cpus=, address=)`: `tune.storage_path` is (or can become) a writable folder,
+  or object storage that is reachable and writable (`storage.check_writable`: a probe object), and
+  `teacher.cache_dir` (used with a local storage path) a writable folder; the tracking URI has a supported scheme and a usable target; a local
   teacher folder holds weights; `--num-cpus` and `tune.resources` fit a local machine.
 - `check_trial(trial_study, teacher_config, family)`: one trial's impossibilities (fp16 without a GPU,
   attention heads that do not divide the width, a student that cannot be built, LoRA targets that are
@@ -157,12 +158,19 @@ def check_resources(study, *, num_cpus: int | None = None, address: str | None =
 
 
 def check_outputs(study, *, num_cpus: int | None = None, address: str | None = None,
-                  resources: bool = True) -> None:
+                  resources: bool = True, probe: bool = True) -> None:
     """Everything about where a study writes and what it runs on that can be checked without loading
     anything: storage and cache folders, the tracking URI, the teacher folder, local resources (unless
-    `resources` is false: a --dry-run of a cluster study on a laptop runs nothing)."""
-    check_writable_dir(study.tune.storage_path, "tune.storage_path")
-    check_writable_dir(study.teacher.cache_dir, "teacher.cache_dir")
+    `resources` is false: a --dry-run of a cluster study on a laptop runs nothing), object storage
+    (unless `probe` is false: a --dry-run writes nothing there)."""
+    from tunekd import storage
+
+    if storage.is_remote(study.tune.storage_path):
+        if probe:  # fine-tuned teachers live there too: teacher.cache_dir is not used
+            storage.check_writable(study.tune.storage_path)
+    else:
+        check_writable_dir(study.tune.storage_path, "tune.storage_path")
+        check_writable_dir(study.teacher.cache_dir, "teacher.cache_dir")
     check_tracking_uri(study.tracking.uri)
     check_teacher_files(study.teacher.model)
     if resources:

@@ -35,7 +35,8 @@ examples:
   tunekd angles --best quickstart                     # angles of the quickstart's best kept student
 
 outputs (relative to the working directory): ./mlflow.db (MLflow), ./ray_results/ (trials, checkpoints,
-teacher-output cache), ./.tunekd_cache/teachers/ (fine-tuned teachers), ./report/<experiment>/ (reports).
+teacher-output cache), ./.tunekd_cache/teachers/ (fine-tuned teachers), ./report/<experiment>/ (reports);
+with tune.storage_path s3://... or gs://..., trials, caches and teachers live there instead.
 `tunekd COMMAND --help` explains each command. `python -m tunekd.run` etc. work as well."""
 
 

@@ -84,20 +84,28 @@ def output_locations(study, study_file: str | None = None) -> dict[str, str]:
     uri = study.tracking.uri
     if uri.startswith("sqlite:///"):
         uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
-    storage = Path(study.tune.storage_path).expanduser().resolve()
-    return {
+    from tunekd import storage as tstorage
+
+    storage = tstorage.resolve(study.tune.storage_path)
+    out = {
         "mlflow": f"{uri} (experiment {study.experiment!r})",
-        "ray": f"{storage}/{study.name}-<date>-<time>",
+        "ray": tstorage.join(storage, f"{study.name}-<date>-<time>"),
         "teacher": str(Path(study.teacher.cache_dir).expanduser().resolve() / "teachers"),
-        "teacher cache": str(storage / "teacher_cache"),
+        "teacher cache": tstorage.join(storage, "teacher_cache"),
     }
+    if tstorage.is_remote(storage):  # fine-tuned teachers on the storage too; each node keeps copies
+        out["teacher"] = tstorage.join(storage, "teachers")
+        out["node cache"] = f"{tstorage.node_cache_root()} (each node's copies; ${tstorage.NODE_CACHE_ENV})"
+    return out
 
 
 OUTPUTS_HELP = """outputs (relative to the working directory; see --dry-run for a study's absolute paths):
   ./mlflow.db                         MLflow store: parent and trial runs (tracking.uri, --tracking-uri)
   ./ray_results/<study>-<date>-<time> Ray's trial folders and checkpoints (tune.storage_path)
   ./ray_results/teacher_cache/        the teacher-output cache (under tune.storage_path)
-  ./.tunekd_cache/teachers/           fine-tuned teachers, reused by content hash (teacher.cache_dir)"""
+  ./.tunekd_cache/teachers/           fine-tuned teachers, reused by content hash (teacher.cache_dir)
+  (tune.storage_path s3://... or gs://...: Ray's folders, the teacher cache and the fine-tuned teachers
+   all under it, each node's copies in ~/.cache/tunekd/storage; see README "Running on a cluster")"""
 
 
 def dry_run_lines(study, trials: Iterable[tuple[dict, Any, Any]]) -> list[str]:

@@ -43,6 +43,8 @@ from tunekd.errors import SIGNAL_NAMES, ConfigError, Interrupted
 from tunekd.study import Study, grid_size, max_epochs
 
 
+CACHE_SOURCE_TAG = "tunekd.cache_source"  # a trial run's teacher cache: local, storage, object store, online
+
 # the stop signal this process received (`StudyDriver.stop_signals`), for the Tune callbacks, which Tune
 # pickles and so cannot hold the driver: a trial whose worker the signal ended is not failed but unfinished
 STOPPING: list[int] = []
@@ -96,6 +98,7 @@ class StudyDriver:
         self.tuner = None
         self.results = None  # tune.ResultGrid
         self.started: set[str] = set()
+        self.cache_sources: dict[str, str] = {}  # trial id -> its latest perf/cache_source (tag tunekd.cache_source)
         self.progress = None  # progress.StudyProgress: the study's bar (trials running / done / stopped)
         self.owns_ray = False  # connect started or attached Ray (and disconnect shuts it down)
         self.interrupted = False  # a stop signal stopped the trials (Tune returns with unfinished ones)
@@ -221,7 +224,7 @@ class StudyDriver:
 
         study = self.study
         check_outputs(study, num_cpus=self.options.num_cpus, address=self.options.address,  # paths, URI, CPUs/GPUs
-                      resources=not self.options.dry_run)
+                      resources=not self.options.dry_run, probe=not self.options.dry_run)
         self.log(f"study {study.name!r}: {len(study.search)} search dimensions, grid of {grid_size(study)} x "
                  f"{study.tune.num_samples} samples; scheduler {study.tune.scheduler}, searcher {study.tune.searcher}")
         if self.options.track:
@@ -388,20 +391,26 @@ class StudyDriver:
     def setup_cache(self) -> None:
         """The teacher-output cache for every trial at `points`, and the data every trial shares."""
         from tunekd import cache as tcache
+        from tunekd import storage
         from tunekd.trainable import make_shared
 
         model = self.family.load(self.teacher.path, self.spec, trust_remote_code=self.study.teacher.trust_remote_code)
         self.cache = tcache.for_study(self.study, self.family, model, self.encoded, self.points, trials=self.trials,
                                       tokenizer=self.tokenizer, log=self.log)
+        # a cluster whose nodes may not share a local storage folder gets small caches through the object store;
+        # on object storage every node reads the cache from there (`cache.open_shared`)
+        remote = storage.is_remote(self.study.tune.storage_path)
         self.shared = make_shared(self.study, self.family.name, model, self.encoded, self.cache,
-                                  ship_cache=bool(self.options.address))
+                                  ship_cache=bool(self.options.address) and not remote)
         self.teacher_model_config = model.config
 
     def setup_tracking(self) -> None:
         """The MLflow parent run of this invocation, or the one --resume continues; the Ray path."""
-        storage = Path(self.study.tune.storage_path).expanduser().resolve()
+        from tunekd import storage as tstorage
+
+        storage = tstorage.resolve(self.study.tune.storage_path)  # a folder, or a URI (s3://bucket/prefix)
         if not self.options.track:
-            self.ray_path = str(storage / f"{self.study.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+            self.ray_path = tstorage.join(storage, f"{self.study.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
             return
         from tunekd.tasks import task_params
         from tunekd.tracking import StudyTracker
@@ -434,7 +443,7 @@ class StudyDriver:
         from tunekd.seeds import Design, design_record
 
         run_name = f"{study.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-        self.ray_path = str(storage / run_name)
+        self.ray_path = tstorage.join(storage, run_name)
         study_file = Path(opts.study_file) if opts.study_file else None
         parent = tracker.start_parent(run_name, {
             "study_file": str(study_file.resolve()) if study_file else "", "overrides": opts.overrides,
@@ -474,7 +483,7 @@ class StudyDriver:
             from tunekd.progress import StudyProgress
 
             self.progress = StudyProgress(self.total_trials, study.name)
-        callbacks.append(CheckpointCallback(self.metric, study.tune.keep_students))
+        callbacks.append(CheckpointCallback(self.metric, study.tune.keep_students, self.ray_path))
         if study.tune.ray_loggers:
             from ray.tune.logger import JsonLoggerCallback
 
@@ -486,12 +495,13 @@ class StudyDriver:
             return
         space, config = ((param_space(study), tune_config(study, self.metric)) if self.round_points is None
                          else round_space(study, self.metric, self.round_points))
+        parent, _, name = self.ray_path.rstrip("/").rpartition("/")  # a folder or a URI
         self.tuner = tune.Tuner(
             trainable,
             param_space=space,
             tune_config=config,
             run_config=tune.RunConfig(
-                name=Path(self.ray_path).name, storage_path=str(Path(self.ray_path).parent), verbose=0,
+                name=name, storage_path=parent, verbose=0,
                 callbacks=callbacks,
                 # a running trial's latest checkpoint only; finished trials: `CheckpointCallback`
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
@@ -527,8 +537,8 @@ class StudyDriver:
             from tunekd import checkpoints
 
             for result in self.results:
-                if result.path and Path(result.path).is_dir():
-                    checkpoints.finish_trial(result.path, member_scores(
+                if result.path:
+                    checkpoints.finish_trial(storage_uri(result.path, self.ray_path), member_scores(
                         "", result.config, None if result.error else result.metrics or {}, self.metric))
             checkpoints.prune_students(self.ray_path, self.study.tune.keep_students)
         if self.tracker is None:
@@ -584,7 +594,9 @@ class StudyDriver:
                                    "as the last one (their results are not found in MLflow)")
             k = len(rounds)
             self.ray_path = f"{base}-round{k}"
-            if Path(self.ray_path).exists():  # a resumed round: a fresh Ray folder of its own
+            from tunekd import storage
+
+            if storage.exists(self.ray_path):  # a resumed round: a fresh Ray folder of its own
                 self.ray_path += f"-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
             pending = sum(p["state"] != "final" for p in plan.pairs)
             self.log(f"seeds: round {k}: {len(plan.needed)} trials for {pending} undecided strategy/cell pairs "
@@ -716,6 +728,13 @@ class TrialCallback(_callback_base()):
             metrics = {k: v for k, v in member.result.items() if k.startswith(("eval/", "train/", "perf/"))}
             step = int(member.result.get("epoch", result.get("training_iteration", 0)))
             d.tracker.log_trial_metrics(member.trial_id, metrics, step)
+            source = member.result.get("perf/cache_source")
+            if source is not None and d.cache_sources.get(member.trial_id) != source:  # a tag, once per change
+                d.cache_sources[member.trial_id] = source
+                d.tracker.tag_trial(member.trial_id, CACHE_SOURCE_TAG, source)
+                if source == "online" and d.cache is not None and d.cache.mode != "off":
+                    d.log(f"  WARNING: {member.trial_id} runs the teacher online: the teacher cache "
+                          f"{d.cache.folder} was not readable on its node (perf/cache_source=online)")
             shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("eval/") or k == "train/loss")
             d.log(f"  {member.trial_id} epoch {step}: {shown}")
 
@@ -764,23 +783,26 @@ def attach_callbacks(tuner, driver: StudyDriver) -> None:
         found = callbacks[-1:]
     for cb in found:
         cb.driver = driver
-    run_config.callbacks = [*callbacks, CheckpointCallback(driver.metric, driver.study.tune.keep_students)]
+    run_config.callbacks = [*callbacks, CheckpointCallback(driver.metric, driver.study.tune.keep_students,
+                                                           driver.ray_path)]
 
 
 class CheckpointCallback(_callback_base()):
     """A trial that ended keeps no optimizer or RNG state, and its weights only while it is among the
-    experiment's best `keep` finished trials (`tunekd.checkpoints`). Holds plain values (Tune pickles it)."""
+    experiment's best `keep` finished trials (`tunekd.checkpoints`), also on object storage (`ray_path`, a
+    folder or URI, says which). Holds plain values (Tune pickles it)."""
 
-    def __init__(self, metric: str, keep: int):
-        self.metric, self.keep = metric, keep
+    def __init__(self, metric: str, keep: int, ray_path: str = ""):
+        self.metric, self.keep, self.ray_path = metric, keep, ray_path
 
     def _finish(self, trial, failed: bool = False) -> None:
         from tunekd import checkpoints
 
-        if trial.path and Path(trial.path).is_dir():  # a failed trial's weights are not kept
-            checkpoints.finish_trial(trial.path, member_scores(trial.trial_id, trial.config,
-                                                              None if failed else trial.last_result, self.metric))
-            checkpoints.prune_students(Path(trial.path).parent, self.keep)
+        if trial.path:  # a failed trial's weights are not kept
+            path = storage_uri(trial.path, self.ray_path)
+            checkpoints.finish_trial(path, member_scores(trial.trial_id, trial.config,
+                                                         None if failed else trial.last_result, self.metric))
+            checkpoints.prune_students(path.rstrip("/").rsplit("/", 1)[0], self.keep)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._finish(trial)
@@ -796,6 +818,15 @@ def member_scores(trial_id: str, config: dict[str, Any], result: dict[str, Any] 
     None for a failed member, or for all when `result` is None: the trial failed)."""
     return {m.folder: None if result is None or m.error else m.result.get(metric)
             for m in groups.views(trial_id, config, result)}
+
+
+def storage_uri(path: str, ray_path: str) -> str:
+    """A trial's or result's `path` as Ray gives it (within its file system: `bucket/prefix/...` on object
+    storage) as a folder or URI `tunekd.storage` opens, with the scheme of the study's `ray_path`."""
+    from tunekd import storage
+
+    scheme = storage.scheme(ray_path or "")
+    return f"{scheme}://{path.lstrip('/')}" if scheme and "://" not in path else path
 
 
 def trial_error_text(trial) -> str:

@@ -100,13 +100,14 @@ class Resumable:
 
 
 def check_under(path: str, storage_path: str) -> str:
-    """`path` (from a tag) resolved, when it lies under the study's storage folder; else a ConfigError."""
-    storage = Path(storage_path).expanduser().resolve()
-    resolved = Path(path).expanduser().resolve()
-    if not resolved.is_relative_to(storage) or resolved == storage:
+    """`path` (from a tag) resolved, when it lies under the study's storage path (a folder, or a URI of the
+    same bucket: `storage.is_under`); else a ConfigError."""
+    from tunekd import storage
+
+    if not storage.is_under(path, storage_path):
         raise ConfigError(f"--resume: the parent run's {RAY_PATH_TAG} {path!r} is not under this study's "
-                          f"tune.storage_path {str(storage)!r}; refusing to load Ray state from it")
-    return str(resolved)
+                          f"tune.storage_path {storage.resolve(storage_path)!r}; refusing to load Ray state from it")
+    return storage.resolve(path)
 
 
 def find_resumable(uri: str, experiment: str, storage_path: str, run_id: str | None = None, *,
@@ -143,7 +144,13 @@ def find_resumable(uri: str, experiment: str, storage_path: str, run_id: str | N
     if not tag:
         raise ConfigError(f"--resume: run {run.info.run_id} has no {RAY_PATH_TAG} tag")
     ray_path = check_under(tag, storage_path)
-    if not adaptive and not (Path(ray_path) / "tuner.pkl").is_file():
+    from tunekd import storage
+
+    try:
+        state = adaptive or storage.exists(storage.join(ray_path, "tuner.pkl"))
+    except OSError as exc:
+        raise ConfigError(f"--resume: cannot read the study's Ray state {ray_path!r}: {storage.reason(exc)}") from None
+    if not state:
         raise ConfigError(f"--resume: the study's Ray state {ray_path!r} is missing; cannot resume")
     parts = None
     recorded = run.data.tags.get(FINGERPRINT_TAG)

@@ -317,6 +317,7 @@ class TuneConfig(_Section):
     max_concurrent_trials: Int | None = Field(None, ge=1, le=MAX_TRIALS)
     resources: ResourcesConfig = ResourcesConfig()
     reuse_actors: Bool = True
+    # a local folder, or object storage Ray Tune accepts (s3://bucket/prefix, gs://bucket/prefix; `tunekd.storage`)
     storage_path: str = Field("ray_results", min_length=1)
     max_failures: Int = Field(0, ge=0, le=1000)
     # checkpoints: a running trial keeps its latest one (student, optimizer, RNG, epoch), written every
@@ -330,6 +331,14 @@ class TuneConfig(_Section):
     seeds: SeedsConfig | None = None  # adaptive seeds (tunekd.seeds); None: the seeds the search gives
     # trial groups (tunekd.groups): the trials differing only in these grid dimensions run as one Ray trial
     group_by: list[str] = Field(default_factory=list, max_length=64)
+
+    @field_validator("storage_path")
+    @classmethod
+    def _storage_uri(cls, v):
+        from tunekd.storage import check_uri
+
+        check_uri(v, key="")
+        return v
 
 
 class TrackingConfig(_Section):

@@ -10,10 +10,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunekd import storage
 from tunekd.errors import ConfigError
 from tunekd.study import FinetuneConfig, Study, TrainConfig
 
 MINILM = "minilm"
+META = "tunekd_teacher.json"  # a fine-tuned teacher's record, written last
 
 
 def resolve_model(ref: str) -> str:
@@ -92,14 +94,28 @@ def prepare_teacher(study: Study, family, spec, encoded: dict, base: str, tokeni
 
     key = finetune_key(base, encoded["train"].digest() + "".join(v.digest() for v in evals.values()),
                        spec.name, ft.model_dump(), study.task.max_length)
-    root = Path(study.teacher.cache_dir).expanduser().resolve() / "teachers"
-    target = root / key
-    if (target / "tunekd_teacher.json").is_file():
-        meta = json.loads((target / "tunekd_teacher.json").read_text())
-        log(f"teacher: reusing fine-tuned teacher {target}")
-        return TeacherInfo(path=str(target), metrics=meta["metrics"], cached=True)
+    # on object storage the fine-tuned teacher lives under the storage path, and this node reads it into its
+    # node cache (`tunekd.storage`); else in teacher.cache_dir
+    remote = storage.is_remote(study.tune.storage_path)
+    if remote:
+        uri = storage.join(storage.resolve(study.tune.storage_path), "teachers", key)
+        if storage.complete(uri):
+            target, _ = storage.local_copy(uri, f"teachers/{key}")
+            meta = json.loads((target / META).read_text())
+            log(f"teacher: reusing fine-tuned teacher {uri} (this node's copy: {target})")
+            return TeacherInfo(path=str(target), metrics=meta["metrics"], cached=True)
+        root = storage.node_cache_root() / "teachers"
+        target = root / key
+    else:
+        root = Path(study.teacher.cache_dir).expanduser().resolve() / "teachers"
+        target = root / key
+        if (target / META).is_file():
+            meta = json.loads((target / META).read_text())
+            log(f"teacher: reusing fine-tuned teacher {target}")
+            return TeacherInfo(path=str(target), metrics=meta["metrics"], cached=True)
 
-    log(f"teacher: fine-tuning {base} on {spec.name} ({ft.epochs} epochs, lr {ft.lr}); cached as {target}")
+    log(f"teacher: fine-tuning {base} on {spec.name} ({ft.epochs} epochs, lr {ft.lr}); cached as "
+        f"{uri if remote else target}")
     import torch
 
     torch.manual_seed(ft.seed)
@@ -122,13 +138,17 @@ def prepare_teacher(study: Study, family, spec, encoded: dict, base: str, tokeni
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / "tunekd_teacher.json").write_text(json.dumps(
+        (tmp / META).write_text(json.dumps(
             {"base": base, "task": spec.name, "finetune": ft.model_dump(), "metrics": metrics}, indent=2))
-        try:
-            os.rename(tmp, target)  # atomic: a half-written teacher is never reused
-        except OSError:
-            if not (target / "tunekd_teacher.json").is_file():
-                raise
+        if remote:  # published (its completion record last), then kept as this node's copy
+            storage.publish(tmp, uri)
+            target = storage.adopt(tmp, f"teachers/{key}")
+        else:
+            try:
+                os.rename(tmp, target)  # atomic: a half-written teacher is never reused
+            except OSError:
+                if not (target / META).is_file():
+                    raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return TeacherInfo(path=str(target), metrics=metrics, cached=False)

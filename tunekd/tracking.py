@@ -370,6 +370,10 @@ class StudyTracker:
         rec.last_step = step
         rec.metrics.update(metrics)
 
+    def tag_trial(self, trial_id: str, key: str, value: str) -> None:
+        """A tag on the trial's run (a value that is not a number, e.g. `tunekd.cache_source`)."""
+        self.client.set_tag(self.trials[trial_id].run_id, key, value)
+
     def end_trial(self, trial_id: str, status: str, error: str | None = None) -> None:
         """Final status: tag `tunekd.status`, the MLflow run status (`RUN_STATUS`: an early-stopped trial
         shows as KILLED, a failed one as FAILED) and the description."""

@@ -28,7 +28,7 @@ import torch
 
 from tunekd import cache as tcache
 from tunekd import checkpoints
-from tunekd import distill, groups, plan
+from tunekd import distill, groups, plan, thread_exit
 from tunekd.data import Encoded
 from tunekd.models import FAMILIES
 from tunekd.students import build_projections, build_student
@@ -103,14 +103,14 @@ class Shared:
         """The teacher's config and weights without building the model (enough to build a student)."""
         return TeacherWeights(self.config(), self.teacher_state)
 
-    def open_cache(self) -> tcache.TeacherCache | None:
-        """The teacher-output cache: its folder when this machine has it, else the shipped arrays, else None
-        (the trial then runs the teacher online)."""
-        info = self.cache
-        if info is None or info.mode == "off":
-            return None
-        found = tcache.open_cached(info.folder) if info.folder else None
-        return found if found is not None else self.cache_arrays
+    def open_cache(self) -> tuple[tcache.TeacherCache | None, str]:
+        """The teacher-output cache and where it came from (`cache.open_shared`: this node's folder, object
+        storage read into the node cache, the shipped arrays, or None: the trial runs the teacher online,
+        and says so when the driver built a cache)."""
+        cache, source, why = tcache.open_shared(self.cache, self.cache_arrays)
+        if why:
+            print(f"[tunekd] WARNING: this trial runs the teacher online (perf/cache_source=online): {why}", flush=True)
+        return cache, source
 
 
 @contextlib.contextmanager
@@ -211,7 +211,7 @@ def run_group(configs: list[dict[str, Any]], shared: Shared, *, report=None, res
     torch.set_num_threads(int(threads) if threads else max(1, int(study.tune.resources.cpu)))
     config = shared.config()
     train = shared.encoded["train"]
-    cache = shared.open_cache()
+    cache, cache_source = shared.open_cache()
     if cache is not None and cache.rows != len(train):
         raise RuntimeError(f"teacher cache {shared.cache.folder}: {cache.rows} rows, the training split {len(train)}; "
                            "it was built from other data")
@@ -265,6 +265,7 @@ def run_group(configs: list[dict[str, Any]], shared: Shared, *, report=None, res
     def on_epoch(i: int):
         def save(epoch, metrics, st):
             metrics["perf/cache_hit"] = float(cache is not None)
+            metrics["perf/cache_source"] = cache_source
             metrics["perf/teacher_built"] = float(needs[i])  # this member needs the teacher model
             pending.setdefault("metrics", {})[i] = metrics
             if report is None or (epoch % every and epoch != epochs):  # no checkpoint this epoch
@@ -332,16 +333,18 @@ def tune_trainable(config: dict[str, Any], shared: Shared) -> None:
     checkpoint = tune.get_checkpoint()
 
     def report(metrics, folder):
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder) if folder else None)
+        with thread_exit.reporting():  # where Tune stops a trial (SystemExit): `thread_exit`
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder) if folder else None)
 
     run = functools.partial(run_group, groups.members(config)) if groups.is_group(config) else \
         functools.partial(run_trial, dict(config))
-    if checkpoint is None:
-        run(shared, report=report)
-        return
-    # Only the checkpoint Tune names, never a newer one on disk: a worker writes its checkpoint before the
-    # driver sees that epoch's result, so a driver killed in between leaves a newer checkpoint whose epoch
-    # MLflow never got; restoring from it would leave that step missing. The epoch is trained again instead
-    # (deterministically: `checkpoints`), and the tracker skips the steps it already has.
-    with checkpoint.as_directory() as folder:
-        run(shared, report=report, restore_dir=folder)
+    with thread_exit.stoppable():
+        if checkpoint is None:
+            run(shared, report=report)
+            return
+        # Only the checkpoint Tune names, never a newer one on disk: a worker writes its checkpoint before the
+        # driver sees that epoch's result, so a driver killed in between leaves a newer checkpoint whose epoch
+        # MLflow never got; restoring from it would leave that step missing. The epoch is trained again instead
+        # (deterministically: `checkpoints`), and the tracker skips the steps it already has.
+        with checkpoint.as_directory() as folder:
+            run(shared, report=report, restore_dir=folder)
