@@ -226,6 +226,27 @@ def test_members_are_finished_and_pruned_as_trials(tmp_path):
         "train_g_00000/checkpoint_000001/m2", "train_p_00001/checkpoint_000001"]
 
 
+def test_each_member_tags_its_own_cache_source():
+    """A group's result carries each member's `perf/cache_source` under its prefix: the driver tags each
+    member's run (`tunekd.cache_source`) and logs each member's metrics under its own trial id."""
+    from types import SimpleNamespace
+
+    from tunekd.driver import CACHE_SOURCE_TAG, TrialCallback
+
+    tags, logged = [], []
+    tracker = SimpleNamespace(log_trial_metrics=lambda tid, metrics, step: logged.append((tid, step)),
+                              tag_trial=lambda *a: tags.append(a),
+                              trials={"g/0": SimpleNamespace(status="running"), "g/1": SimpleNamespace(status="running")})
+    driver = SimpleNamespace(tracker=tracker, cache_sources={}, log=lambda line: None, cache=None)
+    config = {"seed": 0, groups.MEMBERS: json.dumps([{"distill.strategy": s} for s in ("forward", "none")])}
+    result = groups.group_result({0: {"epoch": 1, "perf/cache_source": "local", "eval/accuracy": 50.0},
+                                  1: {"epoch": 1, "perf/cache_source": "online", "eval/accuracy": 60.0}}, {},
+                                 "eval/accuracy")
+    TrialCallback(driver).on_trial_result(0, [], SimpleNamespace(trial_id="g", config=config), result)
+    assert tags == [("g/0", CACHE_SOURCE_TAG, "local"), ("g/1", CACHE_SOURCE_TAG, "online")]
+    assert logged == [("g/0", 1), ("g/1", 1)]
+
+
 BASE = {"name": "g", "task": {"name": "synthetic"}, "teacher": {"model": "minilm"}, "search": {"distill.strategy": {"grid": ["forward", "none"]},
                                                                 "train.batch_size": {"grid": [8, 16]}},
         "tune": {"scheduler": "fifo", "group_by": ["distill.strategy"]}}
