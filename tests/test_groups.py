@@ -258,12 +258,29 @@ BASE = {"name": "g", "task": {"name": "synthetic"}, "teacher": {"model": "minilm
     ({"group_by": ["distill.lambda_hid"]}, "'distill.lambda_hid' is not a grid dimension of the search; allowed: "
                                            "distill.strategy"),
     ({"group_by": ["distill.strategy", "distill.strategy"]}, "names a dimension twice"),
+    ({"per_value": {"none": {"train.epochs": 1}}}, "search.distill.strategy.per_value.none sets train.epochs, which "
+                                                    "changes the batches a group shares"),
 ])
 def test_bad_group_by_is_one_clear_line(edit, words):
+    edit = dict(edit)
+    per_value = edit.pop("per_value", None)
     raw = {**BASE, "tune": {**BASE["tune"], **edit}}
+    if per_value:
+        raw["search"] = {**BASE["search"], "distill.strategy": {**BASE["search"]["distill.strategy"],
+                                                                "per_value": per_value}}
     with pytest.raises(ConfigError) as exc:
         validate(raw, "s.yaml")
     assert words in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_a_grouped_values_own_settings_go_with_its_member():
+    """`per_value` settings a group may differ in (here a learning rate per strategy) reach that member only."""
+    raw = {**BASE, "search": {**BASE["search"], "distill.strategy": {"grid": ["forward", "none"],
+                                                                     "per_value": {"none": {"train.lr": 1.0e-3}}}}}
+    study = validate(raw)
+    config = {**groups.grouped_space({}, study), "train.batch_size": 8}
+    lrs = {m["distill.strategy"]: study.trial(m).train.lr for m in groups.members(config)}
+    assert lrs == {"forward": study.train.lr, "none": 1.0e-3} and study.train.lr != 1.0e-3
 
 
 def test_grouped_space_keeps_the_other_dimensions():

@@ -89,6 +89,24 @@ def test_trial_applies_overrides_and_drops_search():
         s.trial({"distill.strategy": "nope"})
 
 
+def test_per_value_settings_go_with_their_value_only():
+    """`per_value`: a learning rate per init. Each trial at that value has the setting, the others keep the study's;
+    it survives the JSON the trials receive (keys become text there), and numeric grid values match too."""
+    from tunekd.study import Study
+
+    s = validate(_with(train={"lr": 5e-4}, search={
+        "student.init": {"grid": ["copy", "random"], "per_value": {"random": {"train.lr": 1e-3, "train.epochs": 5}}},
+        "distill.lambda_hid": {"grid": [1, 3], "per_value": {3: {"distill.temperature": 2.0}}}}))
+    for study in (s, Study.model_validate_json(s.model_dump_json())):
+        random, copy = (study.trial({"student.init": init, "distill.lambda_hid": 1}) for init in ("random", "copy"))
+        assert (random.train.lr, random.train.epochs) == (1e-3, 5)
+        assert (copy.train.lr, copy.train.epochs) == (5e-4, s.train.epochs)
+        assert study.trial({"student.init": "copy", "distill.lambda_hid": 3}).distill.temperature == 2.0
+        assert study.trial({"student.init": "copy", "distill.lambda_hid": 1}).distill.temperature == s.distill.temperature
+    assert s.linked_settings({"student.init": "random"}) == {"train.lr": 1e-3, "train.epochs": 5}
+    assert s.linked_settings({"student.init": "copy"}) == {}
+
+
 def test_explicit_layer_map_is_a_strategy():
     s = validate(_with(distill={"strategy": [[1, 2], [2, 4]]}))
     assert s.distill.strategy == [(1, 2), (2, 4)]

@@ -349,12 +349,20 @@ class TrackingConfig(_Section):
 _NONE = object()
 
 
+# sections a search value's own settings (`SearchDim.per_value`) may set: what one trial trains, not what
+# the study shares (task, teacher) or how it runs (tune, tracking)
+PER_VALUE_SECTIONS = ("student", "distill", "train")
+
+
 class SearchDim(_Section):
     grid: list[Any] | None = None
     choice: list[Any] | None = None
     uniform: tuple[Float, Float] | None = None
     loguniform: tuple[Float, Float] | None = None
     randint: tuple[Int, Int] | None = None
+    # settings that go with a value of a grid/choice dimension, e.g. {random: {train.lr: 1.0e-3}}: every trial
+    # at that value has them (a learning rate per init, as the paper's random-init students had their own)
+    per_value: dict[Any, dict[str, Any]] | None = None
 
     @model_validator(mode="after")
     def _one_kind(self):
@@ -374,6 +382,12 @@ class SearchDim(_Section):
             raise ValueError(f"{kind} needs [low, high] with low < high, got {list(value)}")
         if kind == "loguniform" and value[0] <= 0:
             raise ValueError("loguniform needs low > 0")
+        if self.per_value is not None:
+            if kind not in ("grid", "choice"):
+                raise ValueError(f"per_value needs a grid or choice dimension, got {kind!r}")
+            for key in self.per_value:
+                if _value_of(key, value) is _NONE:
+                    raise ValueError(f"per_value: {key!r} is not one of its values {list(value)}")
         return self
 
     @property
@@ -387,6 +401,22 @@ class SearchDim(_Section):
     def sample_points(self) -> list[Any]:
         """Values that stand for this dimension when checking it: all grid/choice values, the bounds otherwise."""
         return list(self.value)
+
+    def settings_for(self, value: Any) -> dict[str, Any]:
+        """`per_value`'s dotted settings for one value of the dimension ({} when it has none)."""
+        for key, settings in (self.per_value or {}).items():
+            if _value_of(key, [value]) is not _NONE:
+                return dict(settings)
+        return {}
+
+
+def _value_of(key: Any, values: list[Any]) -> Any:
+    """The value of `values` that a `per_value` key names: equal, or equal as text (a study that travelled
+    as JSON has text keys: 3 -> "3"); _NONE if none does."""
+    for v in values:
+        if key == v or str(key) == str(v):
+            return v
+    return _NONE
 
 
 class Study(_Section):
@@ -418,10 +448,18 @@ class Study(_Section):
     def trial(self, overrides: dict[str, Any]) -> "Study":
         """The study config of one trial: this study with the trial's dotted overrides applied."""
         raw = self.model_dump(mode="python")
-        for key, value in overrides.items():
+        for key, value in {**self.linked_settings(overrides), **overrides}.items():
             set_dotted(raw, key, value)
         raw["search"] = {}
         return Study.model_validate(raw)
+
+    def linked_settings(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        """The `per_value` settings that go with a trial's search values (dotted key -> value)."""
+        out: dict[str, Any] = {}
+        for path, dim in self.search.items():
+            if dim.per_value and path in overrides:
+                out.update(dim.settings_for(overrides[path]))
+        return out
 
 
 # --- dotted paths -------------------------------------------------------------------------------
@@ -620,6 +658,11 @@ def _check_groups(study: Study, source: str) -> None:
         if not key.startswith(GROUPABLE):
             raise ConfigError(f"{where}: {key!r} changes the teacher or the batches, which a group shares; allowed: "
                               "distill.*, student.*, train.lr, train.weight_decay, train.warmup_ratio")
+        for value, settings in (study.search[key].per_value or {}).items():
+            for setting in settings:
+                if not setting.startswith(GROUPABLE):
+                    raise ConfigError(f"{where}: search.{key}.per_value.{value} sets {setting}, which changes the "
+                                      "batches a group shares; group by another dimension, or drop that setting")
     if len(set(keys)) != len(keys):
         raise ConfigError(f"{where} names a dimension twice: {keys}")
     if study.tune.scheduler != "fifo":
@@ -641,9 +684,19 @@ def _check_search(study: Study, raw: dict, source: str) -> None:
                 f"{source}: search.{path}: searcher 'grid' takes only grid dimensions, got {dim.kind!r}; "
                 "use searcher 'random' or 'optuna'"
             )
+        for key, settings in (dim.per_value or {}).items():
+            for setting in settings:
+                where = f"{source}: search.{path}.per_value.{key}.{setting}"
+                if setting.split(".")[0] not in PER_VALUE_SECTIONS or setting not in SEARCHABLE:
+                    raise ConfigError(f"{where}: a value's own setting must be a key of "
+                                      f"{', '.join(PER_VALUE_SECTIONS)} (what one trial trains)")
+                if setting in study.search:
+                    raise ConfigError(f"{where}: it is searched itself (search.{setting}); set it in one place")
         for point in dim.sample_points():
             trial = copy.deepcopy(raw)
             trial["search"] = {}
+            for setting, value in dim.settings_for(point).items():
+                set_dotted(trial, setting, value)
             set_dotted(trial, path, point)
             try:
                 Study.model_validate(trial)
