@@ -22,7 +22,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 STRATEGIES = ["none", "forward", "reverse", "all_to_one", "random"]
 
-# the longer end-to-end studies (about 90 s together; the suite must stay under 5 minutes): opt-in
+# the end-to-end studies through Ray and MLflow (15-80 s each; the suite must stay under 5 minutes): opt-in.
+# The default run checks groups in-process: the numbers, failures, restore, checkpoints, the driver's callback
 LONG = pytest.mark.skipif(os.environ.get("TUNEKD_GROUPS_E2E") != "1", reason="opt-in: TUNEKD_GROUPS_E2E=1")
 
 
@@ -347,35 +348,39 @@ def test_grouped_study_records_each_member_as_the_ungrouped_study_does(tmp_path,
 
 
 @pytest.mark.slow
+@LONG
 def test_adaptive_seeds_make_each_rounds_new_seeds_new_groups(tmp_path, tiny_bert_dir, study_cli, mlflow_uri):
-    """tune.seeds (min 2) with group_by: round 0 runs seeds 0 and 1 as one group each; all members recorded."""
+    """tune.seeds (min 2) with group_by: round 0 runs seeds 0 and 1 as one group each; every member recorded as
+    a trial (child run, Ray's result file, a report row paired by seed)."""
     from tests.helpers import runs
 
     path = _study_file(tmp_path, tiny_bert_dir, "seeded", group_by=["distill.strategy"],
                        seeds={"min": 2, "max": 2, "margin": 100.0, "reference": "forward"})
     raw = yaml.safe_load(path.read_text())
     del raw["search"]["seed"]
+    raw["search"]["distill.strategy"]["grid"] = ["forward", "none"]  # small: the suite stays under 5 minutes
+    raw["train"]["epochs"], raw["task"]["synthetic"]["train_size"] = 1, 32
     path.write_text(yaml.safe_dump(raw))
     code, out = study_cli([path, "--tracking-uri", mlflow_uri], tmp_path)
     assert code == 0, out[-4000:]
     client, parents, children = runs(mlflow_uri, "seeded")
-    assert len(children) == 6 and all(r.data.tags["tunekd.status"] == "completed" for r in children)
+    assert len(children) == 4 and all(r.data.tags["tunekd.status"] == "completed" for r in children)
     assert sorted((r.data.params["distill.strategy"], r.data.params["seed"]) for r in children) == sorted(
-        (s, str(seed)) for s in ("forward", "reverse", "none") for seed in (0, 1))
+        (s, str(seed)) for s in ("forward", "none") for seed in (0, 1))
     rounds = list((tmp_path / "ray_results").glob("seeded-*-round0"))
     trial_dirs = [p for p in rounds[0].iterdir() if p.is_dir()]
     assert len(rounds) == 1 and len(trial_dirs) == 2
     # Ray's result files (tune.ray_loggers, on by default): per Ray trial, each member's metrics under m<i>/
     for d in trial_dirs:
         last = json.loads((d / "result.json").read_text().splitlines()[-1])
-        assert {f"m{i}/eval/accuracy" for i in range(3)} <= set(last) and last["epoch"] == 2
+        assert {f"m{i}/eval/accuracy" for i in range(2)} <= set(last) and last["epoch"] == 1
     # the report has a row per member, and pairs them by seed as it pairs trials
     from tunekd import report
 
     df = report.load_runs(client, "seeded")
-    assert len(df) == 6 and df["trial_id"].nunique() == 6 and all(df["trial_id"].str.contains("/"))
+    assert len(df) == 4 and df["trial_id"].nunique() == 4 and all(df["trial_id"].str.contains("/"))
     paired = report.paired_differences(df, "eval/accuracy", reference="forward", margin=100.0)
-    assert sorted(paired["strategy"]) == ["none", "reverse"] and list(paired["n"]) == [2, 2]
+    assert list(paired["strategy"]) == ["none"] and list(paired["n"]) == [2]
 
 
 # --- memory checked up front -------------------------------------------------------------------------
