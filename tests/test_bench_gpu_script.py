@@ -30,3 +30,19 @@ def test_gpu_random_init_main_on_cpu(tmp_path, tiny_bert_dir, capsys, monkeypatc
     assert result["rows"] == 32 and result["precision"] == "fp32" and result["epochs"] == 1
     assert all(v > 0 for v in result["step_s"].values())
     assert json.loads((out / "result.json").read_text())["accuracy"] == result["accuracy"]
+
+
+def test_gpu_groups_main_on_cpu(tmp_path, capsys):
+    """benchmarks/gpu_groups.py (issue 21's GPU check) on the CPU: the MiniLM shape, tiny batches, K = 1, 2."""
+    spec = importlib.util.spec_from_file_location("gpu_groups", REPO / "benchmarks" / "gpu_groups.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "out"
+    assert script.main(["--device", "cpu", "--shape", "minilm", "--length", "8", "--batch-size", "2", "--reps", "1",
+                        "--warmup", "0", "--ks", "1,2", "--threads", "1", "--out", str(out)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    step = result["step"]
+    assert sorted(step["group_s"]) == ["1", "2"] and step["shape"] == "minilm" and step["device"] == "cpu"
+    assert result["k2_over_plain"] == round(step["group_s"]["2"] / 2 / step["plain_s"], 3)
+    assert result["k2_over_plain_cpu"] == round(step["per_member_over_plain_cpu"]["2"], 3) > 0
+    assert json.loads((out / "result.json").read_text())["step"]["plain_s"] == step["plain_s"]

@@ -239,11 +239,12 @@ def test_driver_tags_the_cache_source_and_warns_when_online():
     from tunekd.driver import CACHE_SOURCE_TAG, TrialCallback
 
     tags, lines = [], []
-    tracker = SimpleNamespace(log_trial_metrics=lambda *a: None, tag_trial=lambda *a: tags.append(a))
+    tracker = SimpleNamespace(log_trial_metrics=lambda *a: None, tag_trial=lambda *a: tags.append(a),
+                              trials={"t1": SimpleNamespace(status="running")})
     driver = SimpleNamespace(tracker=tracker, cache_sources={}, log=lines.append,
                              cache=tc.CacheInfo(mode="full", reason="", folder="s3://bkt/c/k", key="k"))
     cb = TrialCallback(driver)
-    trial = SimpleNamespace(trial_id="t1")
+    trial = SimpleNamespace(trial_id="t1", config={})
     for epoch, source in ((1, "storage"), (2, "storage"), (3, "online")):
         cb.on_trial_result(0, [], trial, {"epoch": epoch, "perf/cache_source": source, "eval/accuracy": 50.0})
     assert tags == [("t1", CACHE_SOURCE_TAG, "storage"), ("t1", CACHE_SOURCE_TAG, "online")]

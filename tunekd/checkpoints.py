@@ -117,31 +117,38 @@ def set_rng_state(saved: dict) -> None:
 # --- a finished trial ---------------------------------------------------------------------------
 
 
-def finish_trial(trial_dir: str | Path, score: float | None) -> None:
+def finish_trial(trial_dir: str | Path, score: float | None | dict[str, float | None]) -> None:
     """A trial that ended: delete its optimizer and RNG states (nothing continues it) and record its score
     (the study's metric at its last epoch) beside the weights, for `prune_students`. `trial_dir` is a local
-    folder or a URI (`tunekd.storage`: a study on object storage)."""
+    folder or a URI (`tunekd.storage`: a study on object storage). A trial group (`tunekd.groups`) gives
+    {member subfolder: score}: each member's checkpoint is finished as a trial's."""
     from tunekd import storage
 
+    scores = score if isinstance(score, dict) else {"": score}
     fs, root = storage.filesystem(str(trial_dir))
     for folder, names in _checkpoints(fs, root).items():
+        sub = folder.partition("/")[2]  # '' for a trial's checkpoint, 'm<i>' for a member's
+        if sub not in scores:
+            continue
         for name in RESUME_ONLY:
             if name in names:
                 fs.delete_file(f"{root}/{folder}/{name}")
         if WEIGHTS in names:
-            ok = score is not None and math.isfinite(float(score))
+            value = scores[sub]
+            ok = value is not None and math.isfinite(float(value))
             with fs.open_output_stream(f"{root}/{folder}/{FINAL}") as out:
-                out.write(json.dumps({"score": float(score) if ok else None}).encode())
+                out.write(json.dumps({"score": float(value) if ok else None}).encode())
 
 
 def _checkpoints(fs, root: str, depth: int = 0) -> dict[str, set[str]]:
-    """{`checkpoint_*` folder (relative to `root`, `depth` folders down): the names of its files}."""
+    """{`checkpoint_*` folder (relative to `root`, `depth` folders down), and each of its subfolders (a trial
+    group's members, `m<i>/`): the names of its files}."""
     from tunekd import storage
 
     out: dict[str, set[str]] = {}
     for rel in storage.files(fs, root):
         parts = rel.split("/")
-        if len(parts) == depth + 2 and parts[depth].startswith("checkpoint_"):
+        if len(parts) in (depth + 2, depth + 3) and parts[depth].startswith("checkpoint_"):
             out.setdefault("/".join(parts[:-1]), set()).add(parts[-1])
     return out
 
@@ -155,7 +162,7 @@ def prune_students(experiment_dir: str | Path, keep: int) -> list[Path | str]:
     remote = storage.is_remote(str(experiment_dir))
     fs, root = storage.filesystem(str(experiment_dir))
     finished = []
-    for folder, names in _checkpoints(fs, root, depth=1).items():
+    for folder, names in _checkpoints(fs, root, depth=1).items():  # a trial's, or a group member's
         if FINAL not in names:
             continue
         try:
@@ -178,8 +185,12 @@ def prune_students(experiment_dir: str | Path, keep: int) -> list[Path | str]:
 
 def kept_weights(experiment_dir: str | Path, trial_id: str) -> Path | None:
     """The weights trial `trial_id` kept in its experiment folder (`prune_students` left them: it is among the
-    best `tune.keep_students`), or None. Ray names a trial's folder with its trial id."""
-    found = sorted(Path(experiment_dir).glob(f"*{trial_id}*/checkpoint_*/{WEIGHTS}"))
+    best `tune.keep_students`), or None. Ray names a trial's folder with its trial id; a trial group's member
+    (`<ray trial id>/<i>`, `tunekd.groups`) keeps them in subfolder `m<i>/` of the group's checkpoint."""
+    from tunekd.groups import locate
+
+    ray_id, sub = locate(trial_id)
+    found = sorted(Path(experiment_dir).glob(f"*{ray_id}*/checkpoint_*/{sub + '/' if sub else ''}{WEIGHTS}"))
     return found[-1] if found else None
 
 

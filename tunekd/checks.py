@@ -257,3 +257,92 @@ def _build_names(family, task, config) -> dict[str, str]:
         kind = next((k for cls, k in kinds if isinstance(module, cls)), "")
         out[leaf] = out.get(leaf) or kind
     return out
+
+
+# --- a trial group's memory (tune.group_by) ----------------------------------------------------------
+
+GiB = 1024**3
+_PARAMS: dict[tuple[str, str, str], int] = {}
+
+
+def _param_count(family, task, config) -> int:
+    """Parameters of the model `config` builds (on the meta device: no memory), once per distinct config."""
+    import torch
+
+    from tunekd.tasks import spec_for
+
+    key = (family.name, task.model_dump_json(), config.to_json_string())
+    if key not in _PARAMS:
+        with torch.device("meta"):
+            model = family.from_config(config, spec_for(task))
+        _PARAMS[key] = sum(p.numel() for p in model.parameters())
+    return _PARAMS[key]
+
+
+def _layer_activations(batch: int, length: int, width: int, heads: int, inner: int) -> int:
+    """Floats one transformer layer keeps for its backward pass: about ten width-sized tensors per token
+    (attention projections, residuals, norms, dropout masks), two of the feed-forward's width, and three
+    (scores, softmax, dropout) of the attention map per head."""
+    return batch * length * (10 * width + 2 * inner) + 3 * batch * heads * length * length
+
+
+def group_memory(trials: list, teacher_config, family) -> dict[str, int]:
+    """Bytes a trial group (`tunekd.groups`) holds at its peak, estimated from the configs (fp32 throughout,
+    so an upper estimate for bf16): the teacher's weights and the hidden states of one batch; each member's
+    weights and AdamW's two moments (12 bytes a parameter, projections included); and the largest member's
+    gradients (4 bytes a parameter) and activations (the members step one after another and free their
+    gradients after their step, `distill.step_members`: one backward lives at a time). `trials`: the members'
+    trial studies."""
+    first = trials[0]
+    batch, length = first.train.batch_size, first.task.max_length
+    t_width, t_layers = family.hidden_size(teacher_config), family.num_layers(teacher_config)
+    teacher = 4 * _param_count(family, first.task, teacher_config)
+    outputs = 4 * batch * length * t_width * (t_layers + 1)
+    students = activations = gradients = 0
+    for trial in trials:
+        s = trial.student
+        config = family.student_config(teacher_config, s.layers, hidden_size=s.hidden_size,
+                                       num_attention_heads=s.num_attention_heads,
+                                       intermediate_size=s.intermediate_size)
+        width = family.hidden_size(config)
+        projections = 0 if width == t_width else (s.layers + 1) * (width * t_width + t_width)
+        params = _param_count(family, trial.task, config) + projections
+        students += 12 * params
+        gradients = max(gradients, 4 * params)
+        heads = getattr(config, "num_attention_heads", None) or 1
+        inner = getattr(config, "intermediate_size", None) or 4 * width
+        activations = max(activations, 4 * s.layers * _layer_activations(batch, length, width, heads, inner))
+    return {"teacher": teacher + outputs, "students": students + gradients, "activations": activations,
+            "total": teacher + outputs + students + gradients + activations}
+
+
+def node_memory(study) -> tuple[int, str]:
+    """(bytes, what) a trial of `study` may use on this machine: the GPU's memory (its share of it, by
+    tune.resources.gpu) when the trials take a GPU, else the machine's RAM."""
+    gpu = study.tune.resources.gpu
+    if gpu > 0:
+        import torch
+
+        if torch.cuda.is_available():
+            total = torch.cuda.get_device_properties(0).total_memory
+            return int(total * min(1.0, gpu)), f"{min(1.0, gpu):g} of a {total / GiB:.1f} GiB GPU"
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return total, f"this machine's {total / GiB:.1f} GiB of RAM"
+
+
+def check_group_memory(study, groups_of_trials: list[list], teacher_config, family,
+                       available: tuple[int, str] | None = None) -> dict[str, int] | None:
+    """Refuse, with the figures, a study whose largest trial group will not fit the memory a trial has
+    (`node_memory`); returns that group's estimate (None without groups)."""
+    if not study.tune.group_by or not groups_of_trials:
+        return None
+    worst = max((group_memory(g, teacher_config, family) | {"k": len(g)} for g in groups_of_trials),
+                key=lambda e: e["total"])
+    limit, what = available or node_memory(study)
+    if worst["total"] > limit:
+        raise ConfigError(
+            f"tune.group_by: a group of {worst['k']} trials needs about {worst['total'] / GiB:.1f} GiB (teacher "
+            f"{worst['teacher'] / GiB:.1f}, students with gradients and optimizer states "
+            f"{worst['students'] / GiB:.1f}, activations {worst['activations'] / GiB:.1f}) but a trial has "
+            f"{what}; group fewer dimensions, or lower train.batch_size")
+    return worst

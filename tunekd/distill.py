@@ -17,6 +17,7 @@ import copy
 import math
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -100,6 +101,39 @@ def truncated(family: Family, model: nn.Module, keep: int) -> nn.Module:
     return TruncatedView(family, model, keep)
 
 
+class SharedForward:
+    """The teacher forward of a trial group (`tunekd.groups`): run once per batch with what any member takes
+    from the model (logits if one needs them, else the layers up to the highest one a member matches), and
+    handed to every member that asks for that batch. The teacher runs in eval mode under `no_grad`, so it
+    draws no random numbers: each member gets exactly the tensors its own forward would compute (the
+    states of a truncated run equal the full model's, `TruncatedView`)."""
+
+    def __init__(self, family: Family, teacher: nn.Module, members: list[Distiller]):
+        needs = [(d.model_needs(), d.teacher_indices) for d in members]
+        self.logits = any(logits for (logits, _), _ in needs)
+        self.hidden = any(hidden for (_, hidden), _ in needs)
+        keep = max((max(wanted) for (_, hidden), wanted in needs if hidden), default=0)
+        self.model = (truncated(family, teacher, keep) if self.hidden and not self.logits and family.truncatable
+                      else teacher)
+        self.family = family
+        self.forwards = 0  # teacher forwards run (one per batch of the group)
+        self._batch: dict | None = None
+        self._out = None
+
+    def __call__(self, batch: dict[str, torch.Tensor], *, logits: bool, hidden: bool):
+        if (logits and not self.logits) or (hidden and not self.hidden):
+            raise RuntimeError(f"a group member asks the teacher for {'logits' if logits else 'hidden states'}, "
+                               "which no member declared (Distiller.model_needs)")
+        if batch is not self._batch:
+            self._batch = self._out = None  # the previous batch's outputs go before the next forward
+            with torch.no_grad():
+                self.model.eval()
+                self._out = self.family.forward(self.model, batch, hidden=self.hidden)
+            self._batch = batch
+            self.forwards += 1
+        return self._out
+
+
 def teacher_needed(d: DistillConfig | None, layer_map: list[tuple[int, int]], cache: TeacherCache | None) -> bool:
     """Whether a trial with distill config `d` and `layer_map` must run a teacher model, given `cache`
     (a `cache.TeacherCache` or None): when it uses logits or hidden states the cache does not hold."""
@@ -132,6 +166,7 @@ class Distiller:
     cache: TeacherCache | None = None  # the teacher's outputs for the training rows
     teacher_rows: int = 0  # rows the teacher model ran on (counted for perf/teacher_rows)
     cached_rows: int = 0  # rows whose teacher outputs came from the cache
+    shared_forward: "SharedForward | None" = None  # a trial group's teacher forward, run once per batch for all
     _short: nn.Module | None = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -170,6 +205,16 @@ class Distiller:
         """Whether some teacher output this distiller uses is not in its cache."""
         return self.uses_teacher and teacher_needed(self.distill, self.layer_map, self.cache)
 
+    def model_needs(self) -> tuple[bool, bool]:
+        """(logits, hidden states): what this distiller's training batches take from the teacher model rather
+        than from its cache (as `teacher_outputs` decides for a batch with row numbers)."""
+        if not self.uses_teacher:
+            return False, False
+        d, cache = self.distill, self.cache
+        logits = d.alpha_kl > 0 and cache is None
+        hidden = self.uses_hidden and (cache is None or not cache_serves_hidden(d, cache, self.teacher_indices))
+        return logits, hidden
+
     def teacher_outputs(self, batch: dict[str, torch.Tensor], s_out, *, logits: bool, hidden: bool):
         """(teacher logits or None, {stack: hidden-state sequence} or None) for this batch."""
         index = batch.get("index")
@@ -189,6 +234,10 @@ class Distiller:
                 self.cached_rows += int(index.shape[0])
         need_logits = logits and t_logits is None
         need_hidden = hidden and t_hidden is None
+        if (need_logits or need_hidden) and self.shared_forward is not None:  # a group's one forward per batch
+            out = self.shared_forward(batch, logits=need_logits, hidden=need_hidden)
+            self.teacher_rows += int(batch["input_ids"].shape[0])
+            return (out.logits if need_logits else t_logits), (out.hidden if need_hidden else t_hidden)
         if need_logits or need_hidden:
             if self.teacher is None:
                 raise RuntimeError("the teacher cache lacks outputs this trial needs and no teacher model was given "
@@ -343,6 +392,68 @@ def train_step(distiller: Distiller, state: TrainState, batch: dict[str, torch.T
     return parts
 
 
+def generator_states() -> dict[str, object]:
+    """The states of torch's default generators that training draws from (dropout): the CPU one, and the
+    CUDA ones once CUDA is in use."""
+    out: dict[str, object] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def set_generator_states(states: dict[str, object]) -> None:
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states:
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+@dataclass
+class Member:
+    """One student trained by `fit_members`, with its own optimizer state and its own epoch callback.
+
+    `rng`: the member's own generator states (`generator_states`), set around everything it draws random
+    numbers for (its steps, its checkpoints) and saved after, so that members trained side by side each see
+    the draws they would see alone; None (a trial alone): the global generators as they are."""
+
+    distiller: Distiller
+    state: TrainState | None = None
+    on_epoch: Callable[[int, dict[str, float], TrainState], None] | None = None
+    rng: dict[str, object] | None = None
+    error: Exception | None = None  # why it stopped (a non-finite loss or metric); the others go on
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @contextmanager
+    def own_rng(self):
+        if self.rng is None:
+            yield
+            return
+        set_generator_states(self.rng)
+        try:
+            yield
+        finally:
+            self.rng = generator_states()
+
+
+def step_members(members: list[Member], batch: dict[str, torch.Tensor], train_cfg: TrainConfig, device, scaler,
+                 fail: Callable[[Member, Exception], None]) -> list[tuple[Member, dict[str, torch.Tensor]]]:
+    """One optimizer step of every member still training on the same batch (each with its own generators;
+    a group's teacher forward runs at the first member that asks); a non-finite loss goes to `fail`. A member's
+    gradients are freed once it has stepped (`train_step` sets them to None before its next backward anyway),
+    so a group holds one member's gradients at a time, not K."""
+    out = []
+    for m in members:
+        if m.error is not None:
+            continue
+        try:
+            with m.own_rng():
+                out.append((m, train_step(m.distiller, m.state, batch, train_cfg, device, scaler)))
+        except NonFiniteLoss as exc:
+            fail(m, exc)
+        finally:
+            m.state.optimizer.zero_grad(set_to_none=True)
+    return out
+
+
 def fit(
     distiller: Distiller,
     spec,
@@ -366,19 +477,63 @@ def fit(
     the teacher model ran on and those read from the cache (cumulative), and, given `started`
     (a `time.perf_counter()` value), `perf/startup_s`: from `started` to the first training step.
     `generation` (the study's `task.generation`) sets how generation tasks are evaluated.
-    `on_step()` is called after every optimizer step (a progress bar).
+    `on_step()` is called after every optimizer step (a progress bar). A non-finite loss or metric
+    raises `NonFiniteLoss`.
     """
+    member = Member(distiller, state, on_epoch)
+    fit_members([member], spec, train, evals, train_cfg, epochs=epochs, seed=seed, progress=progress,
+                started=started, generation=generation, on_step=on_step)
+    return member.history
+
+
+def fit_members(
+    members: list[Member],
+    spec,
+    train: Encoded,
+    evals: dict[str, Encoded],
+    train_cfg: TrainConfig,
+    *,
+    epochs: int,
+    seed: int,
+    progress: Callable[[str], None] | None = None,
+    started: float | None = None,
+    generation: GenerationConfig | None = None,
+    on_step: Callable[[], None] | None = None,
+    after_epoch: Callable[[int], None] | None = None,
+) -> None:
+    """`fit` for several students side by side on one stream of batches (a trial group, `tunekd.groups`):
+    every batch goes to each member in turn, each with its own optimizer, schedule and `rng`. `train_cfg`
+    gives what the members share (batch size, buckets, precision, eval batch size); their optimizers were
+    made from their own settings (`make_state`). A member whose loss or metrics are not finite ends alone
+    (`Member.error`); when none is left the last error is raised. Each member's epoch metrics are those of
+    `fit` for it alone; `perf/step_s` is the group's time per step divided among the members training, and
+    `perf/group_size` (members > 1) the number of them. All members continue from the same epoch.
+    `after_epoch(epoch)` is called once the members' `on_epoch` calls for the epoch are done."""
     device = device_for(train_cfg.precision)
-    distiller.to(device)
-    bucket = train_cfg.bucket_by_length
     steps = num_batches(train, train_cfg.batch_size)
-    state = state or make_state(distiller, train_cfg, steps, epochs)
+    for m in members:
+        m.distiller.to(device)
+        m.state = m.state or make_state(m.distiller, train_cfg, steps, epochs)
+    done = {m.state.epoch for m in members if m.error is None}
+    if len(done) > 1:
+        raise RuntimeError(f"the members of a group continue from different epochs: {sorted(done)}")
     scaler = torch.amp.GradScaler("cuda") if train_cfg.precision == "fp16" else None
-    history = []
+    bucket = train_cfg.bucket_by_length
     startup = None
-    for epoch in range(state.epoch + 1, epochs + 1):
-        distiller.student.train()
-        sums: dict[str, float] = {}  # the loss parts `losses` returns (loss_kl, or loss_out_mse for regression)
+    last_error: Exception | None = None
+
+    def fail(m: Member, exc: Exception) -> None:
+        nonlocal last_error
+        m.error = last_error = exc
+        if not any(x.error is None for x in members):
+            raise exc
+
+    for epoch in range((done.pop() if done else epochs) + 1, epochs + 1):
+        live = [m for m in members if m.error is None]
+        # each member's sums of the loss parts `losses` returns (loss_kl, or loss_out_mse for regression)
+        sums: dict[int, dict[str, float]] = {id(m): {} for m in live}
+        for m in live:
+            m.distiller.student.train()
         n = 0
         t0 = time.perf_counter()
         order = batch_indices(train.lengths, train_cfg.batch_size, shuffle=True, seed=seed * 100_003 + epoch,
@@ -386,31 +541,43 @@ def fit(
         for index in order:
             if startup is None and started is not None:
                 startup = time.perf_counter() - started
-            parts = train_step(distiller, state, _to_device(train.batch(index), device), train_cfg, device, scaler)
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            batch = _to_device(train.batch(index), device)
+            for m, parts in step_members(live, batch, train_cfg, device, scaler, fail):
+                member_sums = sums[id(m)]
+                for k, v in parts.items():
+                    member_sums[k] = member_sums.get(k, 0.0) + float(v.detach())
             n += 1
             if on_step is not None:
                 on_step()
-        state.epoch = epoch
         train_s = time.perf_counter() - t0
-        metrics = {f"train/{k}": v / max(n, 1) for k, v in sums.items()}
-        metrics.update({f"eval/{k}": v for k, v in evaluate(
-            distiller.family, distiller.student, spec, evals,
-            batch_size=train_cfg.eval_batch_size, precision=train_cfg.precision, generation=generation).items()})
-        metrics["epoch"] = epoch
-        metrics["time/epoch_s"] = time.perf_counter() - t0
-        metrics["perf/step_s"] = train_s / max(n, 1)
-        metrics["perf/pad_frac"] = padding_fraction(train.lengths, order)
-        metrics["perf/teacher_rows"] = float(distiller.teacher_rows)
-        metrics["perf/cached_rows"] = float(distiller.cached_rows)
-        if startup is not None:
-            metrics["perf/startup_s"] = startup
-        if any(not math.isfinite(v) for v in metrics.values()):
-            raise NonFiniteLoss(f"non-finite metric at epoch {epoch}: {metrics}")
-        history.append(metrics)
-        if progress:
-            progress(f"epoch {epoch}/{epochs}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-        if on_epoch:
-            on_epoch(epoch, metrics, state)
-    return history
+        pad = padding_fraction(train.lengths, order)
+        for m in live:
+            if m.error is not None:
+                continue
+            d = m.distiller
+            m.state.epoch = epoch
+            metrics = {f"train/{k}": v / max(n, 1) for k, v in sums[id(m)].items()}
+            metrics.update({f"eval/{k}": v for k, v in evaluate(
+                d.family, d.student, spec, evals,
+                batch_size=train_cfg.eval_batch_size, precision=train_cfg.precision, generation=generation).items()})
+            metrics["epoch"] = epoch
+            metrics["time/epoch_s"] = time.perf_counter() - t0
+            metrics["perf/step_s"] = train_s / max(n, 1) / len(live)
+            metrics["perf/pad_frac"] = pad
+            metrics["perf/teacher_rows"] = float(d.teacher_rows)
+            metrics["perf/cached_rows"] = float(d.cached_rows)
+            if len(members) > 1:
+                metrics["perf/group_size"] = float(len(live))
+            if startup is not None:
+                metrics["perf/startup_s"] = startup
+            if any(not math.isfinite(v) for v in metrics.values()):
+                fail(m, NonFiniteLoss(f"non-finite metric at epoch {epoch}: {metrics}"))
+                continue
+            m.history.append(metrics)
+            if progress:
+                progress(f"epoch {epoch}/{epochs}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+            if m.on_epoch:
+                with m.own_rng():
+                    m.on_epoch(epoch, metrics, m.state)
+        if after_epoch is not None:
+            after_epoch(epoch)

@@ -38,7 +38,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from tunekd import plan
+from tunekd import groups, plan
 from tunekd.errors import SIGNAL_NAMES, ConfigError, Interrupted
 from tunekd.study import Study, grid_size, max_epochs
 
@@ -278,6 +278,8 @@ class StudyDriver:
                                   f"teacher {t_width}; use student.init 'random' for a narrower student")
         self.log(f"validated {len(self.points)} trial configurations against the teacher ({family.name}, "
                  f"{family.num_layers(config)} layers, width {t_width})")
+        if self.study.tune.group_by:
+            self.check_groups()
         if (cfg := self.study.tune.seeds) is not None:
             self.log(f"tune.seeds: {grid_size(self.study)} configurations x seeds {self.study.seed}.."
                      f"{self.study.seed + cfg.min - 1} first, then one more seed per round for each pair still "
@@ -285,6 +287,16 @@ class StudyDriver:
                      f"sequential design, {cfg.spending.replace('_', '–')} α spending (boundaries: --dry-run)")
         for warning in plan.identical_trials(self.trials, self.points):
             self.log("WARNING: " + warning)
+
+    def check_groups(self) -> None:
+        """tune.group_by: the largest group's memory against what a trial has (`checks.check_group_memory`)."""
+        from tunekd.checks import GiB, check_group_memory
+
+        found = [[self.trials(m).study for m in groups.members(g)]
+                 for g in groups.group_points(self.points, self.study.tune.group_by)]
+        worst = check_group_memory(self.study, found, self.teacher_config, self.family)
+        self.log(f"tune.group_by {', '.join(self.study.tune.group_by)}: groups of up to {worst['k']} trials, one Ray "
+                 f"trial each; the largest needs about {worst['total'] / GiB:.2f} GiB")
 
     def find_resume(self) -> None:
         """--resume: the parent run and its Ray state, from the tracking store as it is (nothing created).
@@ -526,21 +538,24 @@ class StudyDriver:
 
             for result in self.results:
                 if result.path:
-                    score = None if result.error else (result.metrics or {}).get(self.metric)
-                    checkpoints.finish_trial(storage_uri(result.path, self.ray_path), score)
+                    checkpoints.finish_trial(storage_uri(result.path, self.ray_path), member_scores(
+                        "", result.config, None if result.error else result.metrics or {}, self.metric))
             checkpoints.prune_students(self.ray_path, self.study.tune.keep_students)
         if self.tracker is None:
             return
         for result in self.results:  # trials that ended while no driver was listening (a killed driver)
             trial_id = (result.metrics or {}).get("trial_id")
-            rec = self.tracker.trials.get(trial_id)
-            if self.interrupted and not (result.metrics or {}).get("done"):
-                continue  # stopped by the signal: it stays running, and --resume continues it
-            if rec is not None and rec.status == "running":
-                if result.error is not None:
-                    self.tracker.end_trial(trial_id, "failed", error=str(result.error))
+            stopped = self.interrupted and not (result.metrics or {}).get("done")
+            for member in groups.views(trial_id, result.config, result.metrics) if trial_id else ():
+                rec = self.tracker.trials.get(member.trial_id)
+                if rec is None or rec.status != "running":
+                    continue
+                if stopped and member.error is None:
+                    continue  # stopped by the signal: it stays running, and --resume continues it
+                if result.error is not None or member.error is not None:
+                    self.tracker.end_trial(member.trial_id, "failed", error=str(member.error or result.error))
                 else:
-                    self.tracker.end_trial(trial_id, self.finished_status(result.config, result.metrics)[0])
+                    self.tracker.end_trial(member.trial_id, self.finished_status(member.config, member.result)[0])
         if finish:
             self.finish()
 
@@ -646,20 +661,20 @@ class StudyDriver:
         last = int((last_result or {}).get("epoch", 0))
         return ("completed" if last >= epochs else "early_stopped"), last, epochs
 
-    def save_trained_student(self, trial) -> None:
-        """The trial's last checkpoint → a `transformers` folder → MLflow artifact `student/` of its child run."""
+    def save_trained_student(self, trial, member: groups.MemberView) -> None:
+        """The member's last checkpoint → a `transformers` folder → MLflow artifact `student/` of its child run."""
         from safetensors.torch import load_file
 
         from tunekd.students import export_student
 
-        resolved = self.trials(trial.config)
+        resolved = self.trials(member.config)
         with trial.checkpoint.as_directory() as folder:
-            tensors = load_file(str(Path(folder) / "model.safetensors"))
+            tensors = load_file(str(Path(folder) / member.folder / "model.safetensors"))
         state = {k[len("student."):]: v for k, v in tensors.items() if k.startswith("student.")}
         with tempfile.TemporaryDirectory(prefix="tunekd-student-") as out:
             export_student(state, self.teacher_model_config, self.family, self.spec, resolved.study.student, out,
                            copied_layers=resolved.plan.copied_layers, tokenizer_dir=self.teacher.path)
-            self.tracker.log_artifacts(self.tracker.trials[trial.trial_id].run_id, out, "student")
+            self.tracker.log_artifacts(self.tracker.trials[member.trial_id].run_id, out, "student")
 
 
 # --- the Tune callback ---------------------------------------------------------------------------
@@ -687,52 +702,74 @@ class TrialCallback(_callback_base()):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         d = self.driver
-        rec = d.tracker.start_trial(trial.trial_id, d.trials(trial.config).params())
-        d.started.add(trial.trial_id)
-        if d.progress is not None:
-            d.progress.started(trial.trial_id)
-        d.log(f"trial {len(d.started)}/{d.total_trials} started: {rec.name} ({trial.trial_id})")
+        for member in groups.views(trial.trial_id, trial.config):  # a group's members are trials each
+            rec = d.tracker.trials.get(member.trial_id)
+            if member.folder and rec is not None and rec.status == "failed":
+                continue  # a resumed group's member that had failed alone stays ended
+            rec = d.tracker.start_trial(member.trial_id, d.trials(member.config).params())
+            d.started.add(member.trial_id)
+            if d.progress is not None:
+                d.progress.started(member.trial_id)
+            d.log(f"trial {len(d.started)}/{d.total_trials} started: {rec.name} ({member.trial_id})")
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         self.driver.log(f"  {trial.trial_id} failed and will be retried from its last checkpoint")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         d = self.driver
-        metrics = {k: v for k, v in result.items() if k.startswith(("eval/", "train/", "perf/"))}
-        step = int(result.get("epoch", result.get("training_iteration", 0)))
-        d.tracker.log_trial_metrics(trial.trial_id, metrics, step)
-        source = result.get("perf/cache_source")
-        if source is not None and d.cache_sources.get(trial.trial_id) != source:  # a tag, once per change
-            d.cache_sources[trial.trial_id] = source
-            d.tracker.tag_trial(trial.trial_id, CACHE_SOURCE_TAG, source)
-            if source == "online" and d.cache is not None and d.cache.mode != "off":
-                d.log(f"  WARNING: {trial.trial_id} runs the teacher online: the teacher cache "
-                      f"{d.cache.folder} was not readable on its node (perf/cache_source=online)")
-        shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("eval/") or k == "train/loss")
-        d.log(f"  {trial.trial_id} epoch {step}: {shown}")
+        for member in groups.views(trial.trial_id, trial.config, result):
+            if d.tracker.trials[member.trial_id].status != "running":
+                continue
+            if member.error is not None:  # a group's member that failed alone; the others go on
+                self.end_failed(member.trial_id, member.error)
+                continue
+            if "epoch" not in member.result:
+                continue
+            metrics = {k: v for k, v in member.result.items() if k.startswith(("eval/", "train/", "perf/"))}
+            step = int(member.result.get("epoch", result.get("training_iteration", 0)))
+            d.tracker.log_trial_metrics(member.trial_id, metrics, step)
+            source = member.result.get("perf/cache_source")
+            if source is not None and d.cache_sources.get(member.trial_id) != source:  # a tag, once per change
+                d.cache_sources[member.trial_id] = source
+                d.tracker.tag_trial(member.trial_id, CACHE_SOURCE_TAG, source)
+                if source == "online" and d.cache is not None and d.cache.mode != "off":
+                    d.log(f"  WARNING: {member.trial_id} runs the teacher online: the teacher cache "
+                          f"{d.cache.folder} was not readable on its node (perf/cache_source=online)")
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("eval/") or k == "train/loss")
+            d.log(f"  {member.trial_id} epoch {step}: {shown}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         d = self.driver
-        status, last, epochs = d.finished_status(trial.config, trial.last_result)
-        if d.trials(trial.config).study.train.save_model and trial.checkpoint is not None:
-            d.save_trained_student(trial)
-        d.tracker.end_trial(trial.trial_id, status)
-        if d.progress is not None:
-            d.progress.ended(trial.trial_id, status)
-        d.log(f"  {d.tracker.trials[trial.trial_id].name} {status} after {last}/{epochs} epochs")
+        for member in groups.views(trial.trial_id, trial.config, trial.last_result):
+            if d.tracker.trials[member.trial_id].status != "running":
+                continue  # a group's member that failed alone
+            status, last, epochs = d.finished_status(member.config, member.result)
+            if d.trials(member.config).study.train.save_model and trial.checkpoint is not None:
+                d.save_trained_student(trial, member)
+            d.tracker.end_trial(member.trial_id, status)
+            if d.progress is not None:
+                d.progress.ended(member.trial_id, status)
+            d.log(f"  {d.tracker.trials[member.trial_id].name} {status} after {last}/{epochs} epochs")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         if STOPPING:  # its worker ended with the signal: unfinished, not failed (--resume continues it)
             return
         d = self.driver
-        if trial.trial_id not in d.tracker.trials:  # its actor died before it started (e.g. killed for memory)
+        members = list(groups.views(trial.trial_id, trial.config))
+        if all(m.trial_id not in d.tracker.trials for m in members):  # its actor died before it started (e.g. OOM)
             self.on_trial_start(iteration, trials, trial)
         text = trial_error_text(trial)
-        d.tracker.end_trial(trial.trial_id, "failed", error=text)
+        for member in members:
+            if d.tracker.trials[member.trial_id].status == "running":
+                self.end_failed(member.trial_id, text)
+
+    def end_failed(self, trial_id: str, text: str) -> None:
+        d = self.driver
+        d.tracker.end_trial(trial_id, "failed", error=text)
         if d.progress is not None:
-            d.progress.ended(trial.trial_id, "failed")
+            d.progress.ended(trial_id, "failed")
         lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-        d.log(f"  {trial.trial_id} failed: {lines[-1] if lines else text}")
+        d.log(f"  {trial_id} failed: {lines[-1] if lines else text}")
 
 
 def attach_callbacks(tuner, driver: StudyDriver) -> None:
@@ -763,7 +800,8 @@ class CheckpointCallback(_callback_base()):
 
         if trial.path:  # a failed trial's weights are not kept
             path = storage_uri(trial.path, self.ray_path)
-            checkpoints.finish_trial(path, None if failed else (trial.last_result or {}).get(self.metric))
+            checkpoints.finish_trial(path, member_scores(trial.trial_id, trial.config,
+                                                         None if failed else trial.last_result, self.metric))
             checkpoints.prune_students(path.rstrip("/").rsplit("/", 1)[0], self.keep)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -772,6 +810,14 @@ class CheckpointCallback(_callback_base()):
     def on_trial_error(self, iteration, trials, trial, **info):
         if not STOPPING:  # a worker the stop signal ended keeps its checkpoint for --resume
             self._finish(trial, failed=True)
+
+
+def member_scores(trial_id: str, config: dict[str, Any], result: dict[str, Any] | None,
+                  metric: str) -> dict[str, float | None]:
+    """{checkpoint subfolder: the member's `metric` at its last epoch} of a Ray trial ('' for a plain trial;
+    None for a failed member, or for all when `result` is None: the trial failed)."""
+    return {m.folder: None if result is None or m.error else m.result.get(metric)
+            for m in groups.views(trial_id, config, result)}
 
 
 def storage_uri(path: str, ray_path: str) -> str:
@@ -808,7 +854,7 @@ def param_space(study: Study) -> dict[str, Any]:
             "loguniform": lambda: tune.loguniform(*v),
             "randint": lambda: tune.randint(v[0], v[1] + 1),  # [low, high] inclusive
         }[dim.kind]()
-    return space
+    return groups.grouped_space(space, study)
 
 
 def round_space(study: Study, metric: str, points: list[dict[str, Any]]):
@@ -817,6 +863,7 @@ def round_space(study: Study, metric: str, points: list[dict[str, Any]]):
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
+    points = groups.group_points(points, study.tune.group_by)
     keys = sorted({k for p in points for k in p})
     space = {k: tune.grid_search(list({repr(p[k]): p[k] for p in points}.values())) for k in keys}  # lists too
     config = tune_config(study, metric)

@@ -329,6 +329,8 @@ class TuneConfig(_Section):
     # `ray.tune.ExperimentAnalysis` and `Tuner.restore(...).get_results()`; false: none (Tune resumes without them)
     ray_loggers: Bool = True
     seeds: SeedsConfig | None = None  # adaptive seeds (tunekd.seeds); None: the seeds the search gives
+    # trial groups (tunekd.groups): the trials differing only in these grid dimensions run as one Ray trial
+    group_by: list[str] = Field(default_factory=list, max_length=64)
 
     @field_validator("storage_path")
     @classmethod
@@ -582,6 +584,7 @@ def validate(raw: Any, source: str = "study") -> Study:
     _check_search(study, raw, source)
     _check_schedule(study, source)
     _check_seeds(study, source)
+    _check_groups(study, source)
     return study
 
 
@@ -634,6 +637,37 @@ def _check_seeds(study: Study, source: str) -> None:
                           f"trials early), got {study.tune.scheduler!r}")
     if study.seed + cfg.max - 1 > MAX_SEED:
         raise ConfigError(f"{where}: seeds study.seed..study.seed+max-1 exceed {MAX_SEED}")
+
+
+# the dimensions a trial group may differ in: neither the teacher nor the stream of batches depends on them
+GROUPABLE = ("distill.", "student.", "train.lr", "train.weight_decay", "train.warmup_ratio")
+
+
+def _check_groups(study: Study, source: str) -> None:
+    """`tune.group_by` names grid dimensions of the search (so not with optuna, which takes no grid) that change
+    neither the teacher nor the batches, in a FIFO study (ASHA stops trials one by one)."""
+    keys = study.tune.group_by
+    if not keys:
+        return
+    where = f"{source}: tune.group_by"
+    for key in keys:
+        if key not in study.search or study.search[key].kind != "grid":
+            grids = [k for k, d in study.search.items() if d.kind == "grid" and k.startswith(GROUPABLE)]
+            raise ConfigError(f"{where}: {key!r} is not a grid dimension of the search; allowed: "
+                              f"{', '.join(grids) or 'none (the search has no groupable grid dimension)'}")
+        if not key.startswith(GROUPABLE):
+            raise ConfigError(f"{where}: {key!r} changes the teacher or the batches, which a group shares; allowed: "
+                              "distill.*, student.*, train.lr, train.weight_decay, train.warmup_ratio")
+        for value, settings in (study.search[key].per_value or {}).items():
+            for setting in settings:
+                if not setting.startswith(GROUPABLE):
+                    raise ConfigError(f"{where}: search.{key}.per_value.{value} sets {setting}, which changes the "
+                                      "batches a group shares; group by another dimension, or drop that setting")
+    if len(set(keys)) != len(keys):
+        raise ConfigError(f"{where} names a dimension twice: {keys}")
+    if study.tune.scheduler != "fifo":
+        raise ConfigError(f"{where} needs tune.scheduler 'fifo': ASHA stops trials one by one, so it keeps one trial "
+                          "per configuration")
 
 
 def _check_search(study: Study, raw: dict, source: str) -> None:
