@@ -285,3 +285,19 @@ def test_shared_teacher_is_the_teacher(family, teacher, encoded):
         a, b = family.forward(teacher, batch), family.forward(rebuilt, batch)
     assert torch.equal(a.logits, b.logits)
     assert all(torch.equal(x, y) for x, y in zip(a.hidden["encoder"], b.hidden["encoder"]))
+
+
+def test_linear_schedule_with_warmup_equals_transformers():
+    """distill's own linear schedule (not imported from transformers, whose import pulls in PEFT) gives
+    transformers' factor at every step, for warmup 0, some and all of the steps."""
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+
+    from tunekd.distill import linear_schedule_with_warmup
+
+    for warmup, total in ((0, 7), (3, 20), (10, 10), (1, 1)):
+        ours, theirs = (torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5) for _ in range(2))
+        a, b = linear_schedule_with_warmup(ours, warmup, total), get_linear_schedule_with_warmup(theirs, warmup, total)
+        for _ in range(total + 3):
+            assert ours.param_groups[0]["lr"] == theirs.param_groups[0]["lr"]
+            ours.step(), theirs.step(), a.step(), b.step()
