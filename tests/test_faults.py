@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import cmdline, descendants, kill_tree, listening, steps, wait_for
+from tests.helpers import LONG_TESTS, cmdline, descendants, kill_tree, listening, steps, wait_for
 from tests.helpers import runs as _runs
 
 pytestmark = pytest.mark.slow
@@ -75,6 +75,7 @@ def test_failing_and_non_finite_trials_are_marked_failed_and_others_go_on(tmp_pa
     assert "failed" in out
 
 
+@LONG_TESTS
 def test_killed_worker_is_retried_from_its_checkpoint(tmp_path, tiny_bert_dir, mlflow_uri):
     study = write_study(tmp_path, tiny_bert_dir, name="faults_worker",
                         task={"synthetic": {"train_size": 600, "eval_size": 32}},
@@ -109,6 +110,7 @@ def _epoch_of(folder: Path) -> int:
         return 0
 
 
+@LONG_TESTS
 def test_killed_driver_resumes(tmp_path, tiny_bert_dir, mlflow_uri):
     """The driver is killed in the worst place: a worker has written its epoch-2 checkpoint but the driver
     (frozen by SIGSTOP) never saw that epoch, so MLflow lacks step 2 and Tune's saved state names the epoch-1

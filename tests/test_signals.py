@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import descendants, kill_tree, runs, steps
+from tests.helpers import LONG_TESTS, descendants, kill_tree, runs, steps
 
 pytestmark = pytest.mark.slow
 
@@ -70,7 +70,7 @@ def _signal_after_first_epoch(proc, signum, group, twice=False):
 @pytest.mark.parametrize("signame, group, own_ray, code, resume, twice", [
     ("SIGINT", False, False, 130, False, True),  # Ctrl-C twice: the second stops at once, still KILLED
     ("SIGTERM", True, True, 143, True, False),  # to the whole group: the local Ray's processes must survive it
-    ("SIGHUP", True, False, 129, False, False),
+    pytest.param("SIGHUP", True, False, 129, False, False, marks=LONG_TESTS),  # SIGTERM's path, another code
 ])
 def test_stop_signal_ends_the_study_killed_and_resume_finishes_it(signame, group, own_ray, code, resume, twice,
                                                                    tmp_path, tiny_bert_dir, mlflow_uri, ray_session):
