@@ -76,7 +76,7 @@ def _signal_after_first_epoch(proc, signum, group, twice=False):
 ])
 def test_stop_signal_ends_the_study_killed_and_resume_finishes_it(signame, group, own_ray, code, resume, twice,
                                                                    tmp_path, tiny_bert_dir, mlflow_uri, ray_session):
-    name = f"signal_{signame.lower()}"
+    name = f"signal_{signame.lower()}{'_own_ray' if own_ray else ''}"
     study = _study(tmp_path, tiny_bert_dir, name)
     # attached to the session's Ray, or with a local Ray of its own that the group signal also reaches
     extra = ["--num-cpus", "1"] if own_ray else ["--address", ray_session]
