@@ -13,6 +13,8 @@ import sys
 import threading
 import time
 
+import pytest
+
 from tunekd import thread_exit
 
 SCRIPT = """
@@ -110,18 +112,15 @@ def test_a_trial_that_ends_normally_or_fails_is_not_waited_for():
             body()
 
     run(lambda: None)
-    try:
+    with pytest.raises(ValueError, match="boom"):  # passed on, not swallowed
         run(lambda: (_ for _ in ()).throw(ValueError("boom")))
-    except ValueError:
-        pass
     assert thread_exit.join_released(timeout=0.1) == []
 
 
 def test_the_stop_keeps_its_exit_code():
-    try:
+    with pytest.raises(SystemExit) as stop:  # the thread still exits as Tune asked
         with thread_exit.stoppable():
             with thread_exit.reporting():
                 sys.exit(0)
-    except SystemExit as stop:
-        assert stop.code == 0
+    assert stop.value.code == 0
     assert thread_exit.join_released(timeout=0.1) == []
